@@ -1,0 +1,5 @@
+"""visionzoo model families; importing this module registers every variant with timm."""
+from ._registry import VISIONZOO_MODELS, ModelMeta
+from . import vim
+
+__all__ = ["VISIONZOO_MODELS", "ModelMeta"]

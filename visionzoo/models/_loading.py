@@ -1,0 +1,87 @@
+"""Loading official checkpoint files safely and strictly.
+
+Official training scripts save whole training states (``{"model", "model_ema", "optimizer",
+"args", ...}``), sometimes with a pickled ``argparse.Namespace``. These files are loaded with
+``torch.load(weights_only=True)`` and only the classes a family names allow-listed, never with
+blanket unpickling. After the family's ``checkpoint_filter_fn`` adapts keys, the state dict must
+match the model exactly: anything missing or left over raises an error naming the keys.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from timm.models import adapt_input_conv
+
+_logger = logging.getLogger(__name__)
+
+_CONTAINER_KEYS = ("model", "state_dict", "module")
+
+
+def torch_load_restricted(path: str | os.PathLike, safe_globals: Iterable[type] = ()) -> dict:
+    """``torch.load(path, weights_only=True)`` with ``safe_globals`` additionally allowed."""
+    with torch.serialization.safe_globals(list(safe_globals)):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def select_state_dict(checkpoint: dict, use_ema: bool = False) -> dict:
+    """Pick the model weights out of a training-state container (or return a bare state dict)."""
+    if use_ema:
+        for key in ("model_ema", "state_dict_ema"):
+            if isinstance(checkpoint.get(key), dict):
+                return checkpoint[key]
+        raise KeyError("EMA weights requested but the checkpoint has no 'model_ema' / 'state_dict_ema' entry")
+    for key in _CONTAINER_KEYS:
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def load_checkpoint_strict(
+    model: nn.Module,
+    path: str | os.PathLike,
+    filter_fn: Callable[[dict, nn.Module], dict],
+    safe_globals: Iterable[type] = (),
+    use_ema: bool = False,
+) -> None:
+    """Load an official or visionzoo checkpoint file into ``model``.
+
+    The classifier is dropped when ``model.num_classes`` differs from the checkpoint's, and the
+    first convolution is adapted when ``in_chans`` differs (timm's rules). Every other key must match.
+    """
+    checkpoint = torch_load_restricted(path, safe_globals)
+    state_dict = filter_fn(select_state_dict(checkpoint, use_ema=use_ema), model)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    allowed_missing: set[str] = set()
+
+    classifier = cfg.get("classifier")
+    if classifier and f"{classifier}.weight" in state_dict:
+        ckpt_classes = state_dict[f"{classifier}.weight"].shape[0]
+        if getattr(model, "num_classes", ckpt_classes) != ckpt_classes:
+            _logger.info("Dropping classifier %r: checkpoint has %d classes, model has %d",
+                         classifier, ckpt_classes, model.num_classes)
+            for suffix in ("weight", "bias"):
+                state_dict.pop(f"{classifier}.{suffix}", None)
+            allowed_missing = {k for k in model.state_dict() if k.startswith(classifier + ".")}
+
+    first_conv = cfg.get("first_conv")
+    in_chans = getattr(model, "in_chans", None)
+    if first_conv and in_chans is not None and f"{first_conv}.weight" in state_dict:
+        weight = state_dict[f"{first_conv}.weight"]
+        if weight.shape[1] != in_chans:
+            state_dict[f"{first_conv}.weight"] = adapt_input_conv(in_chans, weight)
+
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if k not in allowed_missing]
+    if missing or result.unexpected_keys:
+        def _fmt(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+        raise RuntimeError(
+            f"checkpoint {os.fspath(path)!r} does not match {type(model).__name__}: "
+            + (f"missing keys [{_fmt(missing)}]" if missing else "")
+            + ("; " if missing and result.unexpected_keys else "")
+            + (f"unexpected keys [{_fmt(result.unexpected_keys)}]" if result.unexpected_keys else "")
+        )

@@ -1,0 +1,659 @@
+"""Vision Mamba (Vim): bidirectional state-space blocks with a middle class token.
+
+Paper: "Vision Mamba: Efficient Visual Representation Learning with Bidirectional State Space
+Model", Zhu et al., ICML 2024, arXiv 2401.09417.
+Official code: https://github.com/hustvl/Vim (Apache-2.0; the weights' model cards say
+non-commercial while their metadata says apache-2.0 — check before commercial use).
+
+This is the released "v2, middle class token, divide-by-2" model family:
+
+* Each block is ``x + DropPath(Mixer(RMSNorm(x)))`` on an fp32 residual stream. The official code
+  writes the same thing with a fused add+RMSNorm that carries ``residual`` between layers, which
+  shifts its drop-path list by one (layer ``i`` drops the output of layer ``i-1``); written as a
+  plain pre-norm block, mixer ``i`` is dropped with rate ``linspace(0, rate, depth)[i]``, which is
+  exactly the official behaviour.
+* The mixer runs a Mamba selective scan in both directions over the token sequence. The input and
+  output projections are shared; the depthwise causal conv1d, ``x_proj``, ``dt_proj``, ``A`` and
+  ``D`` are per direction (``*_b`` for the backward one). The two outputs are averaged
+  (``(y + flip(y_b)) / 2``), the fix for NaN losses under AMP (hustvl/Vim#30, PR #90).
+* Both directions go through one scan call here: the backward direction is the time-reversed
+  sequence stacked as extra channels, and B/C use the grouped (G=2) layout. The official slow path
+  (no fused kernel, or ``inference_params`` set) silently drops the backward direction; this
+  implementation has a single path, so that cannot happen.
+* The class token is inserted at index ``M // 2`` of the ``M`` patch tokens and the position
+  embedding (``M + 1`` rows) is added after the insertion. Resizing the position embedding takes
+  the class row out, resamples the grid and puts the row back in the middle (the official
+  ``interpolate_pos_embed`` treats row 0 as the class token; hustvl/Vim#108).
+* ``final_pool_type='mean'`` in the official names is dead config: the class token is pooled.
+
+The selective scan is :func:`visionzoo.ops.selective_scan.selective_scan`, which picks mamba-ssm's
+CUDA kernel when it is importable on a GPU and an exact chunked PyTorch scan otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from functools import partial
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, lecun_normal_, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function, register_notrace_module
+
+from ..layers import resample_pos_embed_with_inner_token
+from ..ops.selective_scan import selective_scan
+from ._loading import load_checkpoint_strict
+from ._registry import ModelMeta, register_meta
+
+__all__ = ["VisionMamba"]
+
+
+@register_notrace_module
+class VimPatchEmbed(nn.Module):
+    """Image to patch tokens with a convolution of kernel ``patch_size`` and step ``stride``.
+
+    Output: (B, H', W', D) with H' = (H - patch) // stride + 1. A fixed-size model raises a
+    ``ValueError`` for any other image size; a ``dynamic_img_size`` model takes any size for which
+    the patches tile the image exactly.
+    """
+
+    def __init__(
+        self,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        patch_size: int = 16,
+        stride: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 192,
+        dynamic_img_size: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.patch_size = to_2tuple(patch_size)
+        self.stride = to_2tuple(stride)
+        self.dynamic_img_size = dynamic_img_size
+        self.set_img_size(img_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.stride,
+                              device=device, dtype=dtype)
+
+    def set_img_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
+        self.img_size = to_2tuple(img_size)
+        self.grid_size = self.feat_size(self.img_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
+        """Token grid for an (H, W) image; ``ValueError`` if the patches do not tile it exactly."""
+        grid = []
+        for name, size, patch, stride in zip(("height", "width"), img_size, self.patch_size, self.stride):
+            if size < patch or (size - patch) % stride != 0:
+                raise ValueError(
+                    f"Vim: image {name} {size} does not fit patch {patch} with stride {stride}; "
+                    f"need {name} = {patch} + k * {stride} (e.g. {patch + max(0, (size - patch) // stride) * stride})"
+                )
+            grid.append((size - patch) // stride + 1)
+        return grid[0], grid[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"Vim expects images of shape (B, C, H, W), got {tuple(x.shape)}")
+        size = (x.shape[-2], x.shape[-1])
+        if self.dynamic_img_size:
+            self.feat_size(size)
+        elif size != self.img_size:
+            raise ValueError(
+                f"Vim: this model was built for {self.img_size[0]}x{self.img_size[1]} inputs, got "
+                f"{size[0]}x{size[1]}; create it with dynamic_img_size=True or img_size={size}, "
+                f"or call set_input_size()"
+            )
+        return self.proj(x).permute(0, 2, 3, 1)  # (B, H', W', D)
+
+
+@register_notrace_function
+def insert_cls_and_pos_embed(
+    x: torch.Tensor,
+    cls_token: torch.Tensor,
+    pos_embed: torch.Tensor,
+    base_grid: Tuple[int, int],
+) -> torch.Tensor:
+    """(B, H, W, D) patch tokens -> (B, H*W + 1, D) with the class token at index H*W // 2.
+
+    A public name on purpose: torch.fx only autowraps global functions whose names lack a leading "_".
+
+    ``pos_embed`` (1, base_h * base_w + 1, D) is resampled when the grid differs from ``base_grid``.
+    """
+    B, H, W, D = x.shape
+    x = x.reshape(B, H * W, D)
+    if (H, W) != tuple(base_grid):
+        pos_embed = resample_pos_embed_with_inner_token(pos_embed, (H, W), base_grid)
+    mid = (H * W) // 2
+    x = torch.cat([x[:, :mid], cls_token.expand(B, -1, -1), x[:, mid:]], dim=1)
+    return x + pos_embed
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm without bias, computed in fp32 (Mamba's ``RMSNorm``; eps 1e-5).
+
+    Returns the dtype of the weight, so an fp32 residual stream feeds half-precision layers in a
+    ``.half()`` model while autocast keeps handling mixed precision as usual.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return out.to(self.weight.dtype)
+
+
+@register_notrace_module
+class BiMambaMixer(nn.Module):
+    """Vim's bidirectional Mamba mixer (``bimamba_type="v2"``, ``if_divide_out=True``).
+
+    Parameter names follow the official module so checkpoints map one to one.
+
+    Shapes: x (B, L, D) -> (B, L, D); E = expand * D inner channels, N = d_state, R = dt_rank.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: Optional[int] = None,
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        scan_backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.dim = dim
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.d_inner = expand * dim
+        self.dt_rank = math.ceil(dim / 16) if dt_rank is None else dt_rank
+        self.scan_backend = scan_backend
+        E, N, R = self.d_inner, d_state, self.dt_rank
+
+        self.in_proj = nn.Linear(dim, 2 * E, bias=False, **dd)
+        for suffix in ("", "_b"):
+            self.add_module("conv1d" + suffix, nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1,
+                                                         bias=conv_bias, **dd))
+            self.add_module("x_proj" + suffix, nn.Linear(E, R + 2 * N, bias=False, **dd))
+            self.add_module("dt_proj" + suffix, nn.Linear(R, E, bias=True, **dd))
+        # A and D stay fp32 whatever the module dtype (the scan accumulates in fp32).
+        self.A_log = nn.Parameter(torch.empty(E, N, device=device, dtype=torch.float32))
+        self.A_b_log = nn.Parameter(torch.empty(E, N, device=device, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(E, device=device, dtype=torch.float32))
+        self.D_b = nn.Parameter(torch.empty(E, device=device, dtype=torch.float32))
+        self.out_proj = nn.Linear(E, dim, bias=False, **dd)
+        self._dt_init = (dt_min, dt_max, dt_init_floor)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Mamba's S4D-real init: A = -(1..N), D = 1, dt_proj bias = softplus^-1(log-uniform dt)."""
+        dt_min, dt_max, floor = self._dt_init
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+        for suffix in ("", "_b"):
+            getattr(self, f"A{suffix}_log").copy_(torch.log(A).expand(self.d_inner, -1))
+            getattr(self, f"D{suffix}").fill_(1.0)
+            dt_proj = getattr(self, "dt_proj" + suffix)
+            bound = self.dt_rank ** -0.5
+            nn.init.uniform_(dt_proj.weight, -bound, bound)
+            u = torch.rand(self.d_inner, device=dt_proj.bias.device, dtype=torch.float32)
+            dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        E, N, R = self.d_inner, self.d_state, self.dt_rank
+        xz = self.in_proj(x).transpose(1, 2)  # (B, 2E, L)
+        xs, z = xz.chunk(2, dim=1)  # (B, E, L) each
+        # Backward direction = the time-reversed sequence, stacked as channels E..2E-1.
+        xs = torch.cat([xs, xs.flip(-1)], dim=1)  # (B, 2E, L)
+        z = torch.cat([z, z.flip(-1)], dim=1)  # (B, 2E, L)
+
+        conv_w = torch.cat([self.conv1d.weight, self.conv1d_b.weight], dim=0)  # (2E, 1, K)
+        conv_b = None if self.conv1d.bias is None else torch.cat([self.conv1d.bias, self.conv1d_b.bias])
+        xs = F.silu(F.conv1d(xs, conv_w, conv_b, padding=self.d_conv - 1, groups=2 * E)[..., :L])
+
+        x_proj_w = torch.stack([self.x_proj.weight, self.x_proj_b.weight])  # (2, R+2N, E)
+        x_dbl = torch.matmul(x_proj_w, xs.view(B, 2, E, L))  # (B, 2, R+2N, L)
+        dt, B_ssm, C_ssm = x_dbl.split([R, N, N], dim=2)  # (B,2,R,L), (B,2,N,L), (B,2,N,L)
+        dt_w = torch.stack([self.dt_proj.weight, self.dt_proj_b.weight])  # (2, E, R)
+        dt = torch.matmul(dt_w, dt).reshape(B, 2 * E, L)  # (B, 2E, L)
+
+        A = -torch.exp(torch.cat([self.A_log, self.A_b_log]).float())  # (2E, N)
+        D = torch.cat([self.D, self.D_b]).float()  # (2E,)
+        dt_bias = torch.cat([self.dt_proj.bias, self.dt_proj_b.bias]).float()  # (2E,)
+        y = selective_scan(
+            xs, dt, A, B_ssm.contiguous(), C_ssm.contiguous(), D=D, z=z, delta_bias=dt_bias,
+            delta_softplus=True, backend=self.scan_backend,
+        )  # (B, 2E, L)
+        y_fwd, y_bwd = y.chunk(2, dim=1)
+        y = (y_fwd + y_bwd.flip(-1)) * 0.5  # (B, E, L)
+        return self.out_proj(y.transpose(1, 2))
+
+
+class VimBlock(nn.Module):
+    """``x + DropPath(Mixer(RMSNorm(x)))`` on the (fp32) residual stream x (B, L, D)."""
+
+    def __init__(
+        self,
+        dim: int,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-5,
+        mixer_kwargs: Optional[Dict[str, Any]] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.norm = RMSNorm(dim, eps=norm_eps, **dd)
+        self.mixer = BiMambaMixer(dim, **(mixer_kwargs or {}), **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.mixer(self.norm(x)))
+
+
+class VisionMamba(nn.Module):
+    """Vision Mamba (v2, middle class token, outputs divided by 2).
+
+    Args:
+        img_size: input size the position embedding is laid out for.
+        patch_size / stride: patch-embedding kernel and step (stride 8 gives the "†" models).
+        in_chans, num_classes, global_pool: timm conventions; ``global_pool`` is ``'token'`` (the
+            middle class token, official), ``'avg'`` (mean of patch tokens) or ``''``.
+        embed_dim, depth: D and number of blocks.
+        d_state, d_conv, expand, dt_rank: Mamba mixer sizes (N, conv width, E / D, R).
+        drop_rate: dropout before the classifier; pos_drop_rate: after the position embedding.
+        drop_path_rate: stochastic depth, linear in depth.
+        residual_in_fp32: keep the residual stream in fp32 (official: True).
+        dynamic_img_size: accept any image size the patches tile, resampling pos_embed on the fly.
+        scan_backend: selective-scan backend (``"auto"``, ``"chunked"``, ``"reference"``, ``"mamba"``).
+    """
+
+    def __init__(
+        self,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        patch_size: int = 16,
+        stride: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 192,
+        depth: int = 24,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: Optional[int] = None,
+        norm_eps: float = 1e-5,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        residual_in_fp32: bool = True,
+        dynamic_img_size: bool = False,
+        scan_backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if global_pool not in ("token", "avg", ""):
+            raise ValueError(f"Vim: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        dd = dict(device=device, dtype=dtype)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.residual_in_fp32 = residual_in_fp32
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+
+        self.patch_embed = VimPatchEmbed(img_size, patch_size, stride, in_chans, embed_dim,
+                                         dynamic_img_size=dynamic_img_size, **dd)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim, **dd))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        mixer_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank,
+                            scan_backend=scan_backend)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linspace(0, rate, depth)
+        self.blocks = nn.Sequential(*[
+            VimBlock(embed_dim, drop_path=dpr[i], norm_eps=norm_eps, mixer_kwargs=mixer_kwargs, **dd)
+            for i in range(depth)
+        ])
+        self.norm = RMSNorm(embed_dim, eps=norm_eps, **dd)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+        reduction = self.patch_embed.stride[0]
+        self.feature_info = [
+            dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)
+        ]
+        self.init_weights()
+
+    # --- init -------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """The official init: patch conv lecun-normal, head / pos / cls trunc-normal(0.02), Linear
+        biases zero (dt_proj bias keeps its softplus^-1 init), out_proj kaiming-uniform / sqrt(depth)."""
+        lecun_normal_(self.patch_embed.proj.weight)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        depth = len(self.blocks)
+        for block in self.blocks:
+            out_proj = block.mixer.out_proj
+            nn.init.kaiming_uniform_(out_proj.weight, a=math.sqrt(5))
+            with torch.no_grad():
+                out_proj.weight.div_(math.sqrt(depth))
+
+    # --- timm API ---------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        names = {"pos_embed", "cls_token"}
+        for i in range(len(self.blocks)):
+            names.update(f"blocks.{i}.mixer.{p}" for p in ("A_log", "A_b_log", "D", "D_b"))
+        return names
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r"^cls_token|^pos_embed|^patch_embed",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("token", "avg", ""):
+                raise ValueError(f"Vim: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        device, dtype = self.cls_token.device, self.cls_token.dtype
+        self.head = nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
+
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None,
+                       patch_size: Optional[int] = None) -> None:
+        """Change the native input size, resampling ``pos_embed`` around the middle class token."""
+        if patch_size is not None:
+            raise ValueError("Vim: changing patch_size is not supported")
+        if img_size is None:
+            return
+        old_grid = self.patch_embed.grid_size
+        self.patch_embed.set_img_size(img_size)
+        with torch.no_grad():
+            pos = resample_pos_embed_with_inner_token(self.pos_embed.data, self.patch_embed.grid_size, old_grid)
+        self.pos_embed = nn.Parameter(pos)
+
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load an official Vim training checkpoint (or a visionzoo one) strictly.
+
+        Official files hold ``model`` and ``model_ema``; ``model`` is used unless the pretrained tag
+        ends in ``_ema``. They also pickle the training ``argparse.Namespace``, the only class
+        allowed beyond plain tensors and containers.
+        """
+        tag = (getattr(self, "pretrained_cfg", None) or {}).get("tag") or ""
+        load_checkpoint_strict(self, checkpoint_path, checkpoint_filter_fn,
+                               safe_globals=(argparse.Namespace,), use_ema=tag.endswith("_ema"))
+
+    # --- forward ----------------------------------------------------------------------------
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+        x = self.patch_embed(x)  # (B, H, W, D)
+        H, W = x.shape[1], x.shape[2]
+        x = insert_cls_and_pos_embed(x, self.cls_token, self.pos_embed, self.patch_embed.grid_size)
+        x = self.pos_drop(x)
+        if self.residual_in_fp32:
+            x = x.float()
+        return x, H, W  # x: (B, H*W + 1, D)
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Block outputs (the residual stream after each chosen block, stride ``stride``).
+
+        Args:
+            indices: last n blocks if int, all if None, else the listed block indices.
+            return_prefix_tokens: also return each intermediate's class token (B, D).
+            norm: apply the final RMSNorm to the intermediates.
+            output_fmt: ``'NCHW'`` (B, D, H, W) maps or ``'NLC'`` (B, H*W, D) tokens; the class
+                token is removed from the spatial output either way.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"Vim: output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x, H, W = self._embed(x)
+        B, mid = x.shape[0], (H * W) // 2
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        intermediates, prefix = [], []
+        for i, block in enumerate(blocks):
+            x = self._run_block(block, x)
+            if i in take_indices:
+                y = self.norm(x) if norm else x
+                prefix.append(y[:, mid])
+                spatial = torch.cat([y[:, :mid], y[:, mid + 1:]], dim=1)  # (B, H*W, D)
+                if output_fmt == "NCHW":
+                    spatial = spatial.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
+                intermediates.append(spatial)
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> normalised tokens (B, H'*W' + 1, D), class token at index H'*W' // 2."""
+        x, _, _ = self._embed(x)
+        for block in self.blocks:
+            x = self._run_block(block, x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "token":
+            x = x[:, (x.shape[1] - 1) // 2]
+        elif self.global_pool == "avg":
+            mid = (x.shape[1] - 1) // 2
+            x = torch.cat([x[:, :mid], x[:, mid + 1:]], dim=1).mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionMamba) -> Dict[str, torch.Tensor]:
+    """Adapt an official Vim state dict (or a whole official training file) to :class:`VisionMamba`.
+
+    ``layers.{i}`` -> ``blocks.{i}``, ``norm_f`` -> ``norm``; the position embedding is resampled
+    around the middle class token when the grid differs. visionzoo state dicts pass unchanged.
+    """
+    if "model" in state_dict and isinstance(state_dict["model"], dict):
+        state_dict = state_dict["model"]
+    out = {}
+    for k, v in state_dict.items():
+        k = k[len("module."):] if k.startswith("module.") else k
+        if k.startswith("layers."):
+            k = "blocks." + k[len("layers."):]
+        elif k.startswith("norm_f."):
+            k = "norm." + k[len("norm_f."):]
+        if k == "pos_embed" and v.shape != model.pos_embed.shape:
+            num_old = v.shape[1] - 1
+            side = math.isqrt(num_old)
+            if side * side != num_old:
+                raise ValueError(f"Vim: cannot infer the grid of a pos_embed with {num_old} patch rows")
+            v = resample_pos_embed_with_inner_token(v, model.patch_embed.grid_size, (side, side))
+        out[k] = v
+    return out
+
+
+def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
+    # Default features: the blocks the official segmentation backbone taps ([5, 11, 17, 23] at depth 24).
+    depth = kwargs.get("depth", 24)
+    # Official files are whole training states (model + model_ema + args): a local file or URL
+    # goes through VisionMamba.load_pretrained like the hub files, unless the caller says otherwise
+    # (timm would otherwise prefer model_ema, which is not what the official evaluation uses).
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if overlay and (overlay.get("file") or overlay.get("url")) and "custom_load" not in overlay:
+        kwargs["pretrained_cfg_overlay"] = dict(overlay, custom_load=True)
+    out_indices = tuple(range(depth)) if depth < 4 else tuple(depth * k // 4 - 1 for k in range(1, 5))
+    return build_model_with_cfg(
+        VisionMamba,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        "paper_ids": "arXiv:2401.09417",
+        "paper_name": "Vision Mamba: Efficient Visual Representation Learning with Bidirectional State Space Model",
+        "origin_url": "https://github.com/hustvl/Vim",
+        **kwargs,
+    }
+
+
+def _hf(repo: str, filename: str, **kwargs) -> Dict[str, Any]:
+    # custom_load: official files are whole training states with a pickled argparse.Namespace;
+    # VisionMamba.load_pretrained reads them with that single class allow-listed.
+    return _cfg(hf_hub_id=repo, hf_hub_filename=filename, custom_load="hf", **kwargs)
+
+
+_TINY = ("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth")
+_TINY_FT = ("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_ft_78p3acc.pth")
+_SMALL = ("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth")
+_SMALL_FT = ("hustvl/Vim-small-midclstok", "vim_s_midclstok_ft_81p6acc.pth")
+_BASE = ("hustvl/Vim-base-midclstok", "vim_b_midclstok_81p9acc.pth")  # file name unverified
+
+default_cfgs = generate_default_cfgs({
+    "vim_tiny.in1k": _hf(*_TINY),
+    "vim_tiny.in1k_ema": _hf(*_TINY),
+    "vim_tiny_stride8.in1k": _hf(*_TINY_FT),
+    "vim_tiny_stride8.in1k_ema": _hf(*_TINY_FT),
+    "vim_small.in1k": _hf(*_SMALL),
+    "vim_small.in1k_ema": _hf(*_SMALL),
+    "vim_small_stride8.in1k": _hf(*_SMALL_FT),
+    "vim_small_stride8.in1k_ema": _hf(*_SMALL_FT),
+    "vim_base.in1k": _hf(*_BASE),
+    "vim_base.in1k_ema": _hf(*_BASE),
+    "test_vim.untrained": _cfg(input_size=(3, 64, 64), license=None),
+})
+
+
+@register_model
+def vim_tiny(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-Ti (D=192, 24 blocks, patch 16 / stride 16)."""
+    model_args = dict(embed_dim=192, depth=24)
+    return _create_vim("vim_tiny", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vim_tiny_stride8(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-Ti† (patch 16 / stride 8, 729 tokens; the finer-granularity fine-tune)."""
+    model_args = dict(embed_dim=192, depth=24, stride=8)
+    return _create_vim("vim_tiny_stride8", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vim_small(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-S (D=384, 24 blocks)."""
+    model_args = dict(embed_dim=384, depth=24)
+    return _create_vim("vim_small", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vim_small_stride8(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-S† (patch 16 / stride 8)."""
+    model_args = dict(embed_dim=384, depth=24, stride=8)
+    return _create_vim("vim_small_stride8", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vim_base(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-B (D=768, 24 blocks)."""
+    model_args = dict(embed_dim=768, depth=24)
+    return _create_vim("vim_base", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_vim(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """A tiny Vim for tests: D=32, 3 blocks, 64x64 inputs, same code paths."""
+    model_args = dict(img_size=64, embed_dim=32, depth=3, d_state=4)
+    return _create_vim("test_vim", pretrained, **dict(model_args, **kwargs))
+
+
+_ORIGIN = "https://github.com/hustvl/Vim"
+for _name, _params, _gmacs, _top1, _weights in (
+    ("vim_tiny", 7_148_008, None, 76.1, "hf:hustvl/Vim-tiny-midclstok"),
+    ("vim_tiny_stride8", 7_250_344, None, 78.3, "hf:hustvl/Vim-tiny-midclstok"),
+    ("vim_small", 25_796_584, None, 80.3, "hf:hustvl/Vim-small-midclstok"),
+    ("vim_small_stride8", 26_001_256, None, 81.4, "hf:hustvl/Vim-small-midclstok"),
+    ("vim_base", 97_598_440, None, 81.9, "hf:hustvl/Vim-base-midclstok"),
+):
+    register_meta(_name, ModelMeta("vim", _params, _gmacs, _top1, _ORIGIN, "apache-2.0", _weights))
+register_meta("test_vim", ModelMeta("vim"))

@@ -1,0 +1,1 @@
+"""Kernels used by visionzoo models: one sub-package per operation (see DESIGN.md §3)."""
