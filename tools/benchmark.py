@@ -35,6 +35,7 @@ def parse_args(argv=None):
                    help="model names or globs (visionzoo models; exact timm names also accepted)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", type=str, default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
@@ -57,14 +58,17 @@ def resolve_models(patterns):
     return names
 
 
-def measure_throughput(name, img_size, batch_size, warmup, reps):
-    model = timm.create_model(name, img_size=img_size).eval()
-    x = torch.randn(batch_size, 3, img_size, img_size)
+def measure_throughput(name, img_size, batch_size, warmup, reps, device="cpu"):
+    model = timm.create_model(name, img_size=img_size).eval().to(device)
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     times = []
     with torch.inference_mode():
         for i in range(warmup + reps):
+            sync()
             t0 = time.perf_counter()
             model(x)
+            sync()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     median = statistics.median(times)
@@ -76,7 +80,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}, "
+    hw = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
+    print(f"# torch {torch.__version__}, {args.device} ({hw}), {torch.get_num_threads()} CPU threads, "
           f"input {args.img_size}x{args.img_size}, batch {args.batch_size}")
     header = f"{'model':28s} {'params':>12s} {'GMACs':>7s} {'ms/iter':>9s} {'img/s':>8s}"
     print(header)
@@ -88,8 +93,8 @@ def main(argv=None):
         gmacs = count_macs(meta_model, (1, 3, args.img_size, args.img_size)) / 1e9
         ms = ips = None
         if params <= args.max_timed_params:
-            ms, ips = measure_throughput(name, args.img_size, args.batch_size, args.warmup, args.reps)
-        rows.append(dict(model=name, params=params, gmacs=round(gmacs, 3), img_size=args.img_size,
+            ms, ips = measure_throughput(name, args.img_size, args.batch_size, args.warmup, args.reps, args.device)
+        rows.append(dict(model=name, params=params, gmacs=round(gmacs, 3), img_size=args.img_size, device=args.device,
                          batch_size=args.batch_size, threads=torch.get_num_threads(),
                          ms_per_iter=None if ms is None else round(ms, 2),
                          img_per_s=None if ips is None else round(ips, 2)))

@@ -1,5 +1,6 @@
 """visionzoo model families; importing this module registers every variant with timm."""
 from ._registry import VISIONZOO_MODELS, ModelMeta
 from . import vim
+from . import patnet
 
 __all__ = ["VISIONZOO_MODELS", "ModelMeta"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -21,8 +21,12 @@ _logger = logging.getLogger(__name__)
 _CONTAINER_KEYS = ("model", "state_dict", "module")
 
 
-def torch_load_restricted(path: str | os.PathLike, safe_globals: Iterable[type] = ()) -> dict:
-    """``torch.load(path, weights_only=True)`` with ``safe_globals`` additionally allowed."""
+def torch_load_restricted(path: str | os.PathLike, safe_globals: Iterable[Any] = ()) -> dict:
+    """``torch.load(path, weights_only=True)`` with ``safe_globals`` additionally allowed
+    (``.safetensors`` files are read with safetensors)."""
+    if os.fspath(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(os.fspath(path), device="cpu")
     with torch.serialization.safe_globals(list(safe_globals)):
         return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -44,7 +48,7 @@ def load_checkpoint_strict(
     model: nn.Module,
     path: str | os.PathLike,
     filter_fn: Callable[[dict, nn.Module], dict],
-    safe_globals: Iterable[type] = (),
+    safe_globals: Iterable[Any] = (),
     use_ema: bool = False,
 ) -> None:
     """Load an official or visionzoo checkpoint file into ``model``.
@@ -85,3 +89,16 @@ def load_checkpoint_strict(
             + ("; " if missing and result.unexpected_keys else "")
             + (f"unexpected keys [{_fmt(result.unexpected_keys)}]" if result.unexpected_keys else "")
         )
+
+
+def route_sources_to_load_pretrained(kwargs: dict) -> dict:
+    """Make a ``pretrained_cfg_overlay`` file / URL load through the model's ``load_pretrained``.
+
+    timm resets ``custom_load`` whenever an overlay names a weight source, which would send an
+    official training-state file through timm's generic loader (it prefers ``model_ema`` and knows
+    nothing of the family's allow-listed classes). The caller can still pass ``custom_load=False``.
+    """
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if overlay and (overlay.get("file") or overlay.get("url")) and "custom_load" not in overlay:
+        kwargs["pretrained_cfg_overlay"] = dict(overlay, custom_load=True)
+    return kwargs

@@ -49,7 +49,7 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 
 from ..layers import resample_pos_embed_with_inner_token
 from ..ops.selective_scan import selective_scan
-from ._loading import load_checkpoint_strict
+from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
 from ._registry import ModelMeta, register_meta
 
 __all__ = ["VisionMamba"]
@@ -540,12 +540,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionMamba
 def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
     # Default features: the blocks the official segmentation backbone taps ([5, 11, 17, 23] at depth 24).
     depth = kwargs.get("depth", 24)
-    # Official files are whole training states (model + model_ema + args): a local file or URL
-    # goes through VisionMamba.load_pretrained like the hub files, unless the caller says otherwise
-    # (timm would otherwise prefer model_ema, which is not what the official evaluation uses).
-    overlay = kwargs.get("pretrained_cfg_overlay")
-    if overlay and (overlay.get("file") or overlay.get("url")) and "custom_load" not in overlay:
-        kwargs["pretrained_cfg_overlay"] = dict(overlay, custom_load=True)
+    # Official files are whole training states: local files / URLs go through load_pretrained too.
+    route_sources_to_load_pretrained(kwargs)
     out_indices = tuple(range(depth)) if depth < 4 else tuple(depth * k // 4 - 1 for k in range(1, 5))
     return build_model_with_cfg(
         VisionMamba,

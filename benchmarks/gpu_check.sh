@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every GPU parity test and speed benchmark, in one go (< 8 minutes on one H200).
+# Installs nothing from the network: run it in an environment where `pip install -e ".[dev]"`
+# (and optionally the `cuda` extra) is already done. Results go to benchmarks/gpu/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=benchmarks/gpu
+mkdir -p "$out"
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
+log="$out/${stamp}_${gpu}.log"
+status=0
+exec > >(tee "$log") 2>&1
+echo "# $(date -u) on $gpu, torch $(python -c 'import torch; print(torch.__version__, torch.version.cuda)')"
+python -c "import importlib.util as u; print('mamba_ssm:', bool(u.find_spec('mamba_ssm')), 'causal_conv1d:', bool(u.find_spec('causal_conv1d')), 'triton:', bool(u.find_spec('triton')))"
+echo "## parity tests on CUDA (pytest -m cuda)"
+python -m pytest -q -m cuda tests || status=1
+echo "## inference speed, fp32, batch 64 and batch 1"
+for bs in 64 1; do
+  python tools/benchmark.py --device cuda --models 'vim_*' deit_tiny_patch16_224 deit_small_patch16_224 \
+    --batch-size "$bs" --warmup 5 --reps 20 --max-timed-params 1e9 --csv "$out/${stamp}_${gpu}_bs${bs}.csv" || status=1
+done
+exit $status
