@@ -3,7 +3,7 @@
 Vim-Tiny calls the scan 24 times per forward with both directions stacked along the channels:
 batch=1, dim=768 (2 x 384), L=197, N=16, grouped B/C (G=2), D, z and delta_bias given, softplus on.
 
-    PYTHONPATH=. python benchmarks/bench_selective_scan.py --threads 1
+    PYTHONPATH=. python benchmarks/bench_selective_scan.py --threads 1 [--breakdown]
 
 Variants are interleaved round-robin and the minimum and median over rounds are printed, because
 timings on a shared VM drift by tens of percent from one second to the next.
@@ -69,6 +69,64 @@ def bench(variants, rounds, inner):
     return {k: (min(v), statistics.median(v)) for k, v in times.items()}
 
 
+def breakdown(shape, rounds):
+    """Time the stages of the chunked forward in isolation (same inputs, same block size)."""
+    import torch.nn.functional as F
+
+    from visionzoo.ops.selective_scan import _chunked
+
+    x = make_inputs(*shape)
+    p = _chunked._Prepared(x["u"], x["delta"], x["A"], x["B"], x["C"], x["delta_bias"], True)
+    b, G, N, dg = p.state_shape()
+    L, T = p.length, p.block
+    H = p.new(T + 1, b, G, N, dg).zero_()
+    dA = p.new(T, b, G, N, dg)
+    Hs, dAs = H.unbind(0), dA.unbind(0)
+    y = p.new(L, b, p.dim)
+    blocks = [(s, min(T, L - s)) for s in range(0, L, T)]
+
+    def exp_arg():
+        for s, n in blocks:
+            torch.mul(p.dT[s:s + n].view(n, b, G, 1, dg), p.A2_gnd, out=dA[:n])
+
+    def exp2():
+        for s, n in blocks:
+            dA[:n].exp2_()
+
+    def dbu():
+        for s, n in blocks:
+            torch.mul(p.duT[s:s + n].view(n, b, G, 1, dg), p.BT[s:s + n].view(n, b, G, N, 1), out=H[1:n + 1])
+
+    def recurrence():
+        for s, n in blocks:
+            for i in range(n):
+                Hs[i + 1].addcmul_(dAs[i], Hs[i])
+
+    def contraction():
+        for s, n in blocks:
+            rows = n * b * G
+            torch.bmm(p.CT[s:s + n].view(rows, 1, N), H[1:n + 1].view(rows, N, dg), out=y[s:s + n].view(rows, 1, dg))
+
+    def finish():
+        out = y.permute(1, 2, 0).contiguous()
+        out.addcmul_(x["u"], x["D"][:, None])
+        out.mul_(F.silu(x["z"]))
+
+    stages = {
+        "prepare (2 transposes, bias, softplus, delta*u)": lambda: _chunked._Prepared(
+            x["u"], x["delta"], x["A"], x["B"], x["C"], x["delta_bias"], True),
+        "  of which softplus": lambda: F.softplus(p.dT_pre),
+        "  of which one (b,d,L) transpose": lambda: _chunked.time_major(x["u"], torch.float32),
+        f"delta*A (T={T})": exp_arg,
+        "exp2": exp2,
+        "delta*u*B": dbu,
+        "recurrence (L addcmul_)": recurrence,
+        "y = C.h (bmm)": contraction,
+        "finish (transpose, +D*u, *silu(z))": finish,
+    }
+    return bench(stages, rounds, inner=5)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
@@ -79,6 +137,7 @@ def main():
     ap.add_argument("--dstate", type=int, default=16)
     ap.add_argument("--groups", type=int, default=2)
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--breakdown", action="store_true", help="also time the stages of the chunked forward")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shape = (args.batch, args.dim, args.length, args.dstate, args.groups)
@@ -97,8 +156,10 @@ def main():
             "reference fwd+bwd": forward_backward(make_inputs(*shape, requires_grad=True), "reference"),
         }
         results.update(bench(slow, max(3, args.rounds // 6), inner=1))
+    if args.breakdown:
+        results.update({"[stage] " + k: v for k, v in breakdown(shape, args.rounds).items()})
     for name, (best, median) in results.items():
-        print(f"{name:38s} min {best:8.2f} ms   median {median:8.2f} ms")
+        print(f"{name:56s} min {best:8.2f} ms   median {median:8.2f} ms")
 
 
 if __name__ == "__main__":

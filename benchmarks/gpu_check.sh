@@ -20,4 +20,6 @@ for bs in 64 1; do
   python tools/benchmark.py --device cuda --models 'vim_*' deit_tiny_patch16_224 deit_small_patch16_224 \
     --batch-size "$bs" --warmup 5 --reps 20 --max-timed-params 1e9 --csv "$out/${stamp}_${gpu}_bs${bs}.csv" || status=1
 done
+echo "## BiFormer BRA op, reference (official gather) vs auto, fp32, batch 64, tiny's stage shapes"
+timeout 120 python benchmarks/bench_biformer_cpu.py --op --device cuda --batch 64 --rounds 10 || status=1
 exit $status

@@ -2,5 +2,7 @@
 from ._registry import VISIONZOO_MODELS, ModelMeta
 from . import vim
 from . import patnet
+from . import biformer
+from . import dependencyvit
 
 __all__ = ["VISIONZOO_MODELS", "ModelMeta"]

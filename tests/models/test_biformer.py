@@ -1,0 +1,171 @@
+"""BiFormer: parity with the official forward on official-format checkpoints (classification and dense),
+key mapping, input sizes / n_win / auto_pad, dense features and the metadata."""
+import argparse
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import visionzoo  # noqa: F401
+from visionzoo.models import VISIONZOO_MODELS
+from visionzoo.models.biformer import BiFormer, checkpoint_filter_fn
+from visionzoo.ops.routing_attention import routing_attention_flops
+from visionzoo.utils import count_macs
+
+from .biformer_official import official_biformer_forward
+
+TEST_CFG = dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), topks=(1, 2, 4, -2), head_dim=8)
+
+
+def _to_official(state_dict, layout="biformer"):
+    """visionzoo keys -> the official layout (inverse of checkpoint_filter_fn's renaming)."""
+    fc2 = "2" if layout == "stl" else "3"
+    out = {}
+    for k, v in state_dict.items():
+        p = k.split(".")
+        if p[0] == "stem":
+            p = ["downsample_layers", "0"] + p[1:]
+        elif p[0] == "stages" and p[2] == "downsample":
+            p = ["downsample_layers", p[1]] + p[3:]
+        elif p[0] == "stages":
+            rest = p[4:]
+            if rest[:2] == ["attn", "qkv"] and "stages.3." not in k:
+                rest = ["attn", "qkv", "qkv"] + rest[2:]
+            elif rest[:2] == ["attn", "proj"] and "stages.3." not in k:
+                rest = ["attn", "wo"] + rest[2:]
+            elif rest[:2] == ["mlp", "fc1"]:
+                rest = ["mlp", "0"] + rest[2:]
+            elif rest[:2] == ["mlp", "fc2"]:
+                rest = ["mlp", fc2] + rest[2:]
+            blocks = ["stages", p[1], "blocks", p[3]] if layout == "stl" else ["stages", p[1], p[3]]
+            p = blocks + rest
+        elif p[0] == "feature_norms":
+            p = ["extra_norms"] + p[1:]
+        out[".".join(p)] = v.clone()
+    return out
+
+
+@torch.no_grad()
+def _randomise(model, seed=1):
+    """Move every weight and BN statistic off its init so parity compares real values."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.weight.normal_(0, m.weight[0].numel() ** -0.5, generator=g)
+            if m.bias is not None:
+                m.bias.normal_(0, 0.1, generator=g)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.weight.uniform_(0.5, 1.5, generator=g)
+            m.bias.normal_(0, 0.2, generator=g)
+            m.running_mean.normal_(0, 0.2, generator=g)
+            m.running_var.uniform_(0.5, 1.5, generator=g)
+        elif isinstance(m, (nn.LayerNorm, timm.layers.LayerNorm2d)):
+            m.weight.uniform_(0.5, 1.5, generator=g)
+            m.bias.normal_(0, 0.2, generator=g)
+    return model
+
+
+def _save(path, obj):
+    torch.save(obj, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_tiny_matches_official_after_loading_official_checkpoint(tmp_path, backend):
+    src = _randomise(timm.create_model("biformer_tiny")).eval()
+    official = _to_official(src.state_dict())
+    assert len(official) == 264  # the official tiny state dict (BN num_batches_tracked included)
+    path = _save(tmp_path / "biformer_tiny_in1k.pth",
+                 {"model": official, "epoch": 299, "args": argparse.Namespace(model="biformer_tiny")})
+    model = timm.create_model("biformer_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=path),
+                              attn_backend=backend).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        out = model(x)
+        ref = official_biformer_forward(official, x, depths=(2, 2, 8, 2), dims=(64, 128, 256, 512))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_stl_layout_matches_official():
+    cfg = dict(TEST_CFG, mlp_ratio=4, layout="stl", img_size=64)
+    src = _randomise(BiFormer(**cfg), seed=2).eval()
+    official = _to_official(src.state_dict(), layout="stl")
+    model = BiFormer(**cfg).eval()
+    model.load_state_dict(checkpoint_filter_fn({"model": official}, model))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = official_biformer_forward(official, x, TEST_CFG["depths"], TEST_CFG["dims"], TEST_CFG["topks"],
+                                        n_win=2, head_dim=8, layout="stl")
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_checkpoint_features_with_auto_pad(tmp_path):
+    """An mmseg-style file (``backbone.`` prefix, ``extra_norms``, decode head) into features_only, on an
+    input whose stage grids need padding (official dense backbone: n_win fixed, auto_pad)."""
+    src = _randomise(BiFormer(**TEST_CFG, feature_norms=True, n_win=2), seed=3).eval()
+    official = {k: v for k, v in _to_official(src.state_dict()).items() if not k.startswith(("head.", "norm."))}
+    ckpt = {"state_dict": {**{"backbone." + k: v for k, v in official.items()},
+                           "decode_head.conv_seg.weight": torch.zeros(3, 8, 1, 1)}, "meta": {"iter": 80000}}
+    path = _save(tmp_path / "upernet_biformer.pth", ckpt)
+    model = timm.create_model("test_biformer", features_only=True, n_win=2, auto_pad=True, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=path)).eval()
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    assert model.feature_info.channels() == list(TEST_CFG["dims"])
+    x = torch.randn(1, 3, 72, 88)  # stage grids 18x22, 9x11, 5x6: padded to multiples of 2
+    with torch.no_grad():
+        feats = model(x)
+        ref = official_biformer_forward(official, x, TEST_CFG["depths"], TEST_CFG["dims"], TEST_CFG["topks"],
+                                        n_win=2, head_dim=8, auto_pad=True, dense=True)
+    assert [tuple(f.shape[-2:]) for f in feats] == [(18, 22), (9, 11), (5, 6), (3, 3)]
+    for f, r in zip(feats, ref):
+        torch.testing.assert_close(f, r, rtol=1e-4, atol=1e-4)
+
+
+def test_classification_checkpoint_into_dense_model_keeps_fresh_extra_norms():
+    src = BiFormer(**TEST_CFG)
+    official = _to_official(src.state_dict())
+    model = BiFormer(**TEST_CFG, feature_norms=True)
+    sd = checkpoint_filter_fn({"model": official}, model)
+    model.load_state_dict(sd)  # strict
+    assert torch.equal(model.feature_norms[0].weight, torch.ones(16))
+
+
+def test_input_size_errors_and_n_win():
+    model = timm.create_model("test_biformer").eval()
+    with pytest.raises(ValueError, match="does not split into 2x2 routing regions"):
+        model(torch.randn(1, 3, 72, 72))  # stage-2 grid 9x9
+    padded = timm.create_model("test_biformer", auto_pad=True).eval()
+    with torch.no_grad():
+        assert padded(torch.randn(1, 3, 72, 72)).shape == (1, 1000)
+    # n_win follows img_size (one region per stage-4 token), also for non-square sizes.
+    assert timm.create_model("test_biformer", img_size=(96, 160)).n_win == (3, 5)
+    with torch.device("meta"):
+        assert timm.create_model("biformer_tiny").n_win == (7, 7)
+        assert timm.create_model("biformer_tiny", img_size=448).n_win == (14, 14)
+        assert timm.create_model("biformer_tiny", n_win=8, auto_pad=True).n_win == (8, 8)
+    # Fewer regions than top-k (32x32: one region): every region attends to all of them.
+    with torch.no_grad():
+        assert torch.isfinite(timm.create_model("test_biformer", img_size=32).eval()(torch.randn(1, 3, 32, 32))).all()
+    with pytest.raises(ValueError, match="topk must be"):
+        BiFormer(**dict(TEST_CFG, topks=(1, 2, 0, -2)))
+
+
+def test_training_step_runs_with_every_cpu_backend():
+    for backend in ("reference", "chunked"):
+        model = timm.create_model("test_biformer", num_classes=5, attn_backend=backend).train()
+        model(torch.randn(2, 3, 64, 64)).sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+
+
+def test_meta_gmacs_count_bra():
+    # BRA enters the count through its FLOP formula: tiny at 224 without it would be lower by exactly this.
+    bra = 0
+    for stage, (dim, side, topk) in enumerate(zip((64, 128, 256), (56, 28, 14), (1, 4, 16))):
+        calls = (2, 2, 8)[stage]
+        bra += calls * routing_attention_flops(1, 7, (side // 7) ** 2, topk, dim, dim) // 2
+    assert bra > 0.05e9
+    for name in ("biformer_tiny", "biformer_stl"):
+        meta = VISIONZOO_MODELS[name]
+        assert abs(count_macs(name) / 1e9 - meta.gmacs) < 1e-3
+    assert VISIONZOO_MODELS["biformer_small"].gmacs == pytest.approx(4.4636)

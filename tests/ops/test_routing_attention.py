@@ -1,0 +1,163 @@
+"""Tests for visionzoo.ops.routing_attention (reference / chunked / triton backends, custom-op plumbing)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from visionzoo.ops.routing_attention import BACKENDS, bi_level_routing_attention, routing_attention_flops
+from visionzoo.ops.routing_attention import _chunked, _op, _triton
+
+ENV = "VISIONZOO_BACKEND_ROUTING_ATTENTION"
+# (B, H, W, C_qk, C_v, heads, n_win, topk): square and non-square grids / regions, topk 1..all.
+SHAPES = [
+    (2, 8, 12, 16, 16, 2, (2, 3), 2),
+    (1, 6, 6, 8, 8, 1, 3, 9),
+    (2, 16, 16, 32, 32, 4, 4, 4),
+    (1, 10, 6, 12, 24, 3, (5, 2), 3),  # C_v != C_qk
+]
+
+
+def _inputs(B, H, W, c_qk, c_v, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, W, c, generator=g, dtype=dtype) for c in (c_qk, c_qk, c_v)]
+
+
+def _run(inputs, backend, heads, n_win, topk, grads=True):
+    leaves = [x.clone().requires_grad_(grads) for x in inputs]
+    scale = inputs[0].shape[-1] ** -0.5
+    out, idx = bi_level_routing_attention(*leaves, heads, n_win, topk, scale, return_routing=True, backend=backend)
+    if not grads:
+        return out, idx, None
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (out * w).sum().backward()
+    return out, idx, [x.grad for x in leaves]
+
+
+def naive_bra(q, k, v, heads, n_win, topk, scale):
+    """Independent float64 definition: per query token, softmax over the tokens of its routed regions."""
+    B, H, W, C = q.shape
+    n_h, n_w = (n_win, n_win) if isinstance(n_win, int) else n_win
+    rh, rw = H // n_h, W // n_w
+    region = (torch.arange(H)[:, None] // rh * n_w + torch.arange(W)[None, :] // rw).reshape(-1)  # token -> region
+    qf, kf, vf = (x.reshape(B, H * W, -1).double() for x in (q, k, v))
+    S2 = n_h * n_w
+    q_r = torch.stack([qf[:, region == r].mean(1) for r in range(S2)], 1)
+    k_r = torch.stack([kf[:, region == r].mean(1) for r in range(S2)], 1)
+    idx = torch.topk((q_r * scale) @ k_r.transpose(1, 2), topk, dim=-1).indices  # (B, S2, topk)
+    out = torch.zeros(B, H * W, v.shape[-1], dtype=torch.float64)
+    dq, dv = C // heads, v.shape[-1] // heads
+    for b in range(B):
+        for t in range(H * W):
+            keys = torch.isin(region, idx[b, region[t]])
+            for h in range(heads):
+                s = (qf[b, t, h * dq:(h + 1) * dq] * scale) @ kf[b, keys, h * dq:(h + 1) * dq].T
+                out[b, t, h * dv:(h + 1) * dv] = s.softmax(-1) @ vf[b, keys, h * dv:(h + 1) * dv]
+    return out.reshape(B, H, W, -1), idx
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2] + SHAPES[3:])
+def test_reference_matches_naive_definition(shape):
+    B, H, W, c_qk, c_v, heads, n_win, topk = shape
+    q, k, v = _inputs(B, H, W, c_qk, c_v)
+    out, idx, _ = _run((q, k, v), "reference", heads, n_win, topk, grads=False)
+    ref, ref_idx = naive_bra(q, k, v, heads, n_win, topk, c_qk ** -0.5)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 1])  # one chunk, and one query region per chunk
+@pytest.mark.parametrize("shape", SHAPES)
+def test_chunked_matches_reference_outputs_and_grads(shape, chunk_elements, monkeypatch):
+    monkeypatch.setattr(_chunked, "CHUNK_ELEMENTS", chunk_elements)
+    B, H, W, c_qk, c_v, heads, n_win, topk = shape
+    inputs = _inputs(B, H, W, c_qk, c_v)
+    out, idx, grads = _run(inputs, "chunked", heads, n_win, topk)
+    ref, ref_idx, ref_grads = _run(inputs, "reference", heads, n_win, topk)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_chunked_float32_and_chunk_count(monkeypatch):
+    B, H, W, C, heads, n, topk = 2, 16, 16, 32, 4, 4, 4
+    inputs = _inputs(B, H, W, C, C, dtype=torch.float32)
+    ref = _run(inputs, "reference", heads, n, topk)
+    monkeypatch.setattr(_chunked, "CHUNK_ELEMENTS", 1)
+    assert _chunked._chunk_regions(B, heads, n * n, topk, 16, 8, 8) == 4  # one K/V copy per chunk: S2 / topk
+    out = _run(inputs, "chunked", heads, n, topk)
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-5)
+    for g, r in zip(out[2], ref[2]):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_routing_is_not_differentiated():
+    """Gradients flow through the token attention only: they equal those of attention with frozen routing."""
+    q, k, v = _inputs(1, 8, 8, 8, 8)
+    _, idx, grads = _run((q, k, v), "chunked", 2, 2, 2)
+    # With the routing fixed, the same attention written as a masked dense softmax.
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    region = (torch.arange(8)[:, None] // 4 * 2 + torch.arange(8)[None, :] // 4).reshape(-1)
+    allowed = torch.stack([torch.isin(region, idx[0, region[t]]) for t in range(64)])  # (64, 64)
+    qf, kf, vf = (x.reshape(64, 2, 4).transpose(0, 1) for x in leaves)
+    s = (qf * 8 ** -0.5) @ kf.transpose(1, 2)
+    out = (s.masked_fill(~allowed, float("-inf")).softmax(-1) @ vf).transpose(0, 1).reshape(1, 8, 8, 8)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (out * w).sum().backward()
+    for g, leaf in zip(grads, leaves):
+        torch.testing.assert_close(g, leaf.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_only_requested_grads_and_autograd_gradcheck():
+    q, k, v = _inputs(1, 4, 4, 4, 4)
+    q.requires_grad_(True)
+    out = bi_level_routing_attention(q, k, v, 1, 2, 2, 0.5, backend="chunked")
+    (g,) = torch.autograd.grad(out.sum(), [q])
+    assert g.shape == q.shape
+    small = [x.requires_grad_(True) for x in _inputs(1, 2, 4, 2, 2)]
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: bi_level_routing_attention(a, b, c, 1, (1, 2), 1, 0.5, backend="chunked"), small)
+
+
+def test_meta_device_flops_and_counter():
+    B, H, W, C, heads, n, topk = 2, 28, 28, 128, 4, 7, 4
+    q, k, v = (torch.empty(B, H, W, C, device="meta") for _ in range(3))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = bi_level_routing_attention(q, k, v, heads, n, topk, C ** -0.5)
+    assert out.shape == (B, H, W, C) and out.device.type == "meta"
+    expected = routing_attention_flops(B, n, 16, topk, C, C)
+    assert counter.get_total_flops() == expected
+    assert expected == 2 * B * (49 * 49 * C + 49 * 16 * 4 * 16 * 2 * C)
+
+
+def test_validation_errors():
+    q, k, v = _inputs(1, 6, 6, 8, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="cannot be cut into 4x4"):
+        bi_level_routing_attention(q, k, v, 2, 4, 1, 0.5)
+    with pytest.raises(ValueError, match=r"topk=10 must be in \[1, 9\]"):
+        bi_level_routing_attention(q, k, v, 2, 3, 10, 0.5)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        bi_level_routing_attention(q, k, v, 3, 3, 1, 0.5)
+    with pytest.raises(ValueError, match="unknown backend"):
+        bi_level_routing_attention(q, k, v, 2, 3, 1, 0.5, backend="flash")
+    with pytest.raises(ValueError, match="4-d"):
+        bi_level_routing_attention(q[0], k, v, 2, 3, 1, 0.5)
+
+
+def test_auto_backend_and_env_override(monkeypatch):
+    q, k, v = _inputs(1, 4, 4, 4, 4, dtype=torch.float32)
+    assert _op.resolve("auto", q) == "chunked"  # CPU
+    monkeypatch.setenv(ENV, "reference")
+    assert _op.resolve("auto", q) == "reference"
+    monkeypatch.setenv(ENV, "nope")
+    with pytest.raises(ValueError, match=ENV):
+        bi_level_routing_attention(q, k, v, 1, 2, 2, 0.5)
+    monkeypatch.delenv(ENV)
+    if not _triton.is_available("cpu"):
+        with pytest.raises(RuntimeError, match="not available"):
+            bi_level_routing_attention(q, k, v, 1, 2, 2, 0.5, backend="triton")
+    assert set(BACKENDS) == {"reference", "chunked", "triton"}

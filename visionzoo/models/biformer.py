@@ -1,0 +1,631 @@
+"""BiFormer: vision transformers with bi-level routing attention (BRA).
+
+Paper: "BiFormer: Vision Transformer with Bi-Level Routing Attention", Zhu et al., CVPR 2023,
+arXiv 2303.08810. Official code: https://github.com/rayleizhu/BiFormer (MIT), ``models/biformer.py``,
+``models/biformer_stl.py``, ``models/_common.py`` and the checkpoint-compatible ``ops/bra_legacy.py``.
+
+The released models, reproduced exactly (weights load one to one, outputs match to 1e-4):
+
+* Four stages; stage ``i`` has width ``dims[i]``. T/S/B: stem ``Conv3x3/2 -> BN -> GELU -> Conv3x3/2 ->
+  BN``, downsamplers ``Conv3x3/2 -> BN``, and every block starts with a residual depthwise 3x3 conv
+  ("conv position embedding") before ``x + Attn(LN x)`` and ``x + MLP(LN x)`` (LayerNorm eps 1e-6).
+  STL (the Swin-T-layout ablation): stem ``Conv4x4/4 -> BN``, downsamplers ``BN -> Conv2x2/2``, no
+  per-block conv.
+* Stages 1-3 use BRA with ``dims[i] // 32`` heads; stage 4 uses plain global attention
+  (``AttentionLePE``) with **8 heads whatever the width** (the official ``topk=-2`` path ignores the
+  head count the model computes), **no qkv bias** and its LePE (depthwise 5x5) applied to the **block
+  input** x; BRA's LePE is applied to V instead, and BRA's qkv projection has a bias.
+* BRA scales both the routing logits and the token attention by ``qk_dim ** -0.5`` with the **full**
+  query/key width (0.125 / 0.088 / 0.0625 at widths 64 / 128 / 256), not the head width: the models
+  were trained that way and the official NCHW refactor keeps it "to be consistent with old models".
+* Routing compares region means of q and k over all channels, is **detached** (no gradient) and its
+  softmax weights are unused: only the top-k indices matter.
+* The head is ``BatchNorm2d -> global average pool -> Linear`` (a BatchNorm, not a LayerNorm).
+
+Any input size: BRA needs every stage-1..3 token grid to split into ``n_win x n_win`` regions.
+``n_win`` defaults to ``img_size / 32`` per side (7 at 224, so a region is 8x8 / 4x4 / 2x2 tokens in
+stages 1 / 2 / 3, as in the paper), so ``img_size=(h, w)`` with ``h`` and ``w`` multiples of 32 just works,
+including non-square sizes (``n_win`` may differ per side, a strict generalisation of the official
+square grid). ``auto_pad=True`` pads, as the official segmentation / detection backbones do: the
+**normalised input of each BRA layer** is zero-padded at the bottom/right before the qkv projection, so
+padded tokens carry the qkv bias, take part in the region means and are attended to; the output is
+cropped. Any other size raises a ``ValueError`` naming the constraint. When a grid has fewer regions
+than ``topk`` (tiny inputs), every query region attends to all regions (the official code would fail
+in ``torch.topk``).
+
+Dense prediction: ``features_only=True`` returns the four stage outputs (strides 4/8/16/32, widths
+``dims``), each through the official dense backbone's extra ``LayerNorm2d`` (``extra_norms``, applied
+to the outputs only, not in-stream). The dense backbones' frozen BatchNorm (``norm_eval``) is a
+training-loop choice left to the task layer.
+
+BRA itself is :func:`visionzoo.ops.routing_attention.bi_level_routing_attention`, whose ``auto``
+backend never materialises the official ``topk``-fold K/V gather (``attn_backend="reference"`` runs
+the official algorithm).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, LayerNorm2d, Mlp, SelectAdaptivePool2d, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_module
+
+from ..ops.routing_attention import bi_level_routing_attention
+from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
+from ._registry import ModelMeta, register_meta
+
+__all__ = ["BiFormer"]
+
+_logger = logging.getLogger(__name__)
+
+
+@register_notrace_module  # input-size checks and padding are Python control flow on shapes
+class BiLevelRoutingAttention(nn.Module):
+    """BRA on channels-last maps (the official ``bra_legacy`` with ``qk_dim = dim``, identity KV
+    downsampling, ``param_attention='qkvo'`` and no routing parameters).
+
+    ``x`` (B, H, W, C) -> (B, H, W, C). ``qkv`` projects to ``[q | k | v]`` of widths (C, C, C); the LePE
+    depthwise conv runs on V; ``proj`` is the official ``wo``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        n_win: Tuple[int, int],
+        topk: int,
+        side_dwconv: int = 5,
+        auto_pad: bool = False,
+        backend: str = "auto",
+        stage: int = 0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.dim = dim
+        self.num_heads = num_heads
+        self.n_win = tuple(n_win)
+        self.topk = topk
+        self.scale = dim ** -0.5  # full qk width, not the head width (see the module docstring)
+        self.auto_pad = auto_pad
+        self.backend = backend
+        self.stage = stage
+        self.qkv = nn.Linear(dim, 3 * dim, **dd)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        n_h, n_w = self.n_win
+        pad_b, pad_r = (-H) % n_h, (-W) % n_w
+        if pad_b or pad_r:
+            if not self.auto_pad:
+                raise ValueError(
+                    f"BiFormer: the stage-{self.stage + 1} token grid {H}x{W} does not split into "
+                    f"{n_h}x{n_w} routing regions (n_win); use an input whose stage grids are multiples "
+                    f"of n_win (e.g. H, W multiples of 32 * n_win), build the model with "
+                    f"img_size=(H, W) so that n_win follows it, or pass auto_pad=True"
+                )
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # zero-pad the normalised input, as official
+        Hp, Wp = H + pad_b, W + pad_r
+        q, k, v = self.qkv(x).split(self.dim, dim=-1)  # (B, Hp, Wp, C) each
+        out = bi_level_routing_attention(
+            q, k, v, self.num_heads, (n_h, n_w), min(self.topk, n_h * n_w), self.scale, backend=self.backend,
+        )
+        lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # LePE on V, (B, Hp, Wp, C)
+        out = self.proj(out + lepe)
+        if pad_b or pad_r:
+            out = out[:, :H, :W].contiguous()
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, n_win={self.n_win}, topk={self.topk}, "
+                f"auto_pad={self.auto_pad}, backend={self.backend!r}")
+
+
+class AttentionLePE(nn.Module):
+    """Global multi-head attention of the last stage (official ``AttentionLePE``).
+
+    8 heads by default whatever the width, no qkv bias, scale ``head_dim ** -0.5``; the LePE depthwise
+    conv runs on the block input ``x`` and is added before ``proj``. ``x`` (B, H, W, C) -> (B, H, W, C).
+    Written with explicit matmuls (a few dozen tokens at 224) so FLOP counters see them on any device.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, side_dwconv: int = 5, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False, **dd)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        N, m = H * W, self.num_heads
+        qkv = self.qkv(x).reshape(B, N, 3, m, C // m).permute(2, 0, 3, 1, 4)  # (3, B, m, N, d)
+        q, k, v = qkv.unbind(0)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)  # (B, m, N, N)
+        out = (attn @ v).transpose(1, 2).reshape(B, H, W, C)
+        lepe = self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # LePE on x, (B, H, W, C)
+        return self.proj(out + lepe)
+
+
+class BiFormerBlock(nn.Module):
+    """``x += DW3x3(x)`` (T/S/B only), ``x += DropPath(Attn(LN x))``, ``x += DropPath(MLP(LN x))``.
+
+    Input and output are NCHW (B, C, H, W); attention and MLP run channels-last.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        attn: nn.Module,
+        mlp_ratio: float = 3.0,
+        drop_path: float = 0.0,
+        conv_pos: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd) if conv_pos else None
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6, **dd)
+        self.attn = attn
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6, **dd)
+        self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(x)
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x.permute(0, 3, 1, 2)
+
+
+class BiFormerStage(nn.Module):
+    """Downsampler (identity for stage 1, whose downsampling is the stem) followed by the blocks."""
+
+    def __init__(self, downsample: nn.Module, blocks: List[nn.Module]):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
+        return self.blocks(x)
+
+
+def _check_pool(global_pool: str) -> None:
+    if global_pool not in ("avg", "max", "avgmax", ""):
+        raise ValueError(f"BiFormer: global_pool must be 'avg', 'max', 'avgmax' or '', got {global_pool!r}")
+
+
+def _default_n_win(img_size: Tuple[int, int]) -> Tuple[int, int]:
+    """One routing region per stage-4 token: ``img_size / 32`` per side (7 at 224)."""
+    return tuple(max(1, round(s / 32)) for s in img_size)
+
+
+class BiFormer(nn.Module):
+    """BiFormer (T/S/B) and BiFormer-STL.
+
+    Args:
+        in_chans, num_classes, global_pool, drop_rate: timm conventions (``drop_rate`` is dropout before
+            the classifier; ``global_pool=''`` returns the normalised last-stage map).
+        depths, dims: blocks and width per stage.
+        mlp_ratio: MLP expansion (3 for T/S/B, 4 for STL).
+        head_dim: BRA head width (heads = ``dims[i] // head_dim``; official 32).
+        topks: routed regions per stage; ``-2`` = global ``AttentionLePE`` (the official last stage).
+        last_stage_heads: heads of ``AttentionLePE`` (official 8 for every variant).
+        side_dwconv: LePE kernel size.
+        layout: ``'biformer'`` (T/S/B) or ``'stl'`` (Swin-T layout ablation, see the module docstring).
+        img_size: the input size ``n_win`` is derived from when ``n_win`` is not given.
+        n_win: routing regions per side, ``n`` or ``(n_h, n_w)`` (official 7 for classification, 8 for
+            ADE20K, 16 for COCO); default ``img_size / 32``.
+        auto_pad: pad BRA inputs to multiples of ``n_win`` (the official dense backbones' option).
+        feature_norms: add the dense backbones' per-stage ``LayerNorm2d`` (``extra_norms``), applied by
+            ``forward_intermediates(norm=True)`` and ``features_only``.
+        drop_path_rate: stochastic depth, linear over all blocks.
+        attn_backend: BRA backend (``'auto'``, ``'reference'``, ``'chunked'``, ``'triton'``).
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        depths: Sequence[int] = (2, 2, 8, 2),
+        dims: Sequence[int] = (64, 128, 256, 512),
+        mlp_ratio: float = 3.0,
+        head_dim: int = 32,
+        topks: Sequence[int] = (1, 4, 16, -2),
+        last_stage_heads: int = 8,
+        side_dwconv: int = 5,
+        layout: str = "biformer",
+        img_size: Union[int, Tuple[int, int]] = 224,
+        n_win: Optional[Union[int, Tuple[int, int]]] = None,
+        auto_pad: bool = False,
+        feature_norms: bool = False,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        attn_backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        _check_pool(global_pool)
+        if layout not in ("biformer", "stl"):
+            raise ValueError(f"BiFormer: layout must be 'biformer' or 'stl', got {layout!r}")
+        if len(depths) != 4 or len(dims) != 4 or len(topks) != 4:
+            raise ValueError("BiFormer: depths, dims and topks need one entry per stage (4)")
+        dd = dict(device=device, dtype=dtype)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool_type = global_pool
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.img_size = to_2tuple(img_size)
+        self.n_win = to_2tuple(n_win) if n_win is not None else _default_n_win(self.img_size)
+        self.layout = layout
+
+        if layout == "biformer":
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1, **dd),
+                nn.BatchNorm2d(dims[0] // 2, **dd),
+                nn.GELU(),
+                nn.Conv2d(dims[0] // 2, dims[0], 3, stride=2, padding=1, **dd),
+                nn.BatchNorm2d(dims[0], **dd),
+            )
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4, **dd), nn.BatchNorm2d(dims[0], **dd))
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        stages, self.feature_info = [], []
+        for i, (depth, dim, topk) in enumerate(zip(depths, dims, topks)):
+            if i == 0:
+                downsample = nn.Identity()
+            elif layout == "biformer":
+                downsample = nn.Sequential(nn.Conv2d(dims[i - 1], dim, 3, stride=2, padding=1, **dd),
+                                           nn.BatchNorm2d(dim, **dd))
+            else:
+                downsample = nn.Sequential(nn.BatchNorm2d(dims[i - 1], **dd),
+                                           nn.Conv2d(dims[i - 1], dim, 2, stride=2, **dd))
+            blocks = []
+            for j in range(depth):
+                if topk > 0:
+                    attn = BiLevelRoutingAttention(dim, dim // head_dim, self.n_win, topk, side_dwconv, auto_pad,
+                                                   attn_backend, stage=i, **dd)
+                elif topk == -2:
+                    attn = AttentionLePE(dim, last_stage_heads, side_dwconv, **dd)
+                else:
+                    raise ValueError(f"BiFormer: topk must be > 0 (BRA) or -2 (global attention), got {topk}")
+                blocks.append(BiFormerBlock(dim, attn, mlp_ratio, dpr[sum(depths[:i]) + j],
+                                            conv_pos=layout == "biformer", **dd))
+            stages.append(BiFormerStage(downsample, blocks))
+            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+        self.feature_norms = nn.ModuleList([
+            LayerNorm2d(dim, eps=1e-6, **dd) for dim in dims
+        ]) if feature_norms else None
+
+        self.norm = nn.BatchNorm2d(dims[-1], **dd)
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(dims[-1], num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        """The official init: Linear trunc-normal(0.02) with zero bias, LayerNorm (1, 0); convs keep
+        PyTorch's default."""
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # --- timm API ---------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return set()  # the official list names parameters BiFormer does not have
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^feature_norms\.(\d+)", (99998,)),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            _check_pool(global_pool)
+            self.global_pool_type = global_pool
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        ref = self.norm.weight
+        self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+                     if num_classes > 0 else nn.Identity())
+
+    def set_attn_backend(self, backend: str) -> None:
+        """Switch every BRA layer to ``backend`` (``'auto'``, ``'reference'``, ``'chunked'``, ``'triton'``)."""
+        for m in self.modules():
+            if isinstance(m, BiLevelRoutingAttention):
+                m.backend = backend
+
+    def set_input_size(self, img_size: Union[int, Tuple[int, int]], n_win: Optional[Union[int, Tuple[int, int]]] = None,
+                       auto_pad: Optional[bool] = None) -> None:
+        """Re-derive ``n_win`` for a new input size (BRA has no size-dependent parameters)."""
+        self.img_size = to_2tuple(img_size)
+        self.n_win = to_2tuple(n_win) if n_win is not None else _default_n_win(self.img_size)
+        for m in self.modules():
+            if isinstance(m, BiLevelRoutingAttention):
+                m.n_win = self.n_win
+                if auto_pad is not None:
+                    m.auto_pad = auto_pad
+
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load an official classification file (``{"model": ...}``), an official mmdet / mmseg dense
+        checkpoint (``state_dict`` with ``backbone.`` keys) or a visionzoo state dict, strictly."""
+        load_checkpoint_strict(self, checkpoint_path, checkpoint_filter_fn, safe_globals=(argparse.Namespace,))
+
+    # --- forward ----------------------------------------------------------------------------
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (B, dims[i], H / s_i, W / s_i) at strides ``s_i`` = 4, 8, 16, 32.
+
+        Args:
+            indices: last n stages if int, all if None, else the listed stage indices.
+            norm: pass each output through its dense-prediction LayerNorm2d (needs ``feature_norms=True``).
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"BiFormer: output_fmt must be 'NCHW', got {output_fmt!r}")
+        if norm and self.feature_norms is None:
+            raise ValueError("BiFormer: norm=True needs a model built with feature_norms=True")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        x = self.stem(x)
+        stages = self.stages[:max_index + 1] if stop_early else self.stages
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(self.feature_norms[i](x) if norm else x)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if self.feature_norms is not None:
+            self.feature_norms = None if prune_norm else self.feature_norms[:max_index + 1]
+        pruned_end = max_index < len(self.feature_info) - 1
+        if prune_norm or pruned_end:
+            self.norm = nn.Identity()
+        if pruned_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or pruned_end:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> BatchNorm-ed last-stage map (B, dims[-1], H / 32, W / 32)."""
+        return self.norm(self.stages(self.stem(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)  # (B, C), or the map itself with global_pool=''
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+def _rename_official(k: str, mlp_fc2: str) -> str:
+    """One official key -> visionzoo (see :func:`checkpoint_filter_fn`)."""
+    p = k.split(".")
+    if p[0] == "downsample_layers":
+        i = int(p[1])
+        return ".".join(["stem"] + p[2:]) if i == 0 else ".".join(["stages", str(i), "downsample"] + p[2:])
+    if p[0] == "extra_norms":
+        return ".".join(["feature_norms"] + p[1:])
+    if p[0] == "stages":
+        rest = p[3:] if p[2] == "blocks" else p[2:]  # STL: stages.{s}.blocks.{b}; T/S/B: stages.{s}.{b}
+        b, rest = rest[0], rest[1:]
+        if rest[:2] == ["attn", "qkv"] and len(rest) > 2 and rest[2] == "qkv":
+            rest = ["attn", "qkv"] + rest[3:]  # BRA's QKVLinear wrapper
+        elif rest[:2] == ["attn", "wo"]:
+            rest = ["attn", "proj"] + rest[2:]
+        elif rest[:2] == ["mlp", "0"]:
+            rest = ["mlp", "fc1"] + rest[2:]
+        elif rest[:2] == ["mlp", mlp_fc2]:
+            rest = ["mlp", "fc2"] + rest[2:]
+        return ".".join(["stages", p[1], "blocks", b] + rest)
+    return k
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: BiFormer) -> Dict[str, torch.Tensor]:
+    """Adapt an official BiFormer state dict (classification or dense) to :class:`BiFormer`.
+
+    * Containers: ``{"model": ...}`` (classification files), ``{"state_dict": ...}`` (mmdet / mmseg); a
+      ``module.`` prefix is removed. Dense checkpoints keep only the ``backbone.`` keys, unprefixed.
+    * ``downsample_layers.0`` -> ``stem``, ``downsample_layers.{i}`` -> ``stages.{i}.downsample``,
+      ``stages.{s}.{b}`` (STL: ``stages.{s}.blocks.{b}``) -> ``stages.{s}.blocks.{b}``,
+      ``attn.qkv.qkv`` -> ``attn.qkv``, ``attn.wo`` -> ``attn.proj``, ``mlp.0`` / ``mlp.3`` (STL ``mlp.2``)
+      -> ``mlp.fc1`` / ``mlp.fc2``, ``extra_norms`` -> ``feature_norms``.
+    * Dense extra norms are dropped when the model has none; when the model has them and the file does
+      not (a classification checkpoint), they keep the model's fresh init, which is what the official
+      dense backbone gets from its non-strict load. A dense file has no ``norm``/``head``: the model's
+      own (fresh) ones are kept, with a log line.
+    visionzoo state dicts pass unchanged.
+    """
+    for key in ("model", "state_dict"):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    state_dict = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+    if any(k.startswith("backbone.") for k in state_dict):
+        state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+
+    if any(k.startswith("downsample_layers.") for k in state_dict):
+        mlp_fc2 = "2" if model.layout == "stl" else "3"
+        state_dict = {_rename_official(k, mlp_fc2): v for k, v in state_dict.items()}
+
+    own = model.state_dict()
+    if model.feature_norms is None:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("feature_norms.")}
+    elif not any(k.startswith("feature_norms.") for k in state_dict):
+        state_dict.update({k: v.detach().clone() for k, v in own.items() if k.startswith("feature_norms.")})
+    missing_head = [k for k in own if (k.startswith("norm.") or k.startswith("head.")) and k not in state_dict]
+    if missing_head and any(k.startswith("stages.") for k in state_dict):
+        _logger.info("BiFormer: the checkpoint has no classification norm/head (a dense backbone); "
+                     "keeping the model's freshly initialised %s", ", ".join(sorted({k.split('.')[0] for k in missing_head})))
+        state_dict.update({k: own[k].detach().clone() for k in missing_head})
+    return state_dict
+
+
+def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
+    # Official files are whole training states: local files / URLs go through load_pretrained too.
+    route_sources_to_load_pretrained(kwargs)
+    if kwargs.get("features_only"):
+        kwargs.setdefault("feature_norms", True)  # the official dense backbones norm every output
+    return build_model_with_cfg(
+        BiFormer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3), norm=kwargs.get("feature_norms", False)),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.0",
+        "classifier": "head",
+        "license": "mit",
+        "paper_ids": "arXiv:2303.08810",
+        "paper_name": "BiFormer: Vision Transformer with Bi-Level Routing Attention",
+        "origin_url": "https://github.com/rayleizhu/BiFormer",
+        # custom_load: official files are training states ({"model": ...}); BiFormer.load_pretrained
+        # reads them with weights_only=True and loads strictly.
+        "custom_load": bool(url),
+        **kwargs,
+    }
+
+
+def _onedrive(share_id: str) -> str:
+    # The official links (models/biformer.py); reported dead / malformed in rayleizhu/BiFormer#53.
+    return f"https://api.onedrive.com/v1.0/shares/{share_id}/root/content"
+
+
+default_cfgs = generate_default_cfgs({
+    "biformer_tiny.in1k": _cfg(_onedrive("s!AkBbczdRlZvChHEOoGkgwgQzEDlM")),
+    "biformer_small.in1k": _cfg(_onedrive("s!AkBbczdRlZvChHDyM-x9KWRBZ832")),
+    "biformer_base.in1k": _cfg(_onedrive("s!AkBbczdRlZvChHI_XPhoadjaNxtO")),
+    "biformer_stl.in1k": _cfg(_onedrive("s!AkBbczdRlZvChSf-m7ujkvx9lIQ1")),
+    "test_biformer.untrained": _cfg(input_size=(3, 64, 64), pool_size=(2, 2), license=None),
+})
+
+
+@register_model
+def biformer_tiny(pretrained: bool = False, **kwargs) -> BiFormer:
+    """BiFormer-T: depths (2, 2, 8, 2), dims (64, 128, 256, 512), MLP 3, top-k (1, 4, 16, global)."""
+    model_args = dict(depths=(2, 2, 8, 2), dims=(64, 128, 256, 512), mlp_ratio=3)
+    return _create_biformer("biformer_tiny", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def biformer_small(pretrained: bool = False, **kwargs) -> BiFormer:
+    """BiFormer-S: depths (4, 4, 18, 4), dims (64, 128, 256, 512), MLP 3 (recipe drop_path 0.15)."""
+    model_args = dict(depths=(4, 4, 18, 4), dims=(64, 128, 256, 512), mlp_ratio=3)
+    return _create_biformer("biformer_small", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def biformer_base(pretrained: bool = False, **kwargs) -> BiFormer:
+    """BiFormer-B: depths (4, 4, 18, 4), dims (96, 192, 384, 768), MLP 3; stage 4 still has 8 heads."""
+    model_args = dict(depths=(4, 4, 18, 4), dims=(96, 192, 384, 768), mlp_ratio=3)
+    return _create_biformer("biformer_base", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def biformer_stl(pretrained: bool = False, **kwargs) -> BiFormer:
+    """BiFormer-STL: BRA in the Swin-T layout, depths (2, 2, 6, 2), dims (96, 192, 384, 768), MLP 4."""
+    model_args = dict(depths=(2, 2, 6, 2), dims=(96, 192, 384, 768), mlp_ratio=4, layout="stl")
+    return _create_biformer("biformer_stl", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_biformer(pretrained: bool = False, **kwargs) -> BiFormer:
+    """A tiny BiFormer for tests: dims (16, 32, 64, 128), head dim 8, top-k (1, 2, 4, global), 64x64
+    inputs (n_win 2), same code paths."""
+    model_args = dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), mlp_ratio=3, head_dim=8, topks=(1, 2, 4, -2),
+                      img_size=64)
+    return _create_biformer("test_biformer", pretrained, **dict(model_args, **kwargs))
+
+
+_ORIGIN = "https://github.com/rayleizhu/BiFormer"
+_WEIGHTS = "onedrive (official links)"
+for _name, _params, _gmacs, _top1 in (
+    # GMACs: visionzoo.utils.count_macs (torch FlopCounter, BRA through its FLOP formula), 224x224, batch 1.
+    ("biformer_tiny", 13_142_760, 2.2159, 81.4),
+    ("biformer_small", 25_536_232, 4.4636, 83.8),
+    ("biformer_base", 56_804_968, 9.7590, 84.3),
+    ("biformer_stl", 28_372_552, 4.5739, 82.7),
+):
+    register_meta(_name, ModelMeta("biformer", _params, _gmacs, _top1, _ORIGIN, "mit", _WEIGHTS))
+register_meta("test_biformer", ModelMeta("biformer"))
