@@ -192,6 +192,9 @@ def test_input_errors_and_dynamic_size():
     assert feats[-1].shape == (1, 32, 3, 6)
     with pytest.raises(ValueError, match="multiple of the patch size 16"):
         dyn(torch.randn(1, 3, 50, 64))
+    model.set_input_size((96, 32))
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(1, 3, 96, 32)).shape == (1, 12, 32)
     for bad in (dict(prune_layers=(3,)), dict(prune_layers=(0, 1), prune_ratio=0.5),
                 dict(num_heads=5), dict(global_pool="token"), dict(prune_score="random", prune_layers=(1,))):
         with pytest.raises(ValueError):

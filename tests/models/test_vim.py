@@ -159,7 +159,7 @@ def test_backward_direction_contributes():
 
 def _vim_macs_formula(D, depth, L, N=16, K=4, patch_tokens=None, patch=16, classes=1000):
     E, R = 2 * D, math.ceil(D / 16)
-    per_dir = (L + K - 1) * E * K + L * E * (R + 2 * N) + L * R * E + (9 * L * E * N + 2 * L * E) // 2
+    per_dir = L * E * K + L * E * (R + 2 * N) + L * R * E + (9 * L * E * N + 2 * L * E) // 2
     per_layer = L * D * 2 * E + L * E * D + 2 * per_dir
     return depth * per_layer + patch_tokens * D * 3 * patch * patch + D * classes
 

@@ -4,5 +4,6 @@ from . import vim
 from . import patnet
 from . import biformer
 from . import dependencyvit
+from . import sparsifiner
 
 __all__ = ["VISIONZOO_MODELS", "ModelMeta"]

@@ -162,7 +162,8 @@ class ReversedAttention(nn.Module):
         if dim % num_heads != 0:
             raise ValueError(f"DependencyViT: embed_dim {dim} is not divisible by num_heads {num_heads}")
         if head_selector_temperature <= 0:
-            raise ValueError(f"DependencyViT: head_selector_temperature must be > 0, got {head_selector_temperature}")
+            raise ValueError(f"DependencyViT: head_selector_temperature must be > 0, "
+                             f"got {head_selector_temperature}")
         dd = dict(device=device, dtype=dtype)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -172,7 +173,8 @@ class ReversedAttention(nn.Module):
         self.backend = backend
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.head_selector = nn.Linear(dim, num_heads, bias=False, **dd)
-        self.message_controller = Mlp(dim, int(dim * message_hidden_ratio), 1, act_layer=nn.GELU, bias=False, **dd)
+        self.message_controller = Mlp(dim, int(dim * message_hidden_ratio), 1, act_layer=nn.GELU, bias=False,
+                                      **dd)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -196,8 +198,8 @@ class ReversedAttention(nn.Module):
                 return_mass=return_mass, backend=self.backend)
         else:
             out = reversed_attention(q, k, v, p, m, scale=self.scale, dropout_p=dropout_p, backend=self.backend)
-            dependency = mass = None  # (B, H, N, Dh) out
-        out = self.proj(out.transpose(1, 2).reshape(B, N, C))
+            dependency = mass = None
+        out = self.proj(out.transpose(1, 2).reshape(B, N, C))  # (B, H, N, Dh) -> (B, N, D)
         return self.proj_drop(out), m, dependency, mass
 
 
@@ -372,7 +374,8 @@ class DependencyViT(nn.Module):
             raise ValueError(f"DependencyViT: depth must be >= 1, got {depth}")
         prune_layers = sorted(set(int(i) for i in prune_layers))
         if prune_layers and not (0 <= prune_layers[0] and prune_layers[-1] < depth):
-            raise ValueError(f"DependencyViT: prune_layers {prune_layers} must be 0-based block indices < depth={depth}")
+            raise ValueError(f"DependencyViT: prune_layers {prune_layers} must be 0-based block indices "
+                             f"< depth={depth}")
         if prune_layers and not 0.0 < prune_ratio * len(prune_layers) < 1.0:
             raise ValueError(f"DependencyViT: need 0 < len(prune_layers) * prune_ratio < 1, got "
                              f"{len(prune_layers)} * {prune_ratio}")
@@ -445,7 +448,8 @@ class DependencyViT(nn.Module):
                 raise ValueError(f"DependencyViT: global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
         device, dtype = self.pos_embed.device, self.pos_embed.dtype
-        self.head = nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
+        self.head = (nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype) if num_classes > 0
+                     else nn.Identity())
 
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None,
                        patch_size: Optional[int] = None) -> None:
@@ -553,7 +557,8 @@ class DependencyViT(nn.Module):
         dependency, token_indices = [], []
         for i, block in enumerate(self.blocks[:max_index + 1]):
             entering = all_tokens if token_index is None else token_index
-            x, m, token_index, dep = block.forward_with_dependency(x, m, token_index, return_dependency=i in take_indices)
+            x, m, token_index, dep = block.forward_with_dependency(
+                x, m, token_index, return_dependency=i in take_indices)
             if i in take_indices:
                 dependency.append(dep)
                 token_indices.append(entering)

@@ -48,6 +48,7 @@ from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 from ..layers import resample_pos_embed_with_inner_token
+from ..ops.causal_conv1d import causal_conv1d
 from ..ops.selective_scan import selective_scan
 from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
 from ._registry import ModelMeta, register_meta
@@ -219,34 +220,34 @@ class BiMambaMixer(nn.Module):
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Everything stays time-major, (B, L, channels) in memory, as the Linear layers produce it;
+        # the conv and the scan take (B, channels, L) *views* of it, so no transposing copies.
         B, L, _ = x.shape
         E, N, R = self.d_inner, self.d_state, self.dt_rank
-        xz = self.in_proj(x).transpose(1, 2)  # (B, 2E, L)
-        xs, z = xz.chunk(2, dim=1)  # (B, E, L) each
+        xs, z = self.in_proj(x).split(E, dim=-1)  # (B, L, E) each
         # Backward direction = the time-reversed sequence, stacked as channels E..2E-1.
-        xs = torch.cat([xs, xs.flip(-1)], dim=1)  # (B, 2E, L)
-        z = torch.cat([z, z.flip(-1)], dim=1)  # (B, 2E, L)
+        xs = torch.cat([xs, xs.flip(1)], dim=-1)  # (B, L, 2E)
+        z = torch.cat([z, z.flip(1)], dim=-1)  # (B, L, 2E)
 
-        conv_w = torch.cat([self.conv1d.weight, self.conv1d_b.weight], dim=0)  # (2E, 1, K)
+        conv_w = torch.cat([self.conv1d.weight, self.conv1d_b.weight])[:, 0]  # (2E, K)
         conv_b = None if self.conv1d.bias is None else torch.cat([self.conv1d.bias, self.conv1d_b.bias])
-        xs = F.silu(F.conv1d(xs, conv_w, conv_b, padding=self.d_conv - 1, groups=2 * E)[..., :L])
+        xs = causal_conv1d(xs.transpose(1, 2), conv_w, conv_b, activation="silu")  # (B, 2E, L) view
 
         x_proj_w = torch.stack([self.x_proj.weight, self.x_proj_b.weight])  # (2, R+2N, E)
-        x_dbl = torch.matmul(x_proj_w, xs.view(B, 2, E, L))  # (B, 2, R+2N, L)
-        dt, B_ssm, C_ssm = x_dbl.split([R, N, N], dim=2)  # (B,2,R,L), (B,2,N,L), (B,2,N,L)
+        x_dbl = torch.einsum("blke,kce->blkc", xs.transpose(1, 2).view(B, L, 2, E), x_proj_w)  # (B, L, 2, R+2N)
+        dt, B_ssm, C_ssm = x_dbl.split([R, N, N], dim=-1)  # (B, L, 2, R), (B, L, 2, N) x2
         dt_w = torch.stack([self.dt_proj.weight, self.dt_proj_b.weight])  # (2, E, R)
-        dt = torch.matmul(dt_w, dt).reshape(B, 2 * E, L)  # (B, 2E, L)
+        dt = torch.einsum("blkr,ker->blke", dt, dt_w).reshape(B, L, 2 * E)  # (B, L, 2E)
 
         A = -torch.exp(torch.cat([self.A_log, self.A_b_log]).float())  # (2E, N)
         D = torch.cat([self.D, self.D_b]).float()  # (2E,)
         dt_bias = torch.cat([self.dt_proj.bias, self.dt_proj_b.bias]).float()  # (2E,)
         y = selective_scan(
-            xs, dt, A, B_ssm.contiguous(), C_ssm.contiguous(), D=D, z=z, delta_bias=dt_bias,
-            delta_softplus=True, backend=self.scan_backend,
-        )  # (B, 2E, L)
-        y_fwd, y_bwd = y.chunk(2, dim=1)
-        y = (y_fwd + y_bwd.flip(-1)) * 0.5  # (B, E, L)
-        return self.out_proj(y.transpose(1, 2))
+            xs, dt.transpose(1, 2), A, B_ssm.permute(0, 2, 3, 1), C_ssm.permute(0, 2, 3, 1),  # B/C: (B, 2, N, L)
+            D=D, z=z.transpose(1, 2), delta_bias=dt_bias, delta_softplus=True, backend=self.scan_backend,
+        ).transpose(1, 2)  # (B, L, 2E)
+        y = (y[..., :E] + y[..., E:].flip(1)) * 0.5  # (B, L, E)
+        return self.out_proj(y)
 
 
 class VimBlock(nn.Module):
@@ -645,11 +646,11 @@ def test_vim(pretrained: bool = False, **kwargs) -> VisionMamba:
 
 _ORIGIN = "https://github.com/hustvl/Vim"
 for _name, _params, _gmacs, _top1, _weights in (
-    ("vim_tiny", 7_148_008, None, 76.1, "hf:hustvl/Vim-tiny-midclstok"),
-    ("vim_tiny_stride8", 7_250_344, None, 78.3, "hf:hustvl/Vim-tiny-midclstok"),
-    ("vim_small", 25_796_584, None, 80.3, "hf:hustvl/Vim-small-midclstok"),
-    ("vim_small_stride8", 26_001_256, None, 81.4, "hf:hustvl/Vim-small-midclstok"),
-    ("vim_base", 97_598_440, None, 81.9, "hf:hustvl/Vim-base-midclstok"),
+    ("vim_tiny", 7_148_008, 1.558, 76.1, "hf:hustvl/Vim-tiny-midclstok"),
+    ("vim_tiny_stride8", 7_250_344, 5.772, 78.3, "hf:hustvl/Vim-tiny-midclstok"),
+    ("vim_small", 25_796_584, 5.381, 80.3, "hf:hustvl/Vim-small-midclstok"),
+    ("vim_small_stride8", 26_001_256, 19.941, 81.4, "hf:hustvl/Vim-small-midclstok"),
+    ("vim_base", 97_598_440, 19.826, 81.9, "hf:hustvl/Vim-base-midclstok"),
 ):
     register_meta(_name, ModelMeta("vim", _params, _gmacs, _top1, _ORIGIN, "apache-2.0", _weights))
 register_meta("test_vim", ModelMeta("vim"))

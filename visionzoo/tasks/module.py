@@ -31,6 +31,11 @@ from . import build_task_model, timm_model_of
 __all__ = ["TaskModule", "build_param_groups", "warmup_cosine"]
 
 
+def model_kwargs(mcfg: Dict[str, Any]) -> Dict[str, Any]:
+    """``timm.create_model`` kwargs of a ``configs/model`` entry (everything but the target, name and pretrained)."""
+    return {k: v for k, v in mcfg.items() if k not in ("_target_", "model_name", "pretrained")}
+
+
 def build_param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: Optional[float]) -> List[Dict[str, Any]]:
     """Optimizer parameter groups: timm's weight-decay split, layer-wise decay on the timm backbone.
 
@@ -83,8 +88,8 @@ class TaskModule(pl.LightningModule):
         self.num_classes = num_classes
         tcfg, mcfg = cfg["task"], cfg["model"]
         self.model = build_task_model(
-            self.task, mcfg["name"], num_classes, head=tcfg.get("head"), pretrained=mcfg.get("pretrained", False),
-            backbone_kwargs=mcfg.get("kwargs") or {}, **(tcfg.get("head_kwargs") or {}),
+            self.task, mcfg["model_name"], num_classes, head=tcfg.get("head"), pretrained=mcfg.get("pretrained", False),
+            backbone_kwargs=model_kwargs(mcfg), **(tcfg.get("head_kwargs") or {}),
         )
         if tcfg.get("grad_checkpointing"):
             timm_model_of(self.model).set_grad_checkpointing(True)

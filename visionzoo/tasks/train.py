@@ -111,7 +111,7 @@ def _loggers(cfg: Dict[str, Any], run_dir: Path):
     from lightning.pytorch import loggers
 
     out = []
-    for name in cfg.get("logger") or []:
+    for name in [k for k, on in (cfg.get("logger") or {}).items() if on]:
         if name == "csv":
             out.append(loggers.CSVLogger(str(run_dir), name="csv", version=""))
         elif name == "tensorboard":
@@ -136,8 +136,8 @@ def _prepare(cfg: Dict[str, Any], train: bool):
     from ..data import build_datasets
     from . import check_model_name
 
-    check_model_name(cfg["model"]["name"])
-    mean, std = _norm_stats(cfg["model"]["name"])
+    check_model_name(cfg["model"]["model_name"])
+    mean, std = _norm_stats(cfg["model"]["model_name"])
     task = cfg["task"]["name"]
     if task == "detection":
         hk = cfg["task"].setdefault("head_kwargs", {})
@@ -203,7 +203,7 @@ def run(cfg, extra_callbacks=()) -> Dict[str, float]:
     metrics["train_time_s"] = round(time.time() - start, 1)
     if trainer.is_global_zero:
         shown = ", ".join(f"{k}={v:.4f}" if k.startswith("val/") else f"{k}={v}" for k, v in sorted(metrics.items()))
-        print(f"final metrics ({cfg['task']['name']}, {cfg['model']['name']}, {trainer.current_epoch} epochs): {shown}",
+        print(f"final metrics ({cfg['task']['name']}, {cfg['model']['model_name']}, {trainer.current_epoch} epochs): {shown}",
               flush=True)
         print(f"run directory: {run_dir}", flush=True)
     return metrics

@@ -227,8 +227,8 @@ def segment_parts(tree: DependencyTree, num_parts: Optional[int] = None) -> Tens
     Without ``num_parts`` every tree of the forest is one part. With it, while there are too few parts
     the largest part that branches is split at its first branching node into the subtrees of that
     node's children (the chain from the part's top down to the branching node joins the largest, under
-    its top, which re-roots that part); a part that is a chain is not split. If there are too many parts, the smallest ones are merged into an "other"
-    part, which takes the last label.
+    its top, which re-roots that part); a part that is a chain is not split. If there are too many
+    parts, the smallest ones are merged into an "other" part, which takes the last label.
     """
     if num_parts is not None and num_parts < 1:
         raise ValueError(f"num_parts must be >= 1, got {num_parts}")

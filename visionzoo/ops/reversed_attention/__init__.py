@@ -48,7 +48,8 @@ OP = "reversed_attention"
 BACKENDS = ("reference", "chunked")
 
 
-def reversed_attention_flops(batch: int, heads: int, length: int, head_dim: int, v_head_dim: Optional[int] = None) -> int:
+def reversed_attention_flops(batch: int, heads: int, length: int, head_dim: int,
+                             v_head_dim: Optional[int] = None) -> int:
     """FLOPs (multiply-add = 2) of one reversed attention call: ``q k^T`` plus ``A^T v``."""
     dv = head_dim if v_head_dim is None else v_head_dim
     return 2 * batch * heads * length * length * (head_dim + dv)

@@ -25,9 +25,8 @@ Backends (``backend=``, or ``auto``; ``VISIONZOO_BACKEND_ROUTING_ATTENTION`` ove
     Pure PyTorch, the default off CUDA: region-major layout, K/V gathered by whole region rows for a
     chunk of query regions at a time, fused SDPA per chunk, recomputing backward. Memory stays about
     one extra K/V copy whatever ``topk`` (see :mod:`._chunked`).
-``triton``
-    Reserved for a fused gather + attention kernel; **not implemented yet** (reports itself
-    unavailable, so ``auto`` picks ``chunked`` on CUDA too).
+
+A fused Triton gather + attention kernel is not written yet; ``auto`` uses ``chunked`` on CUDA too.
 
 The op is the custom op ``torch.ops.visionzoo.bi_level_routing_attention``: it runs on the meta
 device, is counted by ``FlopCounterMode`` (:func:`routing_attention_flops`) and is differentiable in
@@ -76,7 +75,7 @@ def bi_level_routing_attention(
         scale: softmax scale for the routing logits and the token attention.
         return_routing: also return the routing indices ``(B, n_h * n_w, topk)``; regions are numbered
             row-major over the ``n_h x n_w`` grid.
-        backend: ``"auto"``, ``"reference"``, ``"chunked"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"`` or ``"chunked"``.
 
     Returns:
         ``(B, H, W, C_v)`` in ``v``'s dtype (and the routing indices if asked).

@@ -18,29 +18,21 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .._backend import resolve_backend
-from . import _triton
 from ._chunked import bra_chunked, bra_chunked_backward
 from ._common import from_regions, route, to_regions
 from ._reference import bra_reference
 
 OP = "routing_attention"
-BACKENDS = ("reference", "chunked", "triton")
-AUTO_ORDER = ("triton", "chunked")
+BACKENDS = ("reference", "chunked")
+AUTO_ORDER = ("chunked",)
 
 
 def is_available(name: str, device_type: str) -> bool:
-    if name == "triton":
-        return _triton.is_available(device_type)
-    return name in ("reference", "chunked")
+    return name in BACKENDS
 
 
 def resolve(requested: str, x: Tensor) -> str:
-    name = resolve_backend(OP, requested, x.device.type, BACKENDS, AUTO_ORDER, is_available)
-    if name == "triton" and not _triton.supports(x):
-        if requested == "triton":
-            raise RuntimeError(f"{OP}: backend 'triton' does not support dtype {x.dtype}")
-        name = "chunked"
-    return name
+    return resolve_backend(OP, requested, x.device.type, BACKENDS, AUTO_ORDER, is_available)
 
 
 def flops(batch: int, n_h: int, n_w: int, region_tokens: int, topk: int, c_qk: int, c_v: int) -> int:
@@ -63,8 +55,6 @@ def bra_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, n_h: int, n_w: int, 
     name = resolve(backend, q)
     if name == "reference":
         out = bra_reference(qh, kh, vh, idx, scale)
-    elif name == "triton":
-        out = _triton.bra_triton(qh, kh, vh, idx, scale)
     else:
         out = bra_chunked(qh, kh, vh, idx, scale)
     return from_regions(out, n_h, n_w, H, W), idx
@@ -106,8 +96,6 @@ def _backward(ctx, grad_out, grad_idx):
     name = resolve(ctx.backend, q)
     if name == "reference":
         grads = _reference_backward(qh, kh, vh, idx, scale, go, needs)
-    elif name == "triton":
-        grads = _triton.bra_triton_backward(qh, kh, vh, idx, scale, go, needs)
     else:
         grads = bra_chunked_backward(qh, kh, vh, idx, scale, go, needs)
     grads = tuple(from_regions(g, n_h, n_w, H, W) if g is not None else None for g in grads)

@@ -1,0 +1,153 @@
+"""Sparsifiner: parity with the official forward on official-format checkpoints, backbone-only loading,
+backends, any input size, token pruning that removes tokens, the training losses and the FLOP count."""
+import math
+
+import pytest
+import timm
+import torch
+
+import visionzoo  # noqa: F401
+from visionzoo.models.sparsifiner import SparsifinerDistillLoss
+from visionzoo.utils import count_macs
+
+from .sparsifiner_official import official_sparsifiner_deit_forward, official_sparsifiner_lvvit_forward
+
+
+def _randomise(model):
+    """Move norms / biases / BN statistics off their init so parity sees real values."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias") or "bn" in name:
+                p.add_(0.1 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("running_var"):
+                b.uniform_(0.5, 1.5)
+            elif name.endswith("running_mean"):
+                b.normal_(0, 0.1)
+
+
+def _official_file(tmp_path, model, name="sparsifiner.pth"):
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save({"model": sd, "optimizer": {}, "epoch": 49}, tmp_path / name)
+    return str(tmp_path / name), sd
+
+
+@pytest.mark.parametrize("backend", ["reference", "masked", "gather"])
+def test_deit_small_matches_official_forward(tmp_path, backend):
+    src = timm.create_model("sparsifiner_deit_small", depth=3)
+    _randomise(src)
+    path, sd = _official_file(tmp_path, src)
+    model = timm.create_model("sparsifiner_deit_small", depth=3, pretrained=True, attn_backend=backend,
+                              pretrained_cfg_overlay=dict(file=path)).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), official_sparsifiner_deit_forward(sd, x), rtol=1e-4, atol=1e-4)
+
+
+def test_lvvit_small_matches_official_forward(tmp_path):
+    src = timm.create_model("sparsifiner_lvvit_small", depth=2)
+    _randomise(src)
+    path, sd = _official_file(tmp_path, src)
+    model = timm.create_model("sparsifiner_lvvit_small", depth=2, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=path)).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), official_sparsifiner_lvvit_forward(sd, x), rtol=1e-4, atol=1e-4)
+
+
+def test_backbone_only_checkpoint_keeps_fresh_predictors(tmp_path, caplog):
+    src = timm.create_model("sparsifiner_deit_small", depth=2)
+    backbone = {k: v for k, v in src.state_dict().items() if "mask_predictor" not in k}  # a DeiT-S layout
+    torch.save({"model": backbone}, tmp_path / "deit.pth")
+    with caplog.at_level("INFO"):
+        model = timm.create_model("sparsifiner_deit_small", depth=2, pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(tmp_path / "deit.pth")))
+    assert "fresh init" in caplog.text
+    for k, v in backbone.items():
+        assert torch.equal(model.state_dict()[k], v)
+    torch.save({"model": {**backbone, "extra.weight": torch.zeros(1)}}, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="unexpected keys"):
+        timm.create_model("sparsifiner_deit_small", depth=2, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "bad.pth")))
+
+
+def test_any_input_size_resamples_predictors():
+    model = timm.create_model("test_sparsifiner", dynamic_img_size=True).eval()
+    with torch.no_grad():
+        for size in ((64, 64), (96, 48), (128, 128)):
+            assert model(torch.randn(1, 3, *size)).shape == (1, 1000)
+        ref = model(torch.randn(1, 3, 96, 48))
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model(torch.randn(1, 3, 60, 64))
+    fixed = timm.create_model("test_sparsifiner")
+    with pytest.raises(ValueError, match="built for 64x64"):
+        fixed(torch.randn(1, 3, 96, 96))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        fixed(torch.randn(3, 64, 64))
+    # set_input_size resamples the stored parameters exactly as the on-the-fly path does
+    x = torch.randn(1, 3, 96, 48)
+    with torch.no_grad():
+        dyn = model(x)
+        model.set_input_size((96, 48))
+        assert model.blocks[0].attn.mask_predictor.proj_n.shape[0] == 6 * 3 + 1
+        torch.testing.assert_close(model(x), dyn)
+    del ref
+
+
+def test_checkpoint_at_other_resolution_is_resampled(tmp_path):
+    src = timm.create_model("test_sparsifiner")
+    path, _ = _official_file(tmp_path, src)
+    model = timm.create_model("test_sparsifiner", img_size=128, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    assert model.pos_embed.shape[1] == 65 and model.blocks[0].attn.mask_predictor.proj_back_n.shape == (65, 4)
+
+
+def test_token_pruning_removes_tokens_and_matches_budget():
+    model = timm.create_model("sparsifiner_deit_small", depth=12, token_keep_rate=0.7,
+                              token_pruning_loc=(3, 6, 9), img_size=224).eval()
+    with torch.no_grad():
+        out = model.forward_distill(torch.randn(1, 3, 224, 224))
+        feats = model.forward_features(torch.randn(1, 3, 224, 224))
+    assert feats.shape[1] == 1 + 68  # 196 -> 138 -> 97 -> 68, the official budgets
+    assert out["token_index"].shape == (1, 68)
+    assert [math.ceil(0.7 ** j * 196) for j in (1, 2, 3)] == [138, 97, 68]
+
+
+def test_token_pruning_intermediates_are_zero_where_pruned():
+    model = timm.create_model("test_sparsifiner").eval()
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(torch.randn(2, 3, 64, 64))
+    assert final.shape[1] == 1 + math.ceil(0.7 * 16)
+    zero_cells = (inter[-1].abs().sum(1) == 0).flatten(1).sum(1)
+    assert (zero_cells == 16 - math.ceil(0.7 * 16)).all()
+    assert (inter[0].abs().sum(1) != 0).all()
+
+
+def test_distill_loss_phases():
+    model = timm.create_model("test_sparsifiner", num_classes=10, attn_self_distill_weight=0.0)
+    teacher = timm.create_model("test_sparsifiner", num_classes=10, token_pruning_loc=()).eval()
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
+    recon = SparsifinerDistillLoss("attn_recon")
+    loss, parts = recon(model, x, y)
+    loss.backward()
+    assert set(parts) == {"attn_recon"}
+    assert model.blocks[0].attn.mask_predictor.proj_back_n.grad is not None
+    model.zero_grad(set_to_none=True)
+    loss, parts = SparsifinerDistillLoss("cls_distill", teacher=teacher)(model, x, y)
+    loss.backward()
+    assert set(parts) == {"cls", "cls_distill"}  # student pruned tokens, teacher did not
+    assert model.blocks[0].attn.mask_predictor.proj_back_n.grad is None  # the mask is detached
+    assert model.head.weight.grad is not None
+    with pytest.raises(ValueError, match="dense teacher"):
+        SparsifinerDistillLoss("cls_distill")
+
+
+def test_flops_attention_reduction_and_backends():
+    """Attention-map MACs (q k^T and p v) of the sparse op vs the dense reference, counted by the counter."""
+    sparse = count_macs("sparsifiner_deit_small")
+    dense_masked = count_macs("sparsifiner_deit_small", attn_backend="reference")
+    deit = count_macs("deit_small_patch16_224")
+    per_layer_dense = 2 * 6 * 197 * 197 * 64  # q k^T + p v, MACs
+    per_layer_sparse = 2 * 6 * (197 + 196 * 50) * 64
+    assert dense_masked - sparse == 12 * (per_layer_dense - per_layer_sparse)
+    assert 1 - per_layer_sparse / per_layer_dense > 0.48
+    assert abs(deit / 1e9 - 4.60) < 0.01

@@ -1,0 +1,90 @@
+"""causal_conv1d: every backend against the F.conv1d reference (outputs, gradients, layouts, FLOPs)."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from visionzoo.ops.causal_conv1d import causal_conv1d
+
+
+def _naive(x, w, b, act):
+    # out[t] = b + sum_k w[k] * x[t - (K-1) + k], written as a loop over taps (float64 yardstick)
+    B, C, L = x.shape
+    K = w.shape[1]
+    out = torch.zeros(B, C, L, dtype=torch.float64) + (0 if b is None else b.double()[:, None])
+    for k in range(K):
+        shift = K - 1 - k
+        out[..., shift:] += w.double()[:, k, None] * x.double()[..., : L - shift]
+    return torch.nn.functional.silu(out) if act == "silu" else out
+
+
+@pytest.mark.parametrize("backend", ["reference", "shifted"])
+@pytest.mark.parametrize("L", [1, 3, 4, 17])
+@pytest.mark.parametrize("act", [None, "silu"])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("time_major", [True, False])
+def test_matches_naive_and_reference_gradients(backend, L, act, with_bias, time_major):
+    B, C, K = 2, 6, 4
+    x = torch.randn(B, L, C).transpose(1, 2) if time_major else torch.randn(B, C, L)
+    x.requires_grad_(True)
+    w = torch.randn(C, K, requires_grad=True)
+    b = torch.randn(C, requires_grad=True) if with_bias else None
+    out = causal_conv1d(x, w, b, act, backend=backend)
+    torch.testing.assert_close(out.double(), _naive(x, w, b, act), rtol=1e-5, atol=1e-5)
+    if backend == "shifted" and time_major:
+        assert out.transpose(1, 2).is_contiguous()  # keeps the time-major layout
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [t for t in (x, w, b) if t is not None], g)
+    ref_inputs = [t.detach().clone().requires_grad_(True) for t in (x, w, b) if t is not None]
+    ref = causal_conv1d(*ref_inputs, *([] if with_bias else [None]), act, backend="reference")
+    ref_grads = torch.autograd.grad(ref, ref_inputs, g)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_shifted():
+    x = torch.randn(1, 3, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: causal_conv1d(*a, "silu", backend="shifted"), (x, w, b))
+
+
+def test_conv1d_weight_layout_and_bf16():
+    x = torch.randn(1, 4, 9)
+    w3 = torch.randn(4, 1, 3)
+    torch.testing.assert_close(causal_conv1d(x, w3), causal_conv1d(x, w3[:, 0], backend="reference"))
+    out = causal_conv1d(x.bfloat16(), w3, torch.randn(4), "silu")
+    assert out.dtype == torch.bfloat16
+
+
+def test_flops_and_meta():
+    with torch.device("meta"):
+        x, w = torch.empty(2, 8, 50), torch.empty(8, 4)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = causal_conv1d(x, w, None, "silu")
+    assert out.shape == (2, 8, 50)
+    assert counter.get_total_flops() == 2 * 2 * 8 * 50 * 4
+
+
+def test_bad_inputs_and_backends(monkeypatch):
+    x, w = torch.randn(1, 4, 9), torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"weight must be \(dim, K\) with dim=4"):
+        causal_conv1d(x, torch.randn(5, 3))
+    with pytest.raises(ValueError, match="activation must be None or 'silu'"):
+        causal_conv1d(x, w, activation="relu")
+    with pytest.raises(ValueError, match=r"x must be \(batch, dim, L\)"):
+        causal_conv1d(x[0], w)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+        causal_conv1d(x, w, backend="cuda")
+    monkeypatch.setenv("VISIONZOO_BACKEND_CAUSAL_CONV1D", "bogus")
+    with pytest.raises(ValueError, match="VISIONZOO_BACKEND_CAUSAL_CONV1D"):
+        causal_conv1d(x, w)
+
+
+@pytest.mark.cuda
+def test_cuda_backends_match_reference():
+    x = torch.randn(2, 64, 197, device="cuda")
+    w, b = torch.randn(64, 4, device="cuda"), torch.randn(64, device="cuda")
+    ref = causal_conv1d(x, w, b, "silu", backend="reference")
+    torch.testing.assert_close(causal_conv1d(x, w, b, "silu"), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(causal_conv1d(x, w, b, "silu", backend="shifted"), ref, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,35 @@
+"""Verifiable metadata (torchvision-style): the README table is the registry's, and every number in
+it is recounted from the model built on the meta device."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from visionzoo.models import VISIONZOO_MODELS
+from visionzoo.utils import count_macs, count_params
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("model_table", ROOT / "tools" / "model_table.py")
+model_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(model_table)
+
+LISTED = sorted(n for n, m in VISIONZOO_MODELS.items() if m.params is not None)
+
+
+def test_readme_table_matches_registry():
+    readme = (ROOT / "README.md").read_text()
+    assert model_table.readme_table(readme) == model_table.markdown_table(), (
+        "README model table is stale: run `python tools/model_table.py --write`")
+
+
+@pytest.mark.parametrize("name", LISTED)
+def test_registry_numbers_recount(name):
+    meta = VISIONZOO_MODELS[name]
+    assert meta.gmacs is not None, f"{name}: GMACs missing from the registry"
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    assert count_params(model) == meta.params
+    macs = count_macs(model, (1, *model.pretrained_cfg["input_size"]))
+    assert abs(macs / 1e9 - meta.gmacs) < 5e-4, f"{name}: {macs / 1e9:.4f} GMACs counted, registry says {meta.gmacs}"

@@ -1,0 +1,890 @@
+"""Sparsifiner: ViTs with a learned, instance-dependent sparse attention connectivity.
+
+Paper: "Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision Transformers",
+Wei et al., CVPR 2023, arXiv 2303.13755.
+Official code: https://github.com/lim142857/Sparsifiner (MIT), ``src/models/sparsifiner.py`` (DeiT base)
+and ``src/models/sparsifiner_lvvit.py`` (LV-ViT base); no checkpoints were released.
+
+Every block adds a connectivity predictor (the official ``MaskPredictor``; its parameter names are
+kept) to a plain ViT block. From the block's real per-head ``q``, ``k`` ``(B, H, N, d)``:
+
+1. channel reduction ``q' = proj_c_q(q)``, ``k' = proj_c_k(k)`` (``d -> c = d / 2``, shared by heads);
+2. low-rank token projection ``k'^T @ proj_n`` (``proj_n`` is ``(N, K)``, ``K = N // 6``) and
+   ``cheap = (q' @ k'^T proj_n) * num_heads ** -0.5`` — the scale is the **head count**, not the head
+   width, as in the official code;
+3. ``coef = softmax_K(cheap)`` for every query but the class token; only its ``8`` largest entries are
+   kept; the basis is ``|proj_back_n|^T`` with entries ``<= 0.02`` set to zero;
+4. ``approx = coef @ basis`` ``(B, H, N - 1, N)``, and every query row keeps the keys of its
+   ``ceil(0.25 * N)`` largest scores. The class-token row stays dense. The mask carries no gradient.
+
+The block's attention is then exactly the official ``masked_fill(-inf) -> softmax -> nan_to_num -> @ v``
+restricted to those keys, computed by :func:`visionzoo.ops.sparse_attention.sparse_attention`: the
+official dense-then-mask algorithm is its ``reference`` backend, and the default backend is a fused
+masked SDPA that never materialises the score matrix (see that package for the trade-offs).
+
+Differences from the official code, all deliberate:
+
+* **Any input size.** The official model fixes ``N = 197`` (``proj_n`` and ``proj_back_n`` have one row
+  per token). Here their token rows are resampled like a position embedding (class row kept, grid
+  rows bicubic) when the grid differs from the one they were built for; ``K`` (the number of basis
+  vectors) stays. ``proj_n`` sums over tokens, so its grid rows are also scaled by
+  ``old_tokens / new_tokens`` to keep the magnitude of ``k'^T proj_n``; ``proj_back_n`` is read per token
+  and is not scaled. The key budget follows the token count, ``ceil(keep_rate * N)``.
+* **Token sparsity removes tokens.** With ``token_pruning_loc`` set (the paper's attention + token
+  sparsity; the released config has it off), the official model zeroes and masks pruned tokens but
+  still computes them. Here they are dropped: at pruning location ``j`` the
+  ``ceil(token_keep_rate ** (j + 1) * (N - 1))`` patch tokens with the largest head-mean class-token
+  attention are kept (official rule), in their original order, and later predictors use the
+  ``proj_n`` / ``proj_back_n`` rows of the tokens that remain. The key budget stays
+  ``min(ceil(keep_rate * N_full), tokens left)`` as in the official code. The only numerical
+  difference: in the official code a pruned token still enters the class-token softmax with a
+  zero score (its key is zeroed, not masked); here it is gone. ``forward_intermediates`` scatters the
+  remaining tokens back into a zero map, which is what the official model holds.
+* The unused ``attn_drop`` of the official DeiT attention is not created; the LV-ViT variant's rate
+  is 0 in the recipe.
+
+Training (two phases of the released recipe, :class:`SparsifinerDistillLoss`): 1) ``attn_recon``: only
+the predictors train; attention runs dense and the predictor's approximation with the *signed* basis
+and all coefficients is regressed on the dense attention map (MSE sum, weight 0.01); 2)
+``cls_distill``: only the backbone trains, with CE + 0.5 KL to a dense teacher + 0.5 MSE of the final
+tokens. In phase 1 the dense teacher *is* the frozen backbone, so its attention maps are the model's
+own dense maps, which :meth:`Sparsifiner.forward_distill` returns.
+
+Variants: ``sparsifiner_deit_small`` (DeiT-S base: D=384, 12 blocks, 6 heads, LN eps 1e-6) and
+``sparsifiner_lvvit_small`` (LV-ViT-S base: 16 blocks, mlp ratio 3, no qkv bias, residual branches
+divided by ``skip_lam = 2``, a 4-conv patch stem, ``aux_head`` over patch tokens; the eval output is
+``head(cls) + 0.5 * max_tokens(aux_head(tokens))`` as in TokenLabeling, training returns the class
+logits only, as the official code does).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function, register_notrace_module
+
+from ..ops.sparse_attention import sparse_attention
+from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
+from ._registry import ModelMeta, register_meta
+
+__all__ = ["Sparsifiner", "SparsifinerDistillLoss"]
+
+_logger = logging.getLogger(__name__)
+
+_MODES = ("sparse", "dense", "recon")
+
+
+def resample_token_rows(rows: torch.Tensor, new_grid: Tuple[int, int], old_grid: Tuple[int, int],
+                        scale_sum: bool = False) -> torch.Tensor:
+    """Resample a per-token parameter ``(1 + old_h * old_w, K)`` (class row first) to a new grid.
+
+    The grid rows are resampled bicubically like a position embedding, the class row is kept. With
+    ``scale_sum`` the grid rows are multiplied by ``old_tokens / new_tokens`` so that a sum over tokens
+    keeps its magnitude (used for ``proj_n``).
+    """
+    if tuple(new_grid) == tuple(old_grid):
+        return rows
+    out = resample_abs_pos_embed(rows.unsqueeze(0), list(new_grid), list(old_grid), num_prefix_tokens=1,
+                                 interpolation="bicubic", antialias=True, verbose=False)[0]
+    if scale_sum:
+        ratio = (old_grid[0] * old_grid[1]) / (new_grid[0] * new_grid[1])
+        out = torch.cat([out[:1], out[1:] * ratio], dim=0)
+    return out
+
+
+def grid_for(size: Tuple[int, int], patch_size: int) -> Tuple[int, int]:
+    """Token grid of an (H, W) image; ``ValueError`` unless both sides are positive multiples of the patch."""
+    if size[0] % patch_size or size[1] % patch_size or size[0] < patch_size or size[1] < patch_size:
+        raise ValueError(f"Sparsifiner: image size {size[0]}x{size[1]} must be a positive multiple of the "
+                         f"patch size {patch_size} in both directions")
+    return size[0] // patch_size, size[1] // patch_size
+
+
+# --- layers ---------------------------------------------------------------------------------------
+class _SizedPatchEmbed(nn.Module):
+    """Input checks shared by both stems: a fixed-size model takes only ``img_size``, a
+    ``dynamic_img_size`` one any multiple of the patch size."""
+
+    def setup_size(self, img_size: Tuple[int, int], patch_size: int, dynamic_img_size: bool) -> None:
+        self.img_size, self.patch_size, self.dynamic_img_size = tuple(img_size), patch_size, dynamic_img_size
+        self.grid_size = grid_for(self.img_size, patch_size)
+
+    def check(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"Sparsifiner expects images of shape (B, C, H, W), got {tuple(x.shape)}")
+        size = (x.shape[-2], x.shape[-1])
+        if self.dynamic_img_size:
+            grid_for(size, self.patch_size)
+        elif size != self.img_size:
+            raise ValueError(f"Sparsifiner: this model was built for {self.img_size[0]}x{self.img_size[1]} "
+                             f"inputs, got {size[0]}x{size[1]}; create it with dynamic_img_size=True or "
+                             f"img_size={size}")
+
+
+@register_notrace_module
+class LVViTPatchEmbed(_SizedPatchEmbed):
+    """LV-ViT's ``PatchEmbed4_2``: conv7x7/2 + 2x conv3x3 (64 ch, BN + ReLU), then conv8x8/8 to D.
+
+    Output ``(B, H/16, W/16, D)``.
+    """
+
+    def __init__(self, img_size: Tuple[int, int] = (224, 224), in_chans: int = 3, embed_dim: int = 384,
+                 stem_chs: int = 64, patch_size: int = 16, dynamic_img_size: bool = False, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.setup_size(img_size, patch_size, dynamic_img_size)
+        self.conv1 = nn.Conv2d(in_chans, stem_chs, 7, stride=2, padding=3, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(stem_chs, **dd)
+        self.conv2 = nn.Conv2d(stem_chs, stem_chs, 3, padding=1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(stem_chs, **dd)
+        self.conv3 = nn.Conv2d(stem_chs, stem_chs, 3, padding=1, bias=False, **dd)
+        self.bn3 = nn.BatchNorm2d(stem_chs, **dd)
+        self.relu = nn.ReLU(inplace=True)
+        self.proj = nn.Conv2d(stem_chs, embed_dim, patch_size // 2, stride=patch_size // 2, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check(x)
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.relu(self.bn3(self.conv3(x)))
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+@register_notrace_module
+class LinearPatchEmbed(_SizedPatchEmbed):
+    """ViT patchify: conv of kernel = stride = ``patch_size``. Output ``(B, H/p, W/p, D)``."""
+
+    def __init__(self, img_size: Tuple[int, int] = (224, 224), in_chans: int = 3, embed_dim: int = 384,
+                 patch_size: int = 16, dynamic_img_size: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.setup_size(img_size, patch_size, dynamic_img_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check(x)
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class MaskPredictor(nn.Module):
+    """Sparsifiner's connectivity predictor (official name, so keys match; see the module docstring).
+
+    Parameters: ``proj_c_q``, ``proj_c_k`` ``Linear(d, c)``; ``proj_n``, ``proj_back_n`` ``(N, K)`` with one
+    row per token of ``grid_size`` plus the class token.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        num_heads: int,
+        grid_size: Tuple[int, int],
+        keep_rate: float = 0.25,
+        reduce_n_factor: int = 6,
+        reduce_c_factor: int = 2,
+        basis_threshold: float = 0.02,
+        coef_topk: int = 8,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        num_tokens = grid_size[0] * grid_size[1] + 1
+        self.grid_size = tuple(grid_size)
+        self.keep_rate = keep_rate
+        self.reduced_c = head_dim // reduce_c_factor
+        self.reduced_n = num_tokens // reduce_n_factor
+        if self.reduced_c < 1 or self.reduced_n < 1:
+            raise ValueError(f"Sparsifiner: head_dim {head_dim} / reduce_c_factor {reduce_c_factor} and "
+                             f"{num_tokens} tokens / reduce_n_factor {reduce_n_factor} must both be >= 1")
+        self.scale = num_heads ** -0.5  # the head COUNT, as in the official code
+        self.basis_threshold = basis_threshold
+        self.coef_topk = min(coef_topk, self.reduced_n)
+        self.proj_c_q = nn.Linear(head_dim, self.reduced_c, **dd)
+        self.proj_c_k = nn.Linear(head_dim, self.reduced_c, **dd)
+        self.proj_n = nn.Parameter(torch.zeros(num_tokens, self.reduced_n, **dd))
+        self.proj_back_n = nn.Parameter(torch.zeros(num_tokens, self.reduced_n, **dd))
+
+    def token_params(self, grid: Tuple[int, int], token_index: Optional[torch.Tensor]
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``proj_n``, ``proj_back_n`` for the current tokens: ``(N, K)``, or ``(B, 1, N', K)`` after pruning
+        (``token_index`` ``(B, N' - 1)`` holds the grid positions of the remaining patch tokens)."""
+        proj_n = resample_token_rows(self.proj_n, grid, self.grid_size, scale_sum=True)
+        proj_back_n = resample_token_rows(self.proj_back_n, grid, self.grid_size)
+        if token_index is None:
+            return proj_n, proj_back_n
+
+        def select(p: torch.Tensor) -> torch.Tensor:
+            B, K = token_index.shape[0], p.shape[-1]
+            rows = p[1:][token_index]  # (B, N' - 1, K)
+            return torch.cat([p[:1].expand(B, 1, K), rows], dim=1).unsqueeze(1)  # (B, 1, N', K)
+
+        return select(proj_n), select(proj_back_n)
+
+    def approx_attention(self, q: torch.Tensor, k: torch.Tensor, grid: Tuple[int, int],
+                         token_index: Optional[torch.Tensor] = None, recon: bool = False) -> torch.Tensor:
+        """Low-rank connectivity scores ``(B, H, N - 1, N)`` (no class-token row).
+
+        ``recon=True`` is the reconstruction-training form: signed basis, all coefficients.
+        """
+        proj_n, proj_back_n = self.token_params(grid, token_index)
+        q, k = self.proj_c_q(q), self.proj_c_k(k)  # (B, H, N, c)
+        k = k.transpose(-2, -1) @ proj_n  # (B, H, c, K)
+        basis = proj_back_n.transpose(-2, -1)  # (K, N) or (B, 1, K, N)
+        coef = ((q @ k) * self.scale)[..., 1:, :].softmax(dim=-1)  # (B, H, N - 1, K)
+        if not recon:
+            basis = F.threshold(basis.abs(), self.basis_threshold, 0.0)
+            top, top_idx = coef.topk(self.coef_topk, dim=-1, sorted=False)
+            coef = torch.zeros_like(coef).scatter_(-1, top_idx, top)
+        return coef @ basis
+
+    def key_budget(self, num_tokens: int, full_tokens: int, pruned: bool) -> int:
+        budget = math.ceil(self.keep_rate * full_tokens)
+        return min(budget, num_tokens - 1 if pruned else num_tokens)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, grid: Tuple[int, int],
+                token_index: Optional[torch.Tensor] = None, with_grad: bool = False
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Kept key indices ``(B, H, N - 1, budget)`` for every query row but the class token's, and (with
+        ``with_grad``) the scores they come from, differentiable in the predictor's parameters only."""
+        budget = self.key_budget(q.shape[2], 1 + grid[0] * grid[1], token_index is not None)
+        if with_grad:
+            approx = self.approx_attention(q.detach(), k.detach(), grid, token_index)
+            return approx.detach().topk(budget, dim=-1, sorted=False).indices, approx
+        with torch.no_grad():  # the mask carries no gradient (official ``attn_mask.detach_()``)
+            approx = self.approx_attention(q, k, grid, token_index)
+            return approx.topk(budget, dim=-1, sorted=False).indices, None
+
+
+class AttachAuxLoss(torch.autograd.Function):
+    """Identity on ``x`` whose backward also sends gradient 1 into ``loss``: an auxiliary loss that trains
+    what it depends on whenever anything computed from ``x`` is back-propagated (the pattern MoE
+    implementations use for load-balancing losses)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.loss_shape, ctx.loss_dtype = loss.shape, loss.dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.ones(ctx.loss_shape, dtype=ctx.loss_dtype, device=grad.device)
+
+
+class SparsifinerAttention(nn.Module):
+    """Multi-head self-attention with a connectivity predictor. x ``(B, N, C)`` -> ``(B, N, C)``."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        grid_size: Tuple[int, int],
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        predictor_kwargs: Optional[Dict[str, Any]] = None,
+        attn_backend: str = "auto",
+        self_distill_weight: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        if dim % num_heads:
+            raise ValueError(f"Sparsifiner: dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.attn_backend = attn_backend
+        self.self_distill_weight = self_distill_weight
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.mask_predictor = MaskPredictor(self.head_dim, num_heads, grid_size, **(predictor_kwargs or {}), **dd)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        grid: Tuple[int, int],
+        token_index: Optional[torch.Tensor] = None,
+        mode: str = "sparse",
+        need_cls_attn: bool = False,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Returns ``(out, cls_attn (B, H, N) or None, approx (B, H, N-1, N) or None, attn (B, H, N, N) or None)``.
+
+        ``mode``: ``"sparse"`` (the model), ``"dense"`` (full attention, returns its map: the dense teacher),
+        ``"recon"`` (dense attention plus the predictor's reconstruction-form approximation).
+        """
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, H, N, d)
+        approx = attn = None
+        if mode == "sparse":
+            self_distill = self.training and self.self_distill_weight > 0 and torch.is_grad_enabled()
+            idx, approx_grad = self.mask_predictor(q, k, grid, token_index, with_grad=self_distill)
+            out = sparse_attention(q, k, v, idx, self.scale, dense_rows=1, backend=self.attn_backend)
+            if self_distill:  # official ATTN_SELF_DISTILL: MSE-sum to the block's own dense map
+                with torch.no_grad():
+                    target = ((q[:, :, 1:] @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+                loss = F.mse_loss(approx_grad, target, reduction="sum") * self.self_distill_weight
+                out = AttachAuxLoss.apply(out, loss)
+        else:
+            if mode == "recon":
+                approx = self.mask_predictor.approx_attention(q, k, grid, token_index, recon=True)
+            attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+            out = attn @ v
+        cls_attn = None
+        if need_cls_attn:  # the class row is dense in every mode
+            cls_attn = attn[:, :, 0] if attn is not None else (
+                (q[:, :, :1] @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)[:, :, 0]
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+        return out, cls_attn, approx, attn
+
+
+@register_notrace_module
+class SparsifinerBlock(nn.Module):
+    """Pre-norm block ``x + attn(norm1(x)) / skip_lam``, ``x + mlp(norm2(x)) / skip_lam``, with optional
+    token pruning after the block (``token_keep_rate < 1``).
+
+    A tracing leaf: its token budget and pruning depend on the runtime token count.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        grid_size: Tuple[int, int],
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        skip_lam: float = 1.0,
+        norm_eps: float = 1e-6,
+        proj_drop: float = 0.0,
+        drop_path: float = 0.0,
+        token_keep_rate: float = 1.0,
+        predictor_kwargs: Optional[Dict[str, Any]] = None,
+        attn_backend: str = "auto",
+        self_distill_weight: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.skip_lam = skip_lam
+        self.token_keep_rate = token_keep_rate
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, **dd)
+        self.attn = SparsifinerAttention(dim, num_heads, grid_size, qkv_bias=qkv_bias, proj_drop=proj_drop,
+                                         predictor_kwargs=predictor_kwargs, attn_backend=attn_backend,
+                                         self_distill_weight=self_distill_weight, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
+
+    def forward(self, x: torch.Tensor, grid: Tuple[int, int], token_index: Optional[torch.Tensor] = None,
+                mode: str = "sparse"):
+        """x ``(B, N, C)`` -> ``(x, token_index, approx, attn)``; ``x`` has fewer tokens after a pruning block."""
+        prune = self.token_keep_rate < 1.0
+        out, cls_attn, approx, attn = self.attn(self.norm1(x), grid, token_index, mode, need_cls_attn=prune)
+        x = x + self.drop_path(out) / self.skip_lam
+        x = x + self.drop_path(self.mlp(self.norm2(x))) / self.skip_lam
+        if prune:
+            B, N, C = x.shape
+            budget = min(math.ceil(self.token_keep_rate * grid[0] * grid[1]), N - 1)
+            score = cls_attn[..., 1:].mean(dim=1)  # (B, N - 1): head-mean class attention
+            keep = score.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values  # original order
+            x = torch.cat([x[:, :1], x[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, C))], dim=1)
+            token_index = keep if token_index is None else token_index.gather(1, keep)
+        return x, token_index, approx, attn
+
+
+@register_notrace_function
+def add_cls_and_pos_embed(x: torch.Tensor, cls_token: torch.Tensor, pos_embed: torch.Tensor,
+                          base_grid: Tuple[int, int]) -> torch.Tensor:
+    """(B, H, W, D) patch tokens -> (B, 1 + H*W, D): class token first, position embedding added
+    (resampled bicubically when the grid differs from ``base_grid``)."""
+    B, H, W, D = x.shape
+    if (H, W) != tuple(base_grid):
+        pos_embed = resample_abs_pos_embed(pos_embed, [H, W], list(base_grid), num_prefix_tokens=1, verbose=False)
+    x = torch.cat([cls_token.expand(B, -1, -1), x.reshape(B, H * W, D)], dim=1)
+    return x + pos_embed
+
+
+@register_notrace_function
+def scatter_to_grid(tokens: torch.Tensor, token_index: Optional[torch.Tensor], num_patches: int) -> torch.Tensor:
+    """Patch tokens ``(B, n, D)`` at grid positions ``token_index`` ``(B, n)`` -> ``(B, num_patches, D)`` with
+    zeros where tokens were pruned (the identity when nothing was pruned)."""
+    if token_index is None:
+        return tokens
+    B, _, D = tokens.shape
+    out = tokens.new_zeros(B, num_patches, D)
+    return out.scatter(1, token_index.unsqueeze(-1).expand(-1, -1, D), tokens)
+
+
+class Sparsifiner(nn.Module):
+    """Sparsifiner on a DeiT (``stem="linear"``) or LV-ViT (``stem="lvvit"``) base.
+
+    Args:
+        img_size: input size the position embedding and the predictors' token rows are laid out for.
+        patch_size: 16 (the LV-ViT stem is built for 16).
+        in_chans, num_classes, global_pool: timm conventions; ``global_pool`` in ``'token'``, ``'avg'``, ``''``.
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias, norm_eps: the ViT.
+        stem: ``"linear"`` (ViT patchify) or ``"lvvit"`` (4-conv stem).
+        skip_lam: residual branch divisor (LV-ViT: 2).
+        aux_head: LV-ViT's per-token head; eval logits add ``0.5 * max over tokens``.
+        attn_keep_rate: fraction of keys each query keeps (0.25).
+        reduce_n_factor, reduce_c_factor: predictor ranks ``K = N // reduce_n_factor``, ``c = d // reduce_c_factor``.
+        basis_threshold, coef_topk: predictor sparsification at inference / sparse training (0.02, 8).
+        token_keep_rate, token_pruning_loc: token sparsity; block ``token_pruning_loc[j]`` keeps
+            ``token_keep_rate ** (j + 1)`` of the patch tokens (off by default, as released).
+        drop_rate, pos_drop_rate, proj_drop_rate, drop_path_rate: dropouts (linear stochastic depth).
+        dynamic_img_size: accept any size the patches tile, resampling position embedding and predictors.
+        attn_backend: :func:`~visionzoo.ops.sparse_attention.sparse_attention` backend.
+        attn_self_distill_weight: > 0 trains the predictors during sparse training with the official
+            attention self-distillation loss (``ATTN_SELF_DISTILL``: MSE sum between each block's
+            approximation and its own dense map, averaged over blocks, times this weight; 0.002 in the
+            released config where it is unused). The loss is attached to the block outputs
+            (:class:`AttachAuxLoss`), so any backward through the model applies it; inputs and target are
+            detached, so it trains the predictors only. 0 (default): the predictors get no gradient from
+            the sparse forward, as in the official code (the mask is detached).
+    """
+
+    def __init__(
+        self,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-6,
+        stem: str = "linear",
+        skip_lam: float = 1.0,
+        aux_head: bool = False,
+        attn_keep_rate: float = 0.25,
+        reduce_n_factor: int = 6,
+        reduce_c_factor: int = 2,
+        basis_threshold: float = 0.02,
+        coef_topk: int = 8,
+        token_keep_rate: float = 1.0,
+        token_pruning_loc: Tuple[int, ...] = (),
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        dynamic_img_size: bool = False,
+        attn_backend: str = "auto",
+        attn_self_distill_weight: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if global_pool not in ("token", "avg", ""):
+            raise ValueError(f"Sparsifiner: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        if stem not in ("linear", "lvvit"):
+            raise ValueError(f"Sparsifiner: stem must be 'linear' or 'lvvit', got {stem!r}")
+        if not 0.0 < attn_keep_rate <= 1.0 or not 0.0 < token_keep_rate <= 1.0:
+            raise ValueError("Sparsifiner: attn_keep_rate and token_keep_rate must be in (0, 1]")
+        if any(not 0 <= i < depth for i in token_pruning_loc):
+            raise ValueError(f"Sparsifiner: token_pruning_loc {token_pruning_loc} must index blocks 0..{depth - 1}")
+        dd = dict(device=device, dtype=dtype)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.patch_size = patch_size
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+        self.img_size = to_2tuple(img_size)
+        self.grid_size = grid_for(self.img_size, patch_size)
+
+        embed_cls = LVViTPatchEmbed if stem == "lvvit" else LinearPatchEmbed
+        self.patch_embed = embed_cls(self.img_size, in_chans, embed_dim, patch_size=patch_size,
+                                     dynamic_img_size=dynamic_img_size, **dd)
+        num_patches = self.grid_size[0] * self.grid_size[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim, **dd))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        predictor_kwargs = dict(keep_rate=attn_keep_rate, reduce_n_factor=reduce_n_factor,
+                                reduce_c_factor=reduce_c_factor, basis_threshold=basis_threshold, coef_topk=coef_topk)
+        keep = [1.0] * depth
+        for j, i in enumerate(sorted(token_pruning_loc)):
+            keep[i] = token_keep_rate ** (j + 1)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList([
+            SparsifinerBlock(
+                embed_dim, num_heads, self.grid_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, skip_lam=skip_lam,
+                norm_eps=norm_eps, proj_drop=proj_drop_rate, drop_path=dpr[i], token_keep_rate=keep[i],
+                predictor_kwargs=predictor_kwargs, attn_backend=attn_backend,
+                self_distill_weight=attn_self_distill_weight / depth, **dd)
+            for i in range(depth)
+        ])
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps, **dd)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.aux_head = (nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()) if aux_head else None
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
+        self.init_weights()
+
+    # --- init -------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """The official init: trunc-normal(0.02) for pos / cls, every Linear weight (predictor included)
+        and ``proj_n`` / ``proj_back_n``; zero Linear biases; LayerNorm 1 / 0; convs keep PyTorch's init."""
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, MaskPredictor):
+                trunc_normal_(m.proj_n, std=0.02)
+                trunc_normal_(m.proj_back_n, std=0.02)
+
+    # --- timm API ---------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return {"pos_embed", "cls_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("token", "avg", ""):
+                raise ValueError(f"Sparsifiner: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        dd = dict(device=self.cls_token.device, dtype=self.cls_token.dtype)
+        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        if self.aux_head is not None:
+            self.aux_head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None,
+                       patch_size: Optional[int] = None) -> None:
+        """Change the native input size, resampling ``pos_embed`` and every predictor's token rows."""
+        if patch_size is not None:
+            raise ValueError("Sparsifiner: changing patch_size is not supported")
+        if img_size is None:
+            return
+        old, new = self.grid_size, grid_for(to_2tuple(img_size), self.patch_size)
+        self.img_size, self.grid_size = to_2tuple(img_size), new
+        self.patch_embed.setup_size(self.img_size, self.patch_size, self.dynamic_img_size)
+        with torch.no_grad():
+            self.pos_embed = nn.Parameter(resample_abs_pos_embed(self.pos_embed.data, list(new), list(old),
+                                                                 num_prefix_tokens=1, verbose=False))
+            for block in self.blocks:
+                mp = block.attn.mask_predictor
+                mp.proj_n = nn.Parameter(resample_token_rows(mp.proj_n.data, new, old, scale_sum=True))
+                mp.proj_back_n = nn.Parameter(resample_token_rows(mp.proj_back_n.data, new, old))
+                mp.grid_size = new
+
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load a DeiT / LV-ViT / official Sparsifiner checkpoint (or a visionzoo one) strictly; a
+        backbone-only file leaves the predictors at their fresh init (logged, not an error)."""
+        load_checkpoint_strict(self, checkpoint_path, checkpoint_filter_fn)
+
+    # --- forward ----------------------------------------------------------------------------
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        x = self.patch_embed(x)  # (B, h, w, D)
+        grid = (x.shape[1], x.shape[2])
+        x = add_cls_and_pos_embed(x, self.cls_token, self.pos_embed, self.grid_size)
+        return self.pos_drop(x), grid
+
+    def _run_block(self, block: nn.Module, x, grid, token_index, mode="sparse"):
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(block, x, grid, token_index, mode, use_reentrant=False)
+        return block(x, grid, token_index, mode)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Block outputs at stride ``patch_size``; pruned tokens are zeros in the maps (official semantics).
+
+        Args:
+            indices: last n blocks if int, all if None, else the listed block indices.
+            return_prefix_tokens: also return each intermediate's class token (B, D).
+            norm: apply the final norm to the intermediates.
+            output_fmt: ``'NCHW'`` (B, D, h, w) or ``'NLC'`` (B, h*w, D).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"Sparsifiner: output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x, grid = self._embed(x)
+        B = x.shape[0]
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        token_index = None
+        intermediates, prefix = [], []
+        for i, block in enumerate(blocks):
+            x, token_index, _, _ = self._run_block(block, x, grid, token_index)
+            if i in take_indices:
+                y = self.norm(x) if norm else x
+                prefix.append(y[:, 0])
+                spatial = scatter_to_grid(y[:, 1:], token_index, grid[0] * grid[1])  # (B, h*w, D)
+                if output_fmt == "NCHW":
+                    spatial = spatial.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+                intermediates.append(spatial)
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> normalised tokens (B, 1 + n, D), class token first (n = h*w unless pruned)."""
+        x, grid = self._embed(x)
+        token_index = None
+        for block in self.blocks:
+            x, token_index, _, _ = self._run_block(block, x, grid, token_index)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "":
+            return x if pre_logits else self._dense_logits(x)
+        pooled = x[:, 0] if self.global_pool == "token" else x[:, 1:].mean(dim=1)
+        pooled = self.head_drop(pooled)
+        if pre_logits:
+            return pooled
+        out = self.head(pooled)
+        if self.aux_head is not None and self.num_classes > 0 and not self.training:
+            out = out + 0.5 * self.aux_head(x[:, 1:]).max(dim=1)[0]  # TokenLabeling's inference output
+        return out
+
+    def _dense_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Unpooled head: per-token logits (identity when ``num_classes == 0``)."""
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_distill(self, x: torch.Tensor, mode: str = "sparse") -> Dict[str, Any]:
+        """Everything the training losses need, in one pass.
+
+        Args:
+            mode: ``"sparse"`` (the model), ``"dense"`` (full attention: the dense teacher) or ``"recon"``
+                (dense attention plus the predictors' reconstruction-form approximations).
+        Returns:
+            dict with ``logits`` (B, classes) (the class head; training output), ``tokens`` (B, n, D') the
+            tokens distilled in ``cls_distill`` (normalised patch tokens, or ``aux_head`` outputs for
+            LV-ViT as in the official code), ``token_index`` (B, n) or None, and per-block lists
+            ``approx`` ((B, H, N-1, N), ``recon``) and ``attn`` ((B, H, N, N), ``dense`` / ``recon``).
+        """
+        if mode not in _MODES:
+            raise ValueError(f"Sparsifiner: mode must be one of {_MODES}, got {mode!r}")
+        x, grid = self._embed(x)
+        token_index = None
+        approx_list, attn_list = [], []
+        for block in self.blocks:
+            x, token_index, approx, attn = self._run_block(block, x, grid, token_index, mode)
+            approx_list.append(approx)
+            attn_list.append(attn)
+        x = self.norm(x)
+        tokens = x[:, 1:] if self.aux_head is None else self.aux_head(x[:, 1:])
+        return dict(logits=self.head(self.head_drop(x[:, 0])), tokens=tokens, token_index=token_index,
+                    approx=approx_list, attn=attn_list)
+
+
+class SparsifinerDistillLoss(nn.Module):
+    """The two training phases of the released recipe (``sparsifiner_default_config.yaml``, ``losses.py``).
+
+    ``phase="attn_recon"`` (epochs 0-4; optimise only ``*mask_predictor*`` parameters): the student runs
+    dense (``mode="recon"``) and each block's approximation ``coef @ basis`` (signed basis, all
+    coefficients) is regressed on the dense attention map without its class row:
+    ``attn_recon_weight * mean_blocks(sum((approx - attn[:, :, 1:])**2))``. The target is the student's
+    own dense map, detached: in this phase the backbone is frozen at the teacher's weights, so it is
+    the teacher's map, without running a teacher.
+
+    ``phase="cls_distill"`` (epochs 5-49; optimise everything but the predictors): ``cls_weight * CE(logits,
+    target) + cls_distill_weight * KL(student || teacher logits, batchmean) + token_distill_weight *
+    MSE(tokens, teacher tokens)``; ``teacher`` is any module with ``forward_distill`` (e.g. a frozen copy of
+    the model run with ``mode="dense"``). Token distillation is skipped after token pruning unless the
+    teacher pruned identically (the official code then compares only the kept rows).
+
+    ``forward(model, images, target)`` returns ``(loss, parts)`` with the weighted terms in ``parts``.
+    """
+
+    def __init__(self, phase: str = "cls_distill", teacher: Optional[nn.Module] = None,
+                 base_criterion: Optional[nn.Module] = None, cls_weight: float = 1.0, cls_distill_weight: float = 0.5,
+                 token_distill_weight: float = 0.5, attn_recon_weight: float = 0.01):
+        super().__init__()
+        if phase not in ("attn_recon", "cls_distill"):
+            raise ValueError(f"SparsifinerDistillLoss: phase must be 'attn_recon' or 'cls_distill', got {phase!r}")
+        if phase == "cls_distill" and teacher is None:
+            raise ValueError("SparsifinerDistillLoss: phase 'cls_distill' needs a dense teacher")
+        self.phase = phase
+        self.teacher = teacher
+        self.base_criterion = base_criterion or nn.CrossEntropyLoss()
+        self.weights = dict(cls=cls_weight, cls_distill=cls_distill_weight, token_distill=token_distill_weight,
+                            attn_recon=attn_recon_weight)
+
+    def forward(self, model: nn.Module, images: torch.Tensor, target: torch.Tensor
+                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        w = self.weights
+        if self.phase == "attn_recon":
+            out = model.forward_distill(images, mode="recon")
+            terms = [F.mse_loss(a, t[:, :, 1:].detach(), reduction="sum") for a, t in zip(out["approx"], out["attn"])]
+            parts = {"attn_recon": w["attn_recon"] * torch.stack(terms).mean()}
+            return parts["attn_recon"], parts
+        out = model.forward_distill(images, mode="sparse")
+        with torch.no_grad():
+            ref = self.teacher.forward_distill(images, mode="dense")
+        parts = {
+            "cls": w["cls"] * self.base_criterion(out["logits"], target),
+            "cls_distill": w["cls_distill"] * F.kl_div(F.log_softmax(out["logits"], -1),
+                                                       F.log_softmax(ref["logits"], -1),
+                                                       reduction="batchmean", log_target=True),
+        }
+        if out["tokens"].shape == ref["tokens"].shape:
+            parts["token_distill"] = w["token_distill"] * F.mse_loss(out["tokens"], ref["tokens"])
+        return sum(parts.values()), parts
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Sparsifiner) -> Dict[str, torch.Tensor]:
+    """Adapt a DeiT, LV-ViT or official Sparsifiner state dict (or training file) to :class:`Sparsifiner`.
+
+    Accepts ``{"model": ...}`` / ``{"state_dict": ...}`` containers and ``module.`` prefixes; resamples
+    ``pos_embed`` and the predictors' token rows to the model's grid; drops DeiT's distillation
+    entries if present. Predictor weights missing from a backbone-only file (timm DeiT-S, LV-ViT-S) are
+    taken from the model's fresh init and reported in the log, so the result loads strictly.
+    """
+    for key in ("model", "state_dict"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+    own = model.state_dict()
+    out = {}
+    for k, v in state_dict.items():
+        k = k[len("module."):] if k.startswith("module.") else k
+        if k == "pos_embed" and v.shape != own[k].shape:
+            side = math.isqrt(v.shape[1] - 1)
+            v = resample_abs_pos_embed(v, list(model.grid_size), [side, side], num_prefix_tokens=1, verbose=False)
+        elif k.endswith(("mask_predictor.proj_n", "mask_predictor.proj_back_n")) and k in own and v.shape[0] != own[k].shape[0]:
+            side = math.isqrt(v.shape[0] - 1)
+            v = resample_token_rows(v, model.grid_size, (side, side), scale_sum=k.endswith("proj_n"))
+        out[k] = v
+    missing = [k for k in own if k not in out and ".mask_predictor." in k]
+    if missing:
+        _logger.info("Sparsifiner: %d connectivity-predictor tensors are not in the checkpoint and keep their "
+                     "fresh init (expected for a DeiT / LV-ViT backbone checkpoint)", len(missing))
+        for k in missing:
+            out[k] = own[k]
+    return out
+
+
+def _create_sparsifiner(variant: str, pretrained: bool = False, **kwargs) -> Sparsifiner:
+    depth = kwargs.get("depth", 12)
+    route_sources_to_load_pretrained(kwargs)
+    out_indices = tuple(range(depth)) if depth < 4 else tuple(depth * k // 4 - 1 for k in range(1, 5))
+    return build_model_with_cfg(
+        Sparsifiner,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "mit",
+        "paper_ids": "arXiv:2303.13755",
+        "paper_name": "Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision Transformers",
+        "origin_url": "https://github.com/lim142857/Sparsifiner",
+        **kwargs,
+    }
+
+
+# No Sparsifiner checkpoints exist; the tags load the backbones the recipe starts from (the
+# predictors stay freshly initialised). custom_load: the files go through Sparsifiner.load_pretrained.
+default_cfgs = generate_default_cfgs({
+    "sparsifiner_deit_small.deit_in1k": _cfg(
+        url="https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth", custom_load=True,
+        license="apache-2.0", notes=("backbone only: DeiT-S weights, predictors untrained",)),
+    "sparsifiner_lvvit_small.lvvit_in1k": _cfg(
+        url="https://github.com/zihangJiang/TokenLabeling/releases/download/1.0/lvvit_s-26M-224-83.3.pth.tar",
+        custom_load=True, crop_pct=0.9, first_conv="patch_embed.conv1", license="apache-2.0",
+        notes=("backbone only: LV-ViT-S weights, predictors untrained",)),
+    "test_sparsifiner.untrained": _cfg(input_size=(3, 64, 64), license=None),
+})
+
+
+@register_model
+def sparsifiner_deit_small(pretrained: bool = False, **kwargs) -> Sparsifiner:
+    """Sparsifiner on DeiT-S (D=384, 12 blocks, 6 heads), keep rate 0.25."""
+    model_args = dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, qkv_bias=True, norm_eps=1e-6)
+    return _create_sparsifiner("sparsifiner_deit_small", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def sparsifiner_lvvit_small(pretrained: bool = False, **kwargs) -> Sparsifiner:
+    """Sparsifiner on LV-ViT-S (D=384, 16 blocks, 6 heads, mlp 3, conv stem, skip_lam 2, aux head)."""
+    model_args = dict(embed_dim=384, depth=16, num_heads=6, mlp_ratio=3.0, qkv_bias=False, norm_eps=1e-5,
+                      stem="lvvit", skip_lam=2.0, aux_head=True)
+    return _create_sparsifiner("sparsifiner_lvvit_small", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_sparsifiner(pretrained: bool = False, **kwargs) -> Sparsifiner:
+    """A tiny Sparsifiner for tests: 64x64 inputs (17 tokens), D=64, 3 blocks, token pruning after block 1,
+    attention self-distillation on (so every parameter trains from a plain backward)."""
+    model_args = dict(img_size=64, embed_dim=64, depth=3, num_heads=2, reduce_n_factor=4,
+                      token_keep_rate=0.7, token_pruning_loc=(1,), attn_self_distill_weight=0.002)
+    return _create_sparsifiner("test_sparsifiner", pretrained, **dict(model_args, **kwargs))
+
+
+_ORIGIN = "https://github.com/lim142857/Sparsifiner"
+for _name, _params, _gmacs in (
+    ("sparsifiner_deit_small", 22_251_880, None),
+    ("sparsifiner_lvvit_small", 26_420_112, None),
+):
+    register_meta(_name, ModelMeta("sparsifiner", _params, _gmacs, None, _ORIGIN, "mit", None))
+register_meta("test_sparsifiner", ModelMeta("sparsifiner"))

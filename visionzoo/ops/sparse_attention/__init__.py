@@ -1,0 +1,92 @@
+"""Sparse attention over a per-query set of kept keys: the attention of Sparsifiner.
+
+Paper: "Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision Transformers",
+Wei et al., CVPR 2023, arXiv 2303.13755; official code https://github.com/lim142857/Sparsifiner (MIT),
+``src/models/sparsifiner.py`` (``Attention.forward``).
+
+Semantics. With ``q``, ``k`` ``(B, H, N, d)``, ``v`` ``(B, H, N, d_v)`` and ``P`` leading dense rows:
+
+* rows ``i < P`` (the class token, ``P = 1`` in Sparsifiner) attend to all ``N`` keys;
+* row ``i >= P`` attends to the keys ``idx[b, h, i - P, :]`` only (``K`` distinct indices in ``[0, N)``,
+  e.g. the ``topk`` of the connectivity predictor's scores; duplicates are not allowed);
+* ``out = softmax((q k^T) * scale restricted to the kept keys) @ v``.
+
+That is exactly the official dense-then-mask computation (``masked_fill(-inf)``, softmax,
+``nan_to_num``) for the official mask, which is ``topk`` over every row but the class row plus a dense
+class row.
+
+Backends (``backend=``, or ``auto``; ``VISIONZOO_BACKEND_SPARSE_ATTENTION`` overrides ``auto``):
+
+``reference``
+    The official algorithm, dense scores then mask, as plain autograd ops outside the custom op (a
+    FLOP counter sees the dense cost it executes).
+``masked``
+    One fused ``scaled_dot_product_attention`` with the boolean connectivity as mask; dense arithmetic,
+    no score matrix in memory. ``auto``'s choice on CPU (fastest measured there).
+``gather``
+    Computes only the kept connections (``K / N`` of the dense MACs) from per-query gathered K/V,
+    chunked over query rows (see :mod:`._gather`).
+``triton``
+    Reserved for a fused indexed kernel; not implemented yet (reports itself unavailable).
+
+The fast backends run through the custom op ``torch.ops.visionzoo.sparse_attention``: it runs on the
+meta device, is differentiable in ``q``, ``k``, ``v``, and ``FlopCounterMode`` counts it with
+:func:`sparse_attention_flops`, the cost of the kept connections only.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._op import BACKENDS, flops as _flops, resolve, sparse_attention_op
+from ._reference import keep_mask, sparse_attention_reference
+
+__all__ = ["sparse_attention", "sparse_attention_flops", "keep_mask", "BACKENDS"]
+
+
+def sparse_attention_flops(batch: int, heads: int, num_tokens: int, kept: int, dense_rows: int, d_qk: int,
+                           d_v: int) -> int:
+    """FLOPs (a multiply-add counts 2) of the kept connections of one call."""
+    return _flops(batch, heads, num_tokens, kept, dense_rows, d_qk, d_v)
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float, *, dense_rows: int = 1,
+                     backend: str = "auto") -> Tensor:
+    """Attention restricted to per-query key sets.
+
+    Args:
+        q, k: ``(B, H, N, d)`` queries and keys.
+        v: ``(B, H, N, d_v)`` values.
+        idx: ``(B, H, N - dense_rows, K)`` integer key indices kept by each query row ``>= dense_rows``;
+            ``1 <= K <= N``, distinct within a row.
+        scale: the score scale (``d ** -0.5`` in Sparsifiner).
+        dense_rows: leading query rows that attend to every key (1: the class token).
+        backend: ``"auto"``, ``"reference"``, ``"masked"``, ``"gather"`` or ``"triton"``.
+
+    Returns:
+        ``(B, H, N, d_v)`` in ``v``'s dtype.
+    """
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"sparse_attention: unknown backend {backend!r}; known backends: auto, {', '.join(BACKENDS)}")
+    for name, x in (("q", q), ("k", k), ("v", v), ("idx", idx)):
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"sparse_attention: {name} must be a 4-d tensor, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+    B, H, N, d = q.shape
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"sparse_attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must "
+                         f"share (B, H, N), and k must match q")
+    if q.dtype != k.dtype or q.dtype != v.dtype or q.device != k.device or q.device != v.device:
+        raise ValueError("sparse_attention: q, k and v must share dtype and device")
+    if not 0 <= dense_rows <= N:
+        raise ValueError(f"sparse_attention: dense_rows={dense_rows} must be in [0, N={N}]")
+    if idx.dtype not in (torch.int64, torch.int32) or idx.device != q.device:
+        raise ValueError(f"sparse_attention: idx must be an int64/int32 tensor on {q.device}, got {idx.dtype} "
+                         f"on {idx.device}")
+    if tuple(idx.shape[:3]) != (B, H, N - dense_rows) or not 1 <= idx.shape[3] <= N:
+        raise ValueError(f"sparse_attention: idx must have shape (B, H, N - dense_rows, K) = ({B}, {H}, "
+                         f"{N - dense_rows}, K) with 1 <= K <= {N}, got {tuple(idx.shape)}")
+    idx = idx.long()
+    if resolve(backend, q) == "reference":
+        return sparse_attention_reference(q, k, v, idx, scale, dense_rows)
+    return sparse_attention_op(q, k, v, idx, float(scale), int(dense_rows), backend)
