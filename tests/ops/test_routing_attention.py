@@ -1,7 +1,6 @@
 """Tests for visionzoo.ops.routing_attention (reference / chunked backends, custom-op plumbing)."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

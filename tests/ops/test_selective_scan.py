@@ -5,7 +5,6 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from visionzoo.ops.selective_scan import BACKENDS, selective_scan, selective_scan_flops

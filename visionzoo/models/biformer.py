@@ -117,7 +117,6 @@ class BiLevelRoutingAttention(nn.Module):
                     f"img_size=(H, W) so that n_win follows it, or pass auto_pad=True"
                 )
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # zero-pad the normalised input, as official
-        Hp, Wp = H + pad_b, W + pad_r
         q, k, v = self.qkv(x).split(self.dim, dim=-1)  # (B, Hp, Wp, C) each
         out = bi_level_routing_attention(
             q, k, v, self.num_heads, (n_h, n_w), min(self.topk, n_h * n_w), self.scale, backend=self.backend,

@@ -795,7 +795,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Sparsifiner
         if k == "pos_embed" and v.shape != own[k].shape:
             side = math.isqrt(v.shape[1] - 1)
             v = resample_abs_pos_embed(v, list(model.grid_size), [side, side], num_prefix_tokens=1, verbose=False)
-        elif k.endswith(("mask_predictor.proj_n", "mask_predictor.proj_back_n")) and k in own and v.shape[0] != own[k].shape[0]:
+        elif k.endswith(("mask_predictor.proj_n", "mask_predictor.proj_back_n")) and k in own and v.shape != own[k].shape:
+            if v.shape[1] != own[k].shape[1]:
+                raise ValueError(
+                    f"Sparsifiner: {k} has rank K={v.shape[1]} in the checkpoint but {own[k].shape[1]} in a model "
+                    f"built for {model.img_size[0]}x{model.img_size[1]} (K = tokens // reduce_n_factor); build the "
+                    f"model at the checkpoint's size with dynamic_img_size=True, or call set_input_size() after "
+                    f"loading: both keep K and resample the token rows")
             side = math.isqrt(v.shape[0] - 1)
             v = resample_token_rows(v, model.grid_size, (side, side), scale_sum=k.endswith("proj_n"))
         out[k] = v

@@ -16,8 +16,10 @@ This is the released "v2, middle class token, divide-by-2" model family:
   output projections are shared; the depthwise causal conv1d, ``x_proj``, ``dt_proj``, ``A`` and
   ``D`` are per direction (``*_b`` for the backward one). The two outputs are averaged
   (``(y + flip(y_b)) / 2``), the fix for NaN losses under AMP (hustvl/Vim#30, PR #90).
-* Both directions go through one scan call here: the backward direction is the time-reversed
-  sequence stacked as extra channels, and B/C use the grouped (G=2) layout. The official slow path
+* Both directions go through one conv call and one scan call here: the backward direction is the
+  time-reversed sequence stacked as extra channels, and B/C use the grouped (G=2) layout. Tensors
+  stay time-major (``(B, L, C)`` in memory, as the Linear layers produce them) from ``in_proj`` to
+  ``out_proj``; the conv and the scan read ``(B, C, L)`` views. The official slow path
   (no fused kernel, or ``inference_params`` set) silently drops the backward direction; this
   implementation has a single path, so that cannot happen.
 * The class token is inserted at index ``M // 2`` of the ``M`` patch tokens and the position
@@ -26,14 +28,15 @@ This is the released "v2, middle class token, divide-by-2" model family:
   ``interpolate_pos_embed`` treats row 0 as the class token; hustvl/Vim#108).
 * ``final_pool_type='mean'`` in the official names is dead config: the class token is pooled.
 
-The selective scan is :func:`visionzoo.ops.selective_scan.selective_scan`, which picks mamba-ssm's
-CUDA kernel when it is importable on a GPU and an exact chunked PyTorch scan otherwise.
+The kernels are :func:`visionzoo.ops.selective_scan.selective_scan` (mamba-ssm's CUDA kernel when
+importable on a GPU, an exact blocked PyTorch scan otherwise) and
+:func:`visionzoo.ops.causal_conv1d.causal_conv1d` (the causal-conv1d package on a GPU, shifted
+multiply-adds otherwise).
 """
 from __future__ import annotations
 
 import argparse
 import math
-from functools import partial
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch

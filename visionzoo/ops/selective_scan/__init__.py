@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-import torch
 from torch import Tensor
 
 from ._op import BACKENDS, flops as _flops, selective_scan_op

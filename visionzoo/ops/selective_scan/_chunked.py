@@ -65,7 +65,7 @@ class _Prepared:
         self.batch, self.dim, self.length = u.shape
         self.groups, self.dstate = B.shape[1], B.shape[2]
         self.dg = self.dim // self.groups
-        b, G, N, dg, L = self.batch, self.groups, self.dstate, self.dg, self.length
+        b, G, N, dg = self.batch, self.groups, self.dstate, self.dg
 
         self.uT = time_major(u, ct)  # (L, b, d)
         dT = time_major(delta, ct)
