@@ -26,8 +26,8 @@ Backends (``backend=``, or ``auto``; ``VISIONZOO_BACKEND_SPARSE_ATTENTION`` over
 ``gather``
     Computes only the kept connections (``K / N`` of the dense MACs) from per-query gathered K/V,
     chunked over query rows (see :mod:`._gather`).
-``triton``
-    Reserved for a fused indexed kernel; not implemented yet (reports itself unavailable).
+
+A fused Triton kernel is not written yet; ``auto`` uses ``masked`` on CUDA too.
 
 The fast backends run through the custom op ``torch.ops.visionzoo.sparse_attention``: it runs on the
 meta device, is differentiable in ``q``, ``k``, ``v``, and ``FlopCounterMode`` counts it with
@@ -61,7 +61,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float,
             ``1 <= K <= N``, distinct within a row.
         scale: the score scale (``d ** -0.5`` in Sparsifiner).
         dense_rows: leading query rows that attend to every key (1: the class token).
-        backend: ``"auto"``, ``"reference"``, ``"masked"``, ``"gather"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"masked"`` or ``"gather"``.
 
     Returns:
         ``(B, H, N, d_v)`` in ``v``'s dtype.

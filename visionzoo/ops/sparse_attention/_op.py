@@ -16,28 +16,20 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .._backend import resolve_backend
-from . import _triton
 from ._gather import sparse_attention_gather, sparse_attention_gather_backward
 from ._masked import sparse_attention_masked, sparse_attention_masked_backward
 
 OP = "sparse_attention"
-BACKENDS = ("reference", "masked", "gather", "triton")
-AUTO_ORDER = ("triton", "masked")
+BACKENDS = ("reference", "masked", "gather")
+AUTO_ORDER = ("masked",)
 
 
 def is_available(name: str, device_type: str) -> bool:
-    if name == "triton":
-        return _triton.is_available(device_type)
-    return name in ("reference", "masked", "gather")
+    return name in BACKENDS
 
 
 def resolve(requested: str, x: Tensor) -> str:
-    name = resolve_backend(OP, requested, x.device.type, BACKENDS, AUTO_ORDER, is_available)
-    if name == "triton" and not _triton.supports(x):
-        if requested == "triton":
-            raise RuntimeError(f"{OP}: backend 'triton' does not support dtype {x.dtype}")
-        name = "masked"
-    return name
+    return resolve_backend(OP, requested, x.device.type, BACKENDS, AUTO_ORDER, is_available)
 
 
 def flops(batch: int, heads: int, num_tokens: int, kept: int, dense_rows: int, d_qk: int, d_v: int) -> int:
@@ -52,8 +44,6 @@ def sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: flo
                         backend: str) -> Tensor:
     """``q``, ``k`` ``(B, H, N, d)``, ``v`` ``(B, H, N, d_v)``, ``idx`` ``(B, H, N - P, K)`` -> ``(B, H, N, d_v)``."""
     name = resolve(backend, q)
-    if name == "triton":
-        return _triton.sparse_attention_triton(q, k, v, idx, scale, dense_rows)
     if name == "gather":
         return sparse_attention_gather(q, k, v, idx, scale, dense_rows)
     return sparse_attention_masked(q, k, v, idx, scale, dense_rows).contiguous()
@@ -79,9 +69,7 @@ def _backward(ctx, grad_out):
         return (None,) * 7
     scale, dense_rows = ctx.args
     name = resolve(ctx.backend, q)
-    if name == "triton":
-        grads = _triton.sparse_attention_triton_backward(q, k, v, idx, scale, dense_rows, grad_out, needs)
-    elif name == "gather":
+    if name == "gather":
         grads = sparse_attention_gather_backward(q, k, v, idx, scale, dense_rows, grad_out, needs)
     else:
         grads = sparse_attention_masked_backward(q, k, v, idx, scale, dense_rows, grad_out, needs)
