@@ -190,7 +190,7 @@ def test_input_errors_and_dynamic_size():
         assert dyn(torch.randn(1, 3, 48, 96)).shape == (1, 1000)
         feats = dyn.forward_intermediates(torch.randn(1, 3, 48, 96), intermediates_only=True)
     assert feats[-1].shape == (1, 32, 3, 6)
-    with pytest.raises(ValueError, match="multiple of the patch size 16"):
+    with pytest.raises(ValueError, match="does not fit patch 16 with stride 16"):
         dyn(torch.randn(1, 3, 50, 64))
     model.set_input_size((96, 32))
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """Building blocks timm lacks, shared by several families and by the task heads."""
 from .feature_pyramid import SimpleFeaturePyramid
+from .patch_embed import PatchEmbed
 from .pos_embed import resample_pos_embed_with_inner_token
 
-__all__ = ["SimpleFeaturePyramid", "resample_pos_embed_with_inner_token"]
+__all__ = ["PatchEmbed", "SimpleFeaturePyramid", "resample_pos_embed_with_inner_token"]

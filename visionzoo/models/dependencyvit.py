@@ -55,72 +55,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
+from ..layers import PatchEmbed
 from ..ops.reversed_attention import reversed_attention
 from ._registry import ModelMeta, register_meta
 
 __all__ = ["DependencyViT", "ReversedAttention", "TokenPruner"]
-
-
-@register_notrace_module
-class DependencyViTPatchEmbed(nn.Module):
-    """Image to non-overlapping patch tokens: (B, C, H, W) -> (B, H/p, W/p, D).
-
-    A fixed-size model raises a ``ValueError`` for any other image size; a ``dynamic_img_size`` model
-    takes any size that is a multiple of the patch size.
-    """
-
-    def __init__(
-        self,
-        img_size: Union[int, Tuple[int, int]] = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        embed_dim: int = 192,
-        dynamic_img_size: bool = False,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        self.patch_size = to_2tuple(patch_size)
-        self.dynamic_img_size = dynamic_img_size
-        self.set_img_size(img_size)
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size,
-                              device=device, dtype=dtype)
-
-    def set_img_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
-        self.img_size = to_2tuple(img_size)
-        self.grid_size = self.feat_size(self.img_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-
-    def feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
-        """Token grid of an (H, W) image; ``ValueError`` unless both sides are positive multiples of the patch."""
-        grid = []
-        for name, size, patch in zip(("height", "width"), img_size, self.patch_size):
-            if size < patch or size % patch != 0:
-                raise ValueError(
-                    f"DependencyViT: image {name} {size} is not a positive multiple of the patch size {patch} "
-                    f"(e.g. {max(1, round(size / patch)) * patch})"
-                )
-            grid.append(size // patch)
-        return grid[0], grid[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4:
-            raise ValueError(f"DependencyViT expects images of shape (B, C, H, W), got {tuple(x.shape)}")
-        size = (x.shape[-2], x.shape[-1])
-        if self.dynamic_img_size:
-            self.feat_size(size)
-        elif size != self.img_size:
-            raise ValueError(
-                f"DependencyViT: this model was built for {self.img_size[0]}x{self.img_size[1]} inputs, got "
-                f"{size[0]}x{size[1]}; create it with dynamic_img_size=True or img_size={size}, "
-                f"or call set_input_size()"
-            )
-        return self.proj(x).permute(0, 2, 3, 1)  # (B, H', W', D)
 
 
 @register_notrace_function
@@ -389,8 +333,8 @@ class DependencyViT(nn.Module):
         self.prune_ratio = prune_ratio
         self.grad_checkpointing = False
 
-        self.patch_embed = DependencyViTPatchEmbed(img_size, patch_size, in_chans, embed_dim,
-                                                   dynamic_img_size=dynamic_img_size, **dd)
+        self.patch_embed = PatchEmbed(img_size, patch_size, None, in_chans, embed_dim,
+                                      dynamic_img_size=dynamic_img_size, model_name="DependencyViT", **dd)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim, **dd))
         self.pos_drop = nn.Dropout(pos_drop_rate)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linspace(0, rate, depth)

@@ -45,78 +45,18 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, lecun_normal_, to_2tuple, trunc_normal_
+from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
-from ..layers import resample_pos_embed_with_inner_token
+from ..layers import PatchEmbed, resample_pos_embed_with_inner_token
 from ..ops.causal_conv1d import causal_conv1d
 from ..ops.selective_scan import selective_scan
 from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
 from ._registry import ModelMeta, register_meta
 
 __all__ = ["VisionMamba"]
-
-
-@register_notrace_module
-class VimPatchEmbed(nn.Module):
-    """Image to patch tokens with a convolution of kernel ``patch_size`` and step ``stride``.
-
-    Output: (B, H', W', D) with H' = (H - patch) // stride + 1. A fixed-size model raises a
-    ``ValueError`` for any other image size; a ``dynamic_img_size`` model takes any size for which
-    the patches tile the image exactly.
-    """
-
-    def __init__(
-        self,
-        img_size: Union[int, Tuple[int, int]] = 224,
-        patch_size: int = 16,
-        stride: int = 16,
-        in_chans: int = 3,
-        embed_dim: int = 192,
-        dynamic_img_size: bool = False,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        self.patch_size = to_2tuple(patch_size)
-        self.stride = to_2tuple(stride)
-        self.dynamic_img_size = dynamic_img_size
-        self.set_img_size(img_size)
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.stride,
-                              device=device, dtype=dtype)
-
-    def set_img_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
-        self.img_size = to_2tuple(img_size)
-        self.grid_size = self.feat_size(self.img_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-
-    def feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
-        """Token grid for an (H, W) image; ``ValueError`` if the patches do not tile it exactly."""
-        grid = []
-        for name, size, patch, stride in zip(("height", "width"), img_size, self.patch_size, self.stride):
-            if size < patch or (size - patch) % stride != 0:
-                raise ValueError(
-                    f"Vim: image {name} {size} does not fit patch {patch} with stride {stride}; "
-                    f"need {name} = {patch} + k * {stride} (e.g. {patch + max(0, (size - patch) // stride) * stride})"
-                )
-            grid.append((size - patch) // stride + 1)
-        return grid[0], grid[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4:
-            raise ValueError(f"Vim expects images of shape (B, C, H, W), got {tuple(x.shape)}")
-        size = (x.shape[-2], x.shape[-1])
-        if self.dynamic_img_size:
-            self.feat_size(size)
-        elif size != self.img_size:
-            raise ValueError(
-                f"Vim: this model was built for {self.img_size[0]}x{self.img_size[1]} inputs, got "
-                f"{size[0]}x{size[1]}; create it with dynamic_img_size=True or img_size={size}, "
-                f"or call set_input_size()"
-            )
-        return self.proj(x).permute(0, 2, 3, 1)  # (B, H', W', D)
 
 
 @register_notrace_function
@@ -329,8 +269,8 @@ class VisionMamba(nn.Module):
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
 
-        self.patch_embed = VimPatchEmbed(img_size, patch_size, stride, in_chans, embed_dim,
-                                         dynamic_img_size=dynamic_img_size, **dd)
+        self.patch_embed = PatchEmbed(img_size, patch_size, stride, in_chans, embed_dim,
+                                      dynamic_img_size=dynamic_img_size, model_name="Vim", **dd)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim, **dd))
         self.pos_drop = nn.Dropout(pos_drop_rate)
