@@ -4,6 +4,7 @@ from . import vim
 from . import patnet
 from . import biformer
 from . import dependencyvit
+from . import overlock
 from . import sparsifiner
 
 __all__ = ["VISIONZOO_MODELS", "ModelMeta"]

@@ -14,12 +14,12 @@ so a ContMix / neighbourhood-attention layer is ``na2d_av(softmax(logits + na2d_
 Backends (``backend=``, or ``auto``; ``VISIONZOO_BACKEND_NEIGHBORHOOD_AGGREGATION`` overrides ``auto``):
 
 ``reference``  gather of every window + einsum, plain autograd (defines the semantics).
-``torch``      ``dense`` for maps up to ``4 K^2`` pixels, else ``rows`` (see :mod:`._torch`); ``auto``.
+``torch``      ``dense`` for maps up to ``8 K^2`` pixels, else ``taps`` (see :mod:`._torch`); ``auto``.
 ``dense``      one GEMM with a scattered ``(HW x HW)`` weight matrix per (image, group).
-``rows``       a loop over the ``K`` window rows; ``K``-fold (not ``K^2``-fold) temporary memory.
+``taps``       a loop over the ``K*K`` taps with in-place accumulation; two value-sized buffers.
 ``natten``     NATTEN's ``na2d_av`` when a release that has it (< 0.20) imports; plain autograd.
 
-``torch``, ``dense`` and ``rows`` run as the custom op ``torch.ops.visionzoo.na2d_av``: it has a fake
+``torch``, ``dense`` and ``taps`` run as the custom op ``torch.ops.visionzoo.na2d_av``: it has a fake
 kernel (meta device, ``torch.compile``), a FLOP formula (``2 * B * G * H * W * K^2 * c``) so
 ``visionzoo.utils.count_macs`` counts it, and explicit backwards for ``attn`` and ``value``.
 No backend supports double backward.
@@ -48,7 +48,7 @@ def na2d_av(attn: Tensor, value: Tensor, kernel_size: int, *, backend: str = "au
         attn: ``(B, G, H, W, K*K)`` weights, taps row-major (``a * K + b``) as in NATTEN.
         value: ``(B, G, H, W, c)``.
         kernel_size: odd ``K`` with ``K <= H`` and ``K <= W``.
-        backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"dense"``, ``"rows"`` or ``"natten"``.
+        backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"dense"``, ``"taps"`` or ``"natten"``.
 
     Returns:
         ``(B, G, H, W, c)`` in ``value``'s dtype.
@@ -75,5 +75,5 @@ def na2d_rpb(rpb: Tensor, height: int, width: int, kernel_size: int) -> Tensor:
                          f"got {tuple(rpb.shape)}")
     if height < K or width < K:
         raise ValueError(f"na2d_rpb: the {height}x{width} map is smaller than the {K}x{K} window")
-    idx = rpb_index(height, width, K, rpb.device)  # (H, W, K*K)
-    return rpb.flatten(1)[:, idx]
+    idx = rpb_index(int(height), int(width), K, rpb.device)  # (H*W*K*K,)
+    return rpb.flatten(1).index_select(1, idx).view(rpb.shape[0], height, width, K * K)

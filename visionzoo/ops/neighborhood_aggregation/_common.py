@@ -11,6 +11,7 @@ into ``[0, 2K - 2]``; the table is ``(G, 2K - 1, 2K - 1)``.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Tuple
 
 import torch
@@ -28,7 +29,27 @@ def window_keys(length: int, kernel_size: int, device=None) -> Tensor:
     return window_starts(length, kernel_size, device)[:, None] + torch.arange(kernel_size, device=device)
 
 
+def _cacheable() -> bool:
+    """Index tensors are cached per (size, device) unless traced (dynamo / fake tensors)."""
+    return not torch.compiler.is_compiling() and torch._guards.detect_fake_mode() is None
+
+
 def flat_keys(height: int, width: int, kernel_size: int, device=None) -> Tensor:
+    if _cacheable():
+        with torch.inference_mode(False):  # a normal tensor even when first built under inference_mode
+            return _flat_keys_cached(height, width, kernel_size, device)
+    return _flat_keys(height, width, kernel_size, device)
+
+
+def rpb_index(height: int, width: int, kernel_size: int, device=None) -> Tensor:
+    """Index into a flattened ``(2K-1) * (2K-1)`` bias table for every (pixel, tap): ``(H*W*K*K,)``."""
+    if _cacheable():
+        with torch.inference_mode(False):
+            return _rpb_index_cached(height, width, kernel_size, device)
+    return _rpb_index(height, width, kernel_size, device)
+
+
+def _flat_keys(height: int, width: int, kernel_size: int, device=None) -> Tensor:
     """Flat key index ``(s(i) + a) * W + s(j) + b`` of tap ``a * K + b`` of pixel ``(i, j)``: ``(H*W, K*K)``."""
     rows = window_keys(height, kernel_size, device)  # (H, K)
     cols = window_keys(width, kernel_size, device)  # (W, K)
@@ -36,13 +57,16 @@ def flat_keys(height: int, width: int, kernel_size: int, device=None) -> Tensor:
     return idx.reshape(height * width, kernel_size * kernel_size)
 
 
-def rpb_index(height: int, width: int, kernel_size: int, device=None) -> Tensor:
-    """Index into a flattened ``(2K-1) * (2K-1)`` bias table for every (pixel, tap): ``(H, W, K*K)``."""
+def _rpb_index(height: int, width: int, kernel_size: int, device=None) -> Tensor:
     K = kernel_size
     r = window_keys(height, K, device) - torch.arange(height, device=device)[:, None] + K - 1  # (H, K)
     c = window_keys(width, K, device) - torch.arange(width, device=device)[:, None] + K - 1  # (W, K)
     idx = r[:, None, :, None] * (2 * K - 1) + c[None, :, None, :]  # (H, W, K, K)
-    return idx.reshape(height, width, K * K)
+    return idx.reshape(-1)
+
+
+_flat_keys_cached = lru_cache(maxsize=128)(_flat_keys)  # callers never modify the returned tensors
+_rpb_index_cached = lru_cache(maxsize=128)(_rpb_index)
 
 
 def check_inputs(name: str, attn: Tensor, value: Tensor, kernel_size: int) -> Tuple[int, int, int, int, int]:

@@ -11,10 +11,10 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .._backend import resolve_backend
 from ._natten import natten_available
-from ._torch import dense_backward, dense_forward, rows_backward, rows_forward, use_dense
+from ._torch import dense_backward, dense_forward, taps_backward, taps_forward, use_dense
 
 OP = "neighborhood_aggregation"
-BACKENDS = ("reference", "torch", "dense", "rows", "natten")
+BACKENDS = ("reference", "torch", "dense", "taps", "natten")
 AUTO_ORDER = ("torch",)  # NATTEN's CPU kernel is slower than ``torch``; on CUDA a bridge is opt-in
 
 
@@ -35,7 +35,7 @@ def flops(batch: int, groups: int, height: int, width: int, kernel_size: int, ch
 
 def _pick(name: str, height: int, width: int, kernel_size: int) -> str:
     if name == "torch":
-        return "dense" if use_dense(height, width, kernel_size) else "rows"
+        return "dense" if use_dense(height, width, kernel_size) else "taps"
     return name
 
 
@@ -46,7 +46,7 @@ def na2d_av_op(attn: Tensor, value: Tensor, kernel_size: int, backend: str) -> T
     name = _pick(resolve(backend, value), H, W, kernel_size)
     if name == "dense":
         return dense_forward(attn, value, kernel_size)
-    return rows_forward(attn, value, kernel_size)
+    return taps_forward(attn, value, kernel_size)
 
 
 @na2d_av_op.register_fake
@@ -69,7 +69,7 @@ def _backward(ctx, grad_out):
         return None, None, None, None
     K = ctx.kernel_size
     name = _pick(resolve(ctx.backend, value), value.shape[2], value.shape[3], K)
-    fn = dense_backward if name == "dense" else rows_backward
+    fn = dense_backward if name == "dense" else taps_backward
     grad_attn, grad_value = fn(attn, value, K, grad_out.contiguous(), needs)
     return grad_attn, grad_value, None, None
 

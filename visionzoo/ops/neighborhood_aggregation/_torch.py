@@ -1,4 +1,4 @@
-"""Pure-PyTorch fast backends: ``dense`` (small maps) and ``rows`` (large maps), with explicit backwards.
+"""Pure-PyTorch fast backends: ``dense`` (small maps) and ``taps`` (large maps), with explicit backwards.
 
 ``dense``
     Scatters each (image, group)'s weights into an ``(H*W, H*W)`` matrix (zero outside the window) and
@@ -7,11 +7,11 @@
     reference whenever ``H*W < K*K*c`` and wastes at most ``H*W / (K*K)`` in MACs. OverLoCK at 224 runs
     ContMix on 14x14 maps with 13x13 windows and on 7x7 maps with 7x7 windows, where the matrix is
     1.2x and 1x dense: one GEMM is the whole op.
-``rows``
-    Loops over the ``K`` window rows: gathers the value rows of tap row ``a`` (``(B, G, H, W, c)``), their
-    ``K`` column taps (``(B, G, H, W, K, c)``) and reduces with the weights. Peak extra memory is ``K``
-    times the value, not ``K*K`` times; the backward recomputes the same slices and scatters with
-    ``index_add_`` (deterministic on CPU).
+``taps``
+    Loops over the ``K*K`` taps: per window row ``a`` it gathers the value rows ``s(i) + a``, per column
+    tap the columns ``s(j) + b``, and accumulates ``weight * value`` in place. Extra memory is two
+    value-sized buffers whatever ``K`` (the reference holds ``K*K`` copies); the backward recomputes the
+    same slices and scatters with ``index_add_`` (deterministic on CPU).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from torch import Tensor
 from ._common import flat_keys, window_keys
 
 # ``torch`` picks ``dense`` while the dense matrix costs at most this many times the op's own MACs.
-DENSE_MAX_WASTE = 4
+DENSE_MAX_WASTE = 8
 
 
 def use_dense(height: int, width: int, kernel_size: int) -> bool:
@@ -60,45 +60,37 @@ def dense_backward(attn: Tensor, value: Tensor, kernel_size: int, grad_out: Tens
     return grad_attn, grad_value
 
 
-def _row_windows(value: Tensor, rows: Tensor, cols: Tensor, a: int) -> Tensor:
-    """The ``K`` column taps of window row ``a`` for every pixel: ``(B, G, H, W, K, c)``."""
-    B, G, H, W, c = value.shape
-    K = cols.shape[1]
-    vr = value.index_select(2, rows[:, a])  # (B, G, H, W, c): value row s(i) + a for output row i
-    return vr.index_select(3, cols.reshape(-1)).view(B, G, H, W, K, c)
-
-
-def rows_forward(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
+def taps_forward(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:
     B, G, H, W, c = value.shape
     K = kernel_size
     rows, cols = window_keys(H, K, value.device), window_keys(W, K, value.device)
-    attn = attn.view(B, G, H, W, K, K)
-    out = None
+    taps = attn.permute(4, 0, 1, 2, 3).unsqueeze(-1).contiguous()  # (K*K, B, G, H, W, 1)
+    out = torch.zeros_like(value)
     for a in range(K):
-        win = _row_windows(value, rows, cols, a)
-        term = (attn[..., a, :].unsqueeze(-2) @ win).squeeze(-2)  # (B, G, H, W, c)
-        out = term if out is None else out.add_(term)
+        vr = value.index_select(2, rows[:, a])  # (B, G, H, W, c): value row s(i) + a for output row i
+        for b in range(K):
+            out.addcmul_(taps[a * K + b], vr.index_select(3, cols[:, b]))
     return out
 
 
-def rows_backward(attn: Tensor, value: Tensor, kernel_size: int, grad_out: Tensor,
+def taps_backward(attn: Tensor, value: Tensor, kernel_size: int, grad_out: Tensor,
                   needs: Tuple[bool, bool]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     B, G, H, W, c = value.shape
     K = kernel_size
     rows, cols = window_keys(H, K, value.device), window_keys(W, K, value.device)
-    attn = attn.view(B, G, H, W, K, K)
-    g = grad_out.unsqueeze(-1)  # (B, G, H, W, c, 1)
-    grad_attn = attn.new_empty(attn.shape) if needs[0] else None
+    taps = attn.permute(4, 0, 1, 2, 3).unsqueeze(-1).contiguous()  # (K*K, B, G, H, W, 1)
+    grad_taps = attn.new_empty(K * K, B, G, H, W) if needs[0] else None
     grad_value = torch.zeros_like(value) if needs[1] else None
-    flat_cols = cols.reshape(-1)
     for a in range(K):
-        if needs[0]:
-            win = _row_windows(value, rows, cols, a)
-            grad_attn[..., a, :] = (win @ g).squeeze(-1)  # (B, G, H, W, K)
+        vr = value.index_select(2, rows[:, a]) if needs[0] else None
+        per_row = torch.zeros_like(value) if needs[1] else None
+        for b in range(K):
+            t = a * K + b
+            if needs[0]:
+                torch.sum(vr.index_select(3, cols[:, b]) * grad_out, dim=-1, out=grad_taps[t])
+            if needs[1]:
+                per_row.index_add_(3, cols[:, b], taps[t] * grad_out)
         if needs[1]:
-            contrib = attn[..., a, :].unsqueeze(-1) * grad_out.unsqueeze(-2)  # (B, G, H, W, K, c)
-            per_row = torch.zeros_like(value).index_add_(3, flat_cols, contrib.view(B, G, H, W * K, c))
             grad_value.index_add_(2, rows[:, a], per_row)
-    if grad_attn is not None:
-        grad_attn = grad_attn.view(B, G, H, W, K * K)
+    grad_attn = grad_taps.permute(1, 2, 3, 4, 0).contiguous() if needs[0] else None
     return grad_attn, grad_value
