@@ -37,13 +37,14 @@ def _check_groups(argv) -> None:
 
 
 def main(config_name: str = "train") -> None:
+    _check_groups(sys.argv[1:])  # before the heavy imports: a typo answers at once
+
     import hydra
 
     from visionzoo.data.errors import InputError
     from visionzoo.tasks.train import evaluate, register_resolvers, run
 
     register_resolvers()
-    _check_groups(sys.argv[1:])
 
     @hydra.main(config_path=str(CONFIGS), config_name=config_name, version_base="1.3")
     def _entry(cfg):

@@ -13,6 +13,7 @@ The backbone is ``timm.create_model(name, features_only=True)``, the timm way (D
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, List, Optional, Sequence
 
@@ -45,8 +46,17 @@ def is_plain_model(name: str, **kwargs: Any) -> bool:
     Decided from a ``features_only`` copy built on the meta device (no memory, no weights).
     """
     check_model_name(name)
+    if not kwargs:
+        return _is_plain_cached(name)
     with torch.device("meta"):
         probe = timm.create_model(name, features_only=True, pretrained=False, **kwargs)
+    return len(set(probe.feature_info.reduction())) == 1
+
+
+@functools.lru_cache(maxsize=None)
+def _is_plain_cached(name: str) -> bool:
+    with torch.device("meta"):
+        probe = timm.create_model(name, features_only=True, pretrained=False)
     return len(set(probe.feature_info.reduction())) == 1
 
 
@@ -76,7 +86,9 @@ class PyramidBackbone(nn.Module):
     def __init__(self, name: str, pretrained: bool = False, out_strides: Sequence[int] = (4, 8, 16, 32),
                  **kwargs: Any):
         super().__init__()
-        self.plain = is_plain_model(name, **{k: v for k, v in kwargs.items() if k != "out_indices"})
+        # structure-changing kwargs (depth, ...) need their own probe; the usual ones do not
+        probe_kwargs = {k: v for k, v in kwargs.items() if k not in ("out_indices", "drop_path_rate", "drop_rate")}
+        self.plain = is_plain_model(name, **probe_kwargs)
         if self.plain:
             kwargs.setdefault("dynamic_img_size", True)
         self.body = timm.create_model(name, features_only=True, pretrained=pretrained, **kwargs)

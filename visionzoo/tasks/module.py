@@ -125,7 +125,7 @@ class TaskModule(pl.LightningModule):
 
     # --- steps --------------------------------------------------------------------------------
     def _forward(self, *args):
-        return (self._compiled or self.model)(*args)
+        return (self._compiled if self._compiled is not None else self.model)(*args)
 
     def _to_cl(self, x):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and torch.is_tensor(x) and x.ndim == 4 else x

@@ -192,8 +192,13 @@ def run(cfg, extra_callbacks=()) -> Dict[str, float]:
     module = TaskModule(cfg, data.num_classes)
     metric = _METRIC[cfg["task"]["name"]]
     ckpt_dir = run_dir / "checkpoints"
-    callbacks = [ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor=metric, mode="max", save_top_k=1,
-                                 save_last=True, enable_version_counter=False, auto_insert_metric_name=False)]
+    # best.ckpt: highest validation metric; last.ckpt: every epoch (Lightning's save_last only follows best saves)
+    callbacks = [
+        ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor=metric, mode="max", save_top_k=1,
+                        enable_version_counter=False, auto_insert_metric_name=False),
+        ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                        enable_version_counter=False),
+    ]
     callbacks += list(extra_callbacks)
     trainer = _trainer(cfg, run_dir, callbacks)
     dm = DataModule(data, cfg["data"], seed=cfg.get("seed", 0))
@@ -211,8 +216,6 @@ def run(cfg, extra_callbacks=()) -> Dict[str, float]:
 
 def evaluate(cfg) -> Dict[str, float]:
     """Validate the weights of ``cfg.ckpt_path`` (a visionzoo checkpoint) on the configured data."""
-    import lightning.pytorch as pl
-
     from .datamodule import DataModule
     from .module import TaskModule
 
