@@ -9,7 +9,7 @@ unfold the valid windows, replicate-pad them to every pixel). Train-form (dilate
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from visionzoo.ops.sparse_attention import BACKENDS, keep_mask, sparse_attention, sparse_attention_flops
+from visionzoo.ops.sparse_attention import keep_mask, sparse_attention, sparse_attention_flops
 from visionzoo.ops.sparse_attention import _gather
 
 ENV = "VISIONZOO_BACKEND_SPARSE_ATTENTION"

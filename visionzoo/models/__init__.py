@@ -1,10 +1,5 @@
 """visionzoo model families; importing this module registers every variant with timm."""
 from ._registry import VISIONZOO_MODELS, ModelMeta
-from . import vim
-from . import patnet
-from . import biformer
-from . import dependencyvit
-from . import overlock
-from . import sparsifiner
+from . import biformer, dependencyvit, overlock, patnet, sparsifiner, vim  # noqa: F401  (register with timm)
 
 __all__ = ["VISIONZOO_MODELS", "ModelMeta"]

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-import torch
 from torch import Tensor
 
 from .._backend import resolve_backend
