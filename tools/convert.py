@@ -29,6 +29,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     name = f"{args.model}.in1k_ema" if args.ema else args.model
+    if args.ema and name not in timm.list_pretrained(name):
+        raise SystemExit(f"convert: {args.model} has no EMA weights tag ({name}); drop --ema")
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint))
     state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
     out = Path(args.output)
