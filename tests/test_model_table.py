@@ -33,3 +33,14 @@ def test_registry_numbers_recount(name):
     assert count_params(model) == meta.params
     macs = count_macs(model, (1, *model.pretrained_cfg["input_size"]))
     assert abs(macs / 1e9 - meta.gmacs) < 5e-4, f"{name}: {macs / 1e9:.4f} GMACs counted, registry says {meta.gmacs}"
+
+
+def test_checkpoint_manifest_lists_every_weight_source():
+    import json
+
+    manifest = json.loads((ROOT / "checkpoints" / "manifest.json").read_text())
+    for name in VISIONZOO_MODELS:
+        for tag in timm.list_pretrained(name + ".*"):
+            cfg = timm.models.get_pretrained_cfg(tag)
+            if cfg and (cfg.url or cfg.hf_hub_id) and not tag.endswith("_ema"):
+                assert tag in manifest, f"checkpoints/manifest.json lacks {tag}"
