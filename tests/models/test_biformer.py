@@ -5,7 +5,6 @@ import argparse
 import pytest
 import timm
 import torch
-from torch import nn
 
 import visionzoo  # noqa: F401
 from visionzoo.models import VISIONZOO_MODELS
@@ -13,6 +12,7 @@ from visionzoo.models.biformer import BiFormer, checkpoint_filter_fn
 from visionzoo.ops.routing_attention import routing_attention_flops
 from visionzoo.utils import count_macs
 
+from .randomise import randomise_standard_layer
 from .biformer_official import official_biformer_forward
 
 TEST_CFG = dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), topks=(1, 2, 4, -2), head_dim=8)
@@ -51,18 +51,7 @@ def _randomise(model, seed=1):
     """Move every weight and BN statistic off its init so parity compares real values."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            m.weight.normal_(0, m.weight[0].numel() ** -0.5, generator=g)
-            if m.bias is not None:
-                m.bias.normal_(0, 0.1, generator=g)
-        elif isinstance(m, nn.BatchNorm2d):
-            m.weight.uniform_(0.5, 1.5, generator=g)
-            m.bias.normal_(0, 0.2, generator=g)
-            m.running_mean.normal_(0, 0.2, generator=g)
-            m.running_var.uniform_(0.5, 1.5, generator=g)
-        elif isinstance(m, (nn.LayerNorm, timm.layers.LayerNorm2d)):
-            m.weight.uniform_(0.5, 1.5, generator=g)
-            m.bias.normal_(0, 0.2, generator=g)
+        randomise_standard_layer(m, g)
     return model
 
 

@@ -5,7 +5,6 @@ import copy
 import pytest
 import timm
 import torch
-from torch import nn
 from timm.utils.model import reparameterize_model
 
 import visionzoo  # noqa: F401
@@ -13,6 +12,7 @@ from visionzoo.models import VISIONZOO_MODELS
 from visionzoo.models import overlock as overlock_module
 from visionzoo.utils import count_macs
 
+from .randomise import randomise_standard_layer
 from .overlock_official import OFFICIAL_CFGS, official_overlock_forward, to_official
 
 
@@ -21,20 +21,9 @@ def _randomise(model, seed=1):
     """Move every weight, BN statistic, LN, GRN, LayerScale and RPB off its init."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            fan_in = m.weight[0].numel()
-            m.weight.normal_(0, fan_in ** -0.5, generator=g)
-            if m.bias is not None:
-                m.bias.normal_(0, 0.1, generator=g)
-        elif isinstance(m, nn.BatchNorm2d):
-            m.weight.uniform_(0.5, 1.5, generator=g)
-            m.bias.normal_(0, 0.2, generator=g)
-            m.running_mean.normal_(0, 0.2, generator=g)
-            m.running_var.uniform_(0.5, 1.5, generator=g)
-        elif isinstance(m, nn.LayerNorm):
-            m.weight.uniform_(0.5, 1.5, generator=g)
-            m.bias.normal_(0, 0.2, generator=g)
-        elif isinstance(m, (overlock_module.GRN,)):
+        if randomise_standard_layer(m, g):
+            continue
+        if isinstance(m, (overlock_module.GRN,)):
             m.gamma.normal_(0, 0.3, generator=g)
             m.beta.normal_(0, 0.1, generator=g)
         elif isinstance(m, overlock_module.LayerScale):

@@ -15,6 +15,7 @@ from visionzoo.models import VISIONZOO_MODELS
 from visionzoo.models import patnet as patnet_module
 from visionzoo.utils import count_macs
 
+from .randomise import randomise_standard_layer
 from .patnet_official import official_bucket_ids, official_partialnet_forward
 
 
@@ -39,20 +40,9 @@ def _randomise(model, seed=1):
     """Move every weight, BN statistic and iRPE table off its init so parity compares real values."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            fan_in = m.weight[0].numel()
-            m.weight.normal_(0, fan_in ** -0.5, generator=g)
-            if m.bias is not None:
-                m.bias.normal_(0, 0.1, generator=g)
-        elif isinstance(m, nn.BatchNorm2d):
-            m.weight.uniform_(0.5, 1.5, generator=g)
-            m.bias.normal_(0, 0.2, generator=g)
-            m.running_mean.normal_(0, 0.2, generator=g)
-            m.running_var.uniform_(0.5, 1.5, generator=g)
-        elif isinstance(m, nn.LayerNorm):
-            m.weight.uniform_(0.5, 1.5, generator=g)
-            m.bias.normal_(0, 0.2, generator=g)
-        elif isinstance(m, patnet_module.IRPEBias):
+        if randomise_standard_layer(m, g):
+            continue
+        if isinstance(m, patnet_module.IRPEBias):
             m.lookup_table_bias.normal_(0, 1.0, generator=g)
     return model
 
