@@ -4,6 +4,12 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU, Triton kernels can only run in Triton's interpreter, and Triton reads TRITON_INTERPRET
+# when it is imported (its tl.* helpers are wrapped by triton.jit then); torch imports Triton as soon as
+# torch.library / visionzoo is imported, so the variable is set here, before any of that. (Importing
+# torch alone does not import Triton.) Used by tests/ops/test_selective_scan_triton.py.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

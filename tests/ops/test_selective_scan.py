@@ -250,7 +250,7 @@ def test_auto_is_chunked_on_cpu(monkeypatch):
 
 
 def test_backend_names():
-    assert BACKENDS == ("reference", "chunked", "mamba")
+    assert BACKENDS == ("reference", "chunked", "mamba", "triton")
 
 
 def test_unknown_backend():

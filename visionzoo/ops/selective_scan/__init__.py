@@ -26,7 +26,15 @@ variable ``VISIONZOO_BACKEND_SELECTIVE_SCAN``, see :mod:`visionzoo.ops._backend`
     adjoint ``dL/dh`` over the same blocks, with states recomputed per block from checkpoints.
 ``mamba``
     mamba-ssm's fused CUDA kernel, imported lazily; available only for CUDA tensors when
-    ``mamba_ssm`` imports. ``auto`` prefers it, then ``chunked``.
+    ``mamba_ssm`` imports.
+``triton``
+    A fused Triton forward (one program per batch element and block of channels, looping over ``L``
+    with the state in fp32 registers; fp32/fp16/bf16 inputs); the backward is ``chunked``'s analytic
+    one. Triton is imported lazily; available for CUDA tensors when it imports, and for CPU tensors
+    only under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
+
+``auto`` prefers ``mamba``, then ``chunked``. ``triton`` is opt-in (``backend="triton"`` or the
+environment variable) until it has been measured on a GPU (``benchmarks/gpu_check.sh``).
 
 The scan is the custom op ``torch.ops.visionzoo.selective_scan``: it runs on the meta device, works
 under ``torch.compile``, is counted by ``FlopCounterMode`` (mamba-ssm's formula,
@@ -135,7 +143,8 @@ def selective_scan(
         delta_bias: optional ``(dim,)`` added to ``delta``.
         delta_softplus: apply ``softplus`` to ``delta`` (after the bias).
         return_last_state: also return the final state.
-        backend: ``"auto"``, ``"reference"``, ``"chunked"`` or ``"mamba"`` (see the module docstring).
+        backend: ``"auto"``, ``"reference"``, ``"chunked"``, ``"mamba"`` or ``"triton"`` (see the module
+            docstring).
 
     Returns:
         ``out`` ``(batch, dim, L)`` in ``u``'s dtype (internal math in fp32; fp64 for fp64 inputs), or

@@ -19,12 +19,16 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .._backend import resolve_backend
-from . import _mamba
+from . import _mamba, _triton
 from ._chunked import selective_scan_chunked, selective_scan_chunked_backward
 from ._reference import compute_dtype, selective_scan_reference
 
 OP = "selective_scan"
-BACKENDS = ("reference", "chunked", "mamba")
+BACKENDS = ("reference", "chunked", "mamba", "triton")
+# ``auto`` candidates, best first. ``triton`` is only tried on CUDA: on CPU it runs in Triton's slow
+# interpreter (for tests, with TRITON_INTERPRET=1), so ``auto`` stays ``mamba -> chunked`` there.
+# ``triton`` is opt-in (backend="triton" or VISIONZOO_BACKEND_SELECTIVE_SCAN=triton) until
+# benchmarks/gpu_check.sh has measured it against mamba and chunked on a GPU; ``auto`` never picks it.
 AUTO_ORDER = ("mamba", "chunked")
 
 # Forward implementations, keyed by backend name. Each takes validated inputs (B, C 4-d) and returns
@@ -33,22 +37,31 @@ FORWARD = {
     "reference": selective_scan_reference,
     "chunked": selective_scan_chunked,
     "mamba": _mamba.selective_scan_mamba,
+    "triton": _triton.selective_scan_triton,
 }
 
 
 def is_available(name: str, device_type: str) -> bool:
-    """Whether backend ``name`` can run on ``device_type`` (cheap; mamba-ssm's import is cached)."""
+    """Whether backend ``name`` can run on ``device_type`` (cheap; the mamba-ssm / Triton imports are cached).
+
+    ``triton`` runs on CUDA, and on CPU only under ``TRITON_INTERPRET=1`` (Triton's interpreter).
+    """
     if name == "mamba":
         return _mamba.is_available(device_type)
+    if name == "triton":
+        return _triton.is_available(device_type)
     return name in ("reference", "chunked")
+
+
+_DTYPES = {"mamba": _mamba.SUPPORTED_DTYPES, "triton": _triton.SUPPORTED_DTYPES}
 
 
 def resolve(requested: str, u: Tensor) -> str:
     """The backend that runs for ``u`` when ``requested`` is asked for."""
     name = resolve_backend(OP, requested, u.device.type, BACKENDS, AUTO_ORDER, is_available)
-    if name == "mamba" and u.dtype not in _mamba.SUPPORTED_DTYPES:
-        if requested == "mamba":
-            raise RuntimeError(f"{OP}: backend 'mamba' does not support dtype {u.dtype}")
+    if name in _DTYPES and u.dtype not in _DTYPES[name]:
+        if requested == name:
+            raise RuntimeError(f"{OP}: backend {name!r} does not support dtype {u.dtype}")
         name = "chunked"
     return name
 
@@ -142,7 +155,8 @@ def _backward(ctx, grad_out, grad_last_state):
     elif name == "mamba" and grad_last_state is None:
         grads = _mamba.selective_scan_mamba_backward(inputs, ctx.delta_softplus, grad_out, needs)
     else:
-        # chunked; also mamba when last_state is differentiated (mamba-ssm ignores that gradient).
+        # chunked and triton (the chunked analytic backward recomputes the states); also mamba when
+        # last_state is differentiated (mamba-ssm ignores that gradient).
         grads = selective_scan_chunked_backward(*inputs, ctx.delta_softplus, grad_out, grad_last_state)
     grads = tuple(g if need else None for g, need in zip(grads, needs))
     return (*grads, None, None)
