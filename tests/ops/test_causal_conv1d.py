@@ -88,3 +88,10 @@ def test_cuda_backends_match_reference():
     ref = causal_conv1d(x, w, b, "silu", backend="reference")
     torch.testing.assert_close(causal_conv1d(x, w, b, "silu"), ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(causal_conv1d(x, w, b, "silu", backend="shifted"), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_opcheck():
+    x, w, b = torch.randn(2, 5, 7), torch.randn(5, 4), torch.randn(5)
+    for backend in ("reference", "shifted"):
+        torch.library.opcheck(torch.ops.visionzoo.causal_conv1d, (x, w, b, "silu", backend),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -159,3 +159,10 @@ def test_auto_backend_and_env_override(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend 'triton'"):
         bi_level_routing_attention(q, k, v, 1, 2, 2, 0.5, backend="triton")
     assert set(BACKENDS) == {"reference", "chunked"}
+
+
+def test_opcheck_custom_op():
+    q, k, v = (torch.randn(1, 4, 4, 8) for _ in range(3))
+    for backend in ("reference", "chunked"):
+        torch.library.opcheck(torch.ops.visionzoo.bi_level_routing_attention, (q, k, v, 2, 2, 2, 2, 0.35, backend),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

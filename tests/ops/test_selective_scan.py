@@ -432,3 +432,14 @@ def test_cuda_matches_reference(backend, dtype):
     assert_close(last.cpu(), last_r, tol, "last_state")
     for name in g_r:
         assert_close(g[name].cpu(), g_r[name], 10 * tol, f"grad {name}")
+
+
+def test_opcheck_custom_op():
+    b, d, L, N = 2, 4, 5, 3
+    args = (torch.randn(b, d, L), torch.randn(b, d, L), -torch.rand(d, N), torch.randn(b, 1, N, L),
+            torch.randn(b, 1, N, L), torch.randn(d), torch.randn(b, d, L), torch.randn(d), True)
+    schema_args = torch.ops.visionzoo.selective_scan.default._schema.arguments
+    assert [a.name for a in schema_args][-1] == "backend"
+    for backend in ("reference", "chunked"):
+        torch.library.opcheck(torch.ops.visionzoo.selective_scan, (*args, backend),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

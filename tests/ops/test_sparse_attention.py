@@ -140,3 +140,11 @@ def test_cuda_matches_reference(backend):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_opcheck_custom_op():
+    q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
+    idx = torch.stack([torch.randperm(6)[:3] for _ in range(2 * 5)]).view(1, 2, 5, 3)
+    for backend in ("masked", "gather"):
+        torch.library.opcheck(torch.ops.visionzoo.sparse_attention, (q, k, v, idx, 0.5, 1, backend),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
