@@ -30,45 +30,17 @@ import statistics
 import subprocess
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import timm
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import visionzoo  # noqa: E402,F401  (registers the models)
 from visionzoo.models.dependencyvit import DependencyViTBlock  # noqa: E402
 from visionzoo.ops.reversed_attention import reversed_attention  # noqa: E402
 from visionzoo.utils import count_macs  # noqa: E402
-
-
-class PeakLiveBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages created inside the mode and alive at the same time."""
-
-    def __init__(self):
-        super().__init__()
-        self.current = self.peak = 0
-        self._live = {}
-
-    def _release(self, key, nbytes):
-        self.current -= nbytes
-        self._live.pop(key, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                if id(storage) not in self._live:
-                    nbytes = storage.nbytes()
-                    self._live[id(storage)] = nbytes
-                    self.current += nbytes
-                    self.peak = max(self.peak, self.current)
-                    weakref.finalize(storage, self._release, id(storage), nbytes)
-        return out
+from visionzoo.utils.memory import PeakLiveBytes  # noqa: E402
 
 
 def block_step_inputs(batch: int, backend: str):

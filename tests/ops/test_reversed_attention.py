@@ -2,14 +2,12 @@
 directly from the paper's equations (outputs, gradients, dependency map, mass), FLOPs, memory, errors."""
 from __future__ import annotations
 
-import weakref
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from visionzoo.utils.memory import PeakLiveBytes
 from visionzoo.ops.reversed_attention import BACKENDS, resolve, reversed_attention, reversed_attention_flops
 
 ENV = "VISIONZOO_BACKEND_REVERSED_ATTENTION"
@@ -178,31 +176,6 @@ def test_bad_arguments_raise():
         reversed_attention(q, k, v, chunk_size=0)
     with pytest.raises(ValueError, match="floating"):
         reversed_attention(q, k, v.long())
-
-
-class PeakLiveBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages created by ops inside the mode and still alive (inputs excluded)."""
-
-    def __init__(self):
-        super().__init__()
-        self.current = self.peak = 0
-        self._live = {}
-
-    def _release(self, key, nbytes):
-        self.current -= nbytes
-        self._live.pop(key, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                storage = t.untyped_storage()
-                if id(storage) not in self._live:
-                    self._live[id(storage)] = storage.nbytes()
-                    self.current += storage.nbytes()
-                    self.peak = max(self.peak, self.current)
-                    weakref.finalize(storage, self._release, id(storage), storage.nbytes())
-        return out
 
 
 def test_chunked_peak_memory_is_a_fraction_of_dense():
