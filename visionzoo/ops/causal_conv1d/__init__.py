@@ -13,10 +13,10 @@ Backends (``backend=``; ``auto`` can be overridden with ``VISIONZOO_BACKEND_CAUS
 ``reference``
     ``F.conv1d`` with ``groups=dim`` and ``K - 1`` zeros of padding, cropped to ``L``.
 ``shifted``
-    ``K`` fused multiply-adds on time-shifted slices in a time-major ``(batch, L, dim)`` layout:
-    for K = 4 this is ~5-10x faster than oneDNN's depthwise conv1d on CPU, and it reads a
-    time-major ``x`` (a ``(batch, dim, L)`` view of ``(batch, L, dim)`` memory, as a ``Linear``
-    produces) without a transposing copy. The output keeps ``x``'s memory layout.
+    ``K`` fused multiply-adds on time-shifted slices in a time-major ``(batch, L, dim)`` layout.
+    It reads a time-major ``x`` (a ``(batch, dim, L)`` view of ``(batch, L, dim)`` memory, as a
+    ``Linear`` produces) without a transposing copy and keeps ``x``'s memory layout; on CPU it is
+    about as fast as oneDNN's depthwise conv1d (benchmarks/causal_conv1d_cpu.md).
 ``cuda``
     the causal-conv1d package's kernel, imported lazily, when importable and ``x`` is on CUDA.
 
