@@ -15,7 +15,8 @@ variable ``VISIONZOO_BACKEND_SELECTIVE_SCAN``, see :mod:`visionzoo.ops._backend`
 ``reference``
     mamba-ssm's ``selective_scan_ref`` algorithm: one op per time step. Defines the semantics.
 ``chunked``
-    Pure PyTorch, exact in fp32, any device, the default off CUDA. The sequence is cut into blocks
+    Pure PyTorch, exact in fp32, any device; the CPU fallback for other dtypes or when no C compiler
+    is found. The sequence is cut into blocks
     of ``T`` steps (``T * batch * dim * N`` ~ 2^19 elements). For each block, ``exp(delta A)`` (computed
     as ``exp2`` with ``A`` pre-scaled by ``log2 e``) and ``delta B u`` are written into two small
     preallocated buffers in a time-major ``(T, batch, G, N, dim/G)`` layout, the recurrence is run as
@@ -24,6 +25,12 @@ variable ``VISIONZOO_BACKEND_SELECTIVE_SCAN``, see :mod:`visionzoo.ops._backend`
     overflow or underflow where the true recurrence does not (no ``exp(-cumsum)`` rescaling).
     Memory is ``O(batch * dim * (L + N * T))``. The backward is analytic: a reverse scan for the
     adjoint ``dL/dh`` over the same blocks, with states recomputed per block from checkpoints.
+``cpu``
+    A C kernel (:file:`_cpu_kernel.c`) compiled on first use with the system C compiler and called
+    through ctypes: one pass over the sequence per block of 16 channels with the state in registers,
+    SIMD over channels, no ``(L, N)`` temporaries. fp32 CPU tensors; the default on CPU. The backward
+    is ``chunked``'s analytic one. Unavailable (``auto`` falls back to ``chunked``) without a compiler
+    or with ``VISIONZOO_CPU_KERNELS=0``.
 ``mamba``
     mamba-ssm's fused CUDA kernel, imported lazily; available only for CUDA tensors when
     ``mamba_ssm`` imports.
@@ -33,7 +40,7 @@ variable ``VISIONZOO_BACKEND_SELECTIVE_SCAN``, see :mod:`visionzoo.ops._backend`
     one. Triton is imported lazily; available for CUDA tensors when it imports, and for CPU tensors
     only under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
 
-``auto`` prefers ``mamba``, then ``chunked``. ``triton`` is opt-in (``backend="triton"`` or the
+``auto`` prefers ``mamba``, then ``cpu``, then ``chunked``. ``triton`` is opt-in (``backend="triton"`` or the
 environment variable) until it has been measured on a GPU (``benchmarks/gpu_check.sh``).
 
 The scan is the custom op ``torch.ops.visionzoo.selective_scan``: it runs on the meta device, works
@@ -143,7 +150,7 @@ def selective_scan(
         delta_bias: optional ``(dim,)`` added to ``delta``.
         delta_softplus: apply ``softplus`` to ``delta`` (after the bias).
         return_last_state: also return the final state.
-        backend: ``"auto"``, ``"reference"``, ``"chunked"``, ``"mamba"`` or ``"triton"`` (see the module
+        backend: ``"auto"``, ``"reference"``, ``"chunked"``, ``"cpu"``, ``"mamba"`` or ``"triton"`` (see the module
             docstring).
 
     Returns:

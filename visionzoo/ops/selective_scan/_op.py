@@ -19,23 +19,25 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .._backend import resolve_backend
-from . import _mamba, _triton
+from . import _cpu, _mamba, _triton
 from ._chunked import selective_scan_chunked, selective_scan_chunked_backward
 from ._reference import compute_dtype, selective_scan_reference
 
 OP = "selective_scan"
-BACKENDS = ("reference", "chunked", "mamba", "triton")
+BACKENDS = ("reference", "chunked", "cpu", "mamba", "triton")
 # ``auto`` candidates, best first. ``triton`` is only tried on CUDA: on CPU it runs in Triton's slow
 # interpreter (for tests, with TRITON_INTERPRET=1), so ``auto`` stays ``mamba -> chunked`` there.
 # ``triton`` is opt-in (backend="triton" or VISIONZOO_BACKEND_SELECTIVE_SCAN=triton) until
 # benchmarks/gpu_check.sh has measured it against mamba and chunked on a GPU; ``auto`` never picks it.
-AUTO_ORDER = ("mamba", "chunked")
+# ``cpu`` (a C kernel compiled on first use) runs fp32 on CPU; ``chunked`` takes the rest.
+AUTO_ORDER = ("mamba", "cpu", "chunked")
 
 # Forward implementations, keyed by backend name. Each takes validated inputs (B, C 4-d) and returns
 # (out, last_state).
 FORWARD = {
     "reference": selective_scan_reference,
     "chunked": selective_scan_chunked,
+    "cpu": _cpu.selective_scan_cpu,
     "mamba": _mamba.selective_scan_mamba,
     "triton": _triton.selective_scan_triton,
 }
@@ -50,10 +52,12 @@ def is_available(name: str, device_type: str) -> bool:
         return _mamba.is_available(device_type)
     if name == "triton":
         return _triton.is_available(device_type)
+    if name == "cpu":
+        return _cpu.is_available(device_type)
     return name in ("reference", "chunked")
 
 
-_DTYPES = {"mamba": _mamba.SUPPORTED_DTYPES, "triton": _triton.SUPPORTED_DTYPES}
+_DTYPES = {"mamba": _mamba.SUPPORTED_DTYPES, "triton": _triton.SUPPORTED_DTYPES, "cpu": _cpu.SUPPORTED_DTYPES}
 
 
 def resolve(requested: str, u: Tensor) -> str:
@@ -155,7 +159,7 @@ def _backward(ctx, grad_out, grad_last_state):
     elif name == "mamba" and grad_last_state is None:
         grads = _mamba.selective_scan_mamba_backward(inputs, ctx.delta_softplus, grad_out, needs)
     else:
-        # chunked and triton (the chunked analytic backward recomputes the states); also mamba when
+        # chunked, cpu and triton (the chunked analytic backward recomputes the states); also mamba when
         # last_state is differentiated (mamba-ssm ignores that gradient).
         grads = selective_scan_chunked_backward(*inputs, ctx.delta_softplus, grad_out, grad_last_state)
     grads = tuple(g if need else None for g, need in zip(grads, needs))

@@ -1,0 +1,121 @@
+"""The ``cpu`` selective-scan backend (C kernel compiled on first use) against ``reference``."""
+import itertools
+import logging
+
+import pytest
+import torch
+
+from visionzoo.ops.selective_scan import _cpu, _op, selective_scan
+
+from .test_selective_scan import ENV, assert_close, make_inputs, run
+
+needs_kernel = pytest.mark.skipif(_cpu.load() is None, reason="no C compiler on this machine")
+
+
+@needs_kernel
+@pytest.mark.parametrize("opts", list(itertools.product([False, True], repeat=4)))
+def test_all_option_combinations(opts):
+    D, z, bias, softplus = opts
+    x = make_inputs(length=21, groups=3, dim=6, D=D, z=z, bias=bias, seed=3)
+    out_r, last_r, g_r = run(x, "reference", softplus, grads=True)
+    out_c, last_c, g_c = run(x, "cpu", softplus, grads=True)
+    assert out_c.dtype == torch.float32 and last_c.shape == last_r.shape
+    assert_close(out_c, out_r, 2e-6, "out")
+    assert_close(last_c, last_r, 2e-6, "last_state")
+    for name in g_r:  # the backward is chunked's; checked here through the op's autograd
+        assert_close(g_c[name], g_r[name], 1e-5, f"grad {name}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dim,groups,dstate", [(48, 1, 16), (40, 2, 16), (34, 2, 5), (18, 3, 1), (96, 2, 64)])
+@pytest.mark.parametrize("length", [1, 17, 70])
+def test_channel_blocks_and_groups(dim, groups, dstate, length):
+    """Blocks of 16 channels: whole blocks per group, blocks straddling groups, ragged last block."""
+    x = make_inputs(batch=3, dim=dim, length=length, dstate=dstate, groups=groups, seed=dim + length)
+    out_r, last_r, _ = run(x, "reference")
+    out_c, last_c, _ = run(x, "cpu")
+    assert_close(out_c, out_r, 2e-6, "out")
+    assert_close(last_c, last_r, 2e-6, "last_state")
+
+
+@needs_kernel
+def test_time_major_views_and_threads(monkeypatch):
+    """Vim passes (b, d, L) views of (b, L, d) memory; out keeps that layout. Several threads agree with one."""
+    x = make_inputs(batch=2, dim=40, length=19, groups=2, seed=7)
+    tm = {k: (v.permute(2, 0, 1).contiguous().permute(1, 2, 0) if k in ("u", "delta", "z") else v)
+          for k, v in x.items()}
+    bl = {k: (v.transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "delta", "z") else v)
+          for k, v in x.items()}
+    out_r, _, _ = run(x, "reference")
+    out_tm, _, _ = run(tm, "cpu")
+    assert out_tm.permute(2, 0, 1).is_contiguous()
+    assert_close(out_tm, out_r, 2e-6, "time-major")
+    out_bl, _, _ = run(bl, "cpu")  # (b, L, d) memory: strided reads, contiguous out
+    assert_close(out_bl, out_r, 2e-6, "(b, L, d)")
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            out_n, last_n, _ = run(x, "cpu")
+            torch.testing.assert_close(out_n, out_bl.contiguous(), rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_extreme_decay_and_softplus_range():
+    """delta A down to -300 per step (exp underflows to 0) and softplus inputs from -40 to +40."""
+    x = make_inputs(batch=1, dim=16, length=30, dstate=4, seed=11)
+    x["delta"] = torch.linspace(-40, 40, 30).expand(1, 16, 30).contiguous()
+    x["A"] = -torch.linspace(0.01, 7.5, 64).reshape(16, 4)
+    out_r, last_r, _ = run(x, "reference")
+    out_c, last_c, _ = run(x, "cpu")
+    assert torch.isfinite(out_c).all()
+    assert_close(out_c, out_r, 2e-6, "out")
+    assert_close(last_c, last_r, 2e-6, "last_state")
+
+
+@needs_kernel
+def test_other_dtypes_fall_back_to_chunked():
+    x = make_inputs(length=5, dtype=torch.float64)
+    out_auto, _, _ = run(x, "auto")
+    assert out_auto.dtype == torch.float64
+    with pytest.raises(RuntimeError, match="does not support dtype torch.float64"):
+        selective_scan(**x, backend="cpu")
+
+
+@needs_kernel
+def test_state_size_limit_is_a_clear_error():
+    x = make_inputs(length=3, dim=4, dstate=_cpu.NMAX + 1)
+    with pytest.raises(RuntimeError, match=f"N <= {_cpu.NMAX}"):
+        selective_scan(**x, backend="cpu")
+
+
+def test_build_cache_and_unavailable_compiler(monkeypatch, tmp_path, caplog):
+    """The library is built into $VISIONZOO_CACHE once; without a compiler the backend is unavailable."""
+    monkeypatch.setenv("VISIONZOO_CACHE", str(tmp_path))
+    monkeypatch.setattr(_cpu, "_lib", _cpu._UNSET)
+    if _cpu._compiler() is not None:
+        assert _cpu.load() is not None
+        built = list((tmp_path / "kernels").glob("selective_scan_cpu_*.so"))
+        assert len(built) == 1
+        monkeypatch.setattr(_cpu, "_lib", _cpu._UNSET)
+        assert _cpu.load() is not None and list((tmp_path / "kernels").iterdir()) == built  # reused
+    monkeypatch.setattr(_cpu, "_lib", _cpu._UNSET)
+    monkeypatch.setattr(_cpu, "_compiler", lambda: None)
+    monkeypatch.delenv(ENV, raising=False)
+    with caplog.at_level(logging.INFO, logger="visionzoo.ops"):
+        assert not _op.is_available("cpu", "cpu")
+    assert "no C compiler" in caplog.text
+    with pytest.raises(RuntimeError, match="backend 'cpu' is not available"):
+        selective_scan(**make_inputs(length=3), backend="cpu")
+    assert _op.resolve("auto", torch.empty(1, 1, 1)) == "chunked"
+
+
+def test_broken_compiler_is_logged_not_raised(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("VISIONZOO_CACHE", str(tmp_path))
+    monkeypatch.setattr(_cpu, "_lib", _cpu._UNSET)
+    monkeypatch.setattr(_cpu, "_compiler", lambda: "/bin/false")
+    with caplog.at_level(logging.WARNING, logger="visionzoo.ops"):
+        assert _cpu.load() is None
+    assert "building the cpu kernel failed" in caplog.text
