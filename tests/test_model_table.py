@@ -36,11 +36,11 @@ def test_registry_numbers_recount(name):
 
 
 def test_checkpoint_manifest_lists_every_weight_source():
-    import json
+    import yaml
 
-    manifest = json.loads((ROOT / "checkpoints" / "manifest.json").read_text())
+    manifest = yaml.safe_load((ROOT / "checkpoints" / "manifest.yaml").read_text())["checkpoints"]
     for name in VISIONZOO_MODELS:
         for tag in timm.list_pretrained(name + ".*"):
             cfg = timm.models.get_pretrained_cfg(tag)
             if cfg and (cfg.url or cfg.hf_hub_id) and not tag.endswith("_ema"):
-                assert tag in manifest, f"checkpoints/manifest.json lacks {tag}"
+                assert tag in manifest, f"checkpoints/manifest.yaml lacks {tag}"
