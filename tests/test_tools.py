@@ -1,8 +1,12 @@
 """The command-line tools run end to end on small inputs."""
 import argparse
+import csv
 import importlib.util
+import json
 from pathlib import Path
 
+import matplotlib.image
+import pytest
 import timm
 import torch
 
@@ -16,19 +20,77 @@ def _load_tool(name):
     return module
 
 
-def test_benchmark_table_and_csv(tmp_path):
+def test_benchmark_end_to_end_writes_csv_json_png(tmp_path):
     bench = _load_tool("benchmark")
-    csv_path = tmp_path / "bench.csv"
-    rows = bench.main(["--models", "test_*", "--img-size", "64", "--warmup", "0", "--reps", "1",
-                       "--csv", str(csv_path)])
-    by_name = {r["model"]: r for r in rows}
-    assert "test_vim" in by_name
-    row = by_name["test_vim"]
-    assert row["params"] == sum(p.numel() for p in timm.create_model("test_vim").parameters())
-    assert row["gmacs"] > 0 and row["img_per_s"] > 0
-    text = csv_path.read_text()
-    assert text.startswith("# command: python tools/benchmark.py --models test_*")
-    assert "test_vim" in text
+    rows = bench.main(["--model", "test_vim", "test_patnet", "--img-size", "48", "40", "--mode", "both",
+                       "--batch-size", "2", "--warmup", "0", "--reps", "1", "--out-dir", str(tmp_path),
+                       "--tag", "unit"])
+    assert len(rows) == 2 * 2 * 2  # models x sizes x modes
+    csvs, jsons, pngs = (sorted(tmp_path.glob(f"*.{ext}")) for ext in ("csv", "json", "png"))
+    assert len(csvs) == len(jsons) == len(pngs) == 1
+    stem = csvs[0].stem
+    assert stem == jsons[0].stem == pngs[0].stem
+    assert stem.startswith("both-fp32-nchw-bs2-th") and f"pt{torch.__version__.split('+')[0]}-cpu-" in stem
+    assert stem.endswith("-unit")
+
+    lines = csvs[0].read_text().splitlines()
+    assert lines[0].startswith("# command: python tools/benchmark.py --model test_vim test_patnet")
+    assert any(f"torch {torch.__version__}" in line for line in lines if line.startswith("#"))
+    table = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    by_key = {(r["model"], int(r["img_size"]), r["mode"]): r for r in table}
+    assert len(by_key) == 8
+    vim_params = sum(p.numel() for p in timm.create_model("test_vim", img_size=48).parameters())
+    for mode in ("infer", "train"):
+        ok = by_key[("test_vim", 48, mode)]
+        assert ok["error"] == "" and int(ok["params"]) == vim_params and int(ok["batch_size"]) == 2
+        assert float(ok["gmacs"]) > 0 and float(ok["img_per_s"]) > 0 and float(ok["step_ms"]) > 0
+        assert float(ok["peak_mem_mb"]) > vim_params * 4 / 2**20  # at least the fp32 weights
+        bad = by_key[("test_vim", 40, mode)]  # 40 px is not a whole number of 16 px patches
+        assert bad["error"].startswith("ValueError: Vim: image height 40") and bad["img_per_s"] == ""
+        # CNNs take any size
+        assert by_key[("test_patnet", 40, mode)]["error"] == ""
+    train, infer = by_key[("test_vim", 48, "train")], by_key[("test_vim", 48, "infer")]
+    assert float(train["peak_mem_mb"]) > float(infer["peak_mem_mb"])  # grads, momentum, saved activations
+
+    results = json.loads(jsons[0].read_text())
+    assert results["meta"]["torch"] == torch.__version__ and results["meta"]["settings"]["img_sizes"] == [48, 40]
+    assert results["models"]["test_vim"]["source"] == "visionzoo"
+    assert len(results["rows"]) == 8
+
+    image = matplotlib.image.imread(pngs[0])
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 300
+    pngs[0].unlink()
+    bench.main(["--replot", str(jsons[0])])
+    assert matplotlib.image.imread(pngs[0]).shape == image.shape
+
+
+def test_benchmark_halves_batch_on_out_of_memory():
+    bench = _load_tool("benchmark")
+    tried = []
+
+    def measure(batch):
+        tried.append(batch)
+        if batch > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return "measured"
+
+    assert bench.with_oom_backoff(measure, 16) == ("measured", 2)
+    assert tried == [16, 8, 4, 2]
+    with pytest.raises(RuntimeError, match="out of memory"):  # nothing left to halve
+        bench.with_oom_backoff(lambda batch: (_ for _ in ()).throw(RuntimeError("CPU out of memory")), 1)
+    calls = []
+    with pytest.raises(ValueError, match="bad size"):  # other errors are not retried
+        bench.with_oom_backoff(lambda batch: (calls.append(batch), (_ for _ in ()).throw(ValueError("bad size"))), 8)
+    assert calls == [8]
+
+
+def test_benchmark_accepts_timm_globs_and_rejects_unknown_names():
+    bench = _load_tool("benchmark")
+    assert bench.resolve_models(["deit_tiny_patch16_224", "vim_ti*", "fasternet_t[01]"]) == [
+        "deit_tiny_patch16_224", "vim_tiny", "vim_tiny_stride8", "fasternet_t0", "fasternet_t1"]
+    assert "test_vim" not in bench.resolve_models(["*"])
+    with pytest.raises(SystemExit, match="no visionzoo or timm model matches 'no_such_model'"):
+        bench.resolve_models(["no_such_model"])
 
 
 def test_convert_official_vim_checkpoint(tmp_path):
