@@ -99,6 +99,112 @@ def test_grads_through_custom_op(groups, opts):
         assert_close(g[name], g_r[name], 1e-4, f"grad {name}")
 
 
+# ---------------------------------------------------------------- backward kernel
+
+
+def grads_of(x, backend, softplus=True, w_out=True, w_last=True, seed=1):
+    """out, last_state and the grads of every input for sum(out * W1) + sum(last * W2)."""
+    leaves = {k: (v.clone().requires_grad_(True) if v is not None else None) for k, v in x.items()}
+    out, last = selective_scan(**leaves, delta_softplus=softplus, return_last_state=True, backend=backend)
+    g = torch.Generator().manual_seed(seed)
+    loss = 0
+    if w_out:
+        loss = loss + (out * torch.randn(out.shape, generator=g).to(out)).sum()
+    if w_last:
+        loss = loss + (last * torch.randn(last.shape, generator=g).to(last)).sum()
+    loss.backward()
+    return out, last, {k: v.grad for k, v in leaves.items() if v is not None}
+
+
+def assert_parity(x, softplus=True, **kw):
+    """Triton vs reference, fp32: rtol 6e-4 / atol 2e-3 for outputs, last state and all gradients."""
+    out_r, last_r, g_r = grads_of(x, "reference", softplus, **kw)
+    out, last, g = grads_of(x, "triton", softplus, **kw)
+    torch.testing.assert_close(out, out_r, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(last, last_r, rtol=6e-4, atol=2e-3)
+    assert set(g) == set(g_r)
+    for name in g_r:
+        assert g[name].shape == x[name].shape and g[name].dtype == x[name].dtype, name
+        # (reference leaves .grad None where the loss does not depend on an input, e.g. C for last_state)
+        expected = g_r[name] if g_r[name] is not None else torch.zeros_like(x[name])
+        torch.testing.assert_close(g[name], expected, rtol=6e-4, atol=2e-3, msg=f"grad {name}")
+    return g
+
+
+@pytest.mark.parametrize("batch,dim,groups,length,dstate", [
+    (1, 4, None, 5, 4),  # one chunk, shorter than CHUNK
+    (1, 6, 3, 17, 5),  # two chunks (the last one a single step); 2 channels per group, N not a power of 2
+    pytest.param(2, 8, 2, 33, 16, marks=pytest.mark.slow),  # three chunks
+    pytest.param(2, 5, None, 16, 8, marks=pytest.mark.slow),  # exactly one full chunk, odd dim
+])
+def test_backward_kernel_matches_reference(batch, dim, groups, length, dstate):
+    x = make_inputs(batch=batch, dim=dim, length=length, dstate=dstate, groups=groups, seed=dim + length)
+    assert_parity(x)
+
+
+@pytest.mark.parametrize("opts", OPTIONS[1:])
+def test_backward_options(opts):
+    D, z, bias, softplus = opts
+    x = make_inputs(batch=1, dim=4, length=7, dstate=4, groups=2, D=D, z=z, bias=bias, seed=5)
+    assert_parity(x, softplus)
+
+
+@pytest.mark.parametrize("chunk,block_d", [(1, 1), (3, 2), (7, 1)])
+def test_backward_chunk_and_block_sizes(chunk, block_d):
+    """Checkpoint chunks of 1 step, of a size that does not divide L, and L itself; several channel blocks."""
+    x = make_inputs(batch=1, dim=4, length=7, dstate=3, groups=2, seed=11)
+    B, C = as4d(x)
+    args = (x["u"], x["delta"], x["A"], B, C, x["D"], x["z"], x["delta_bias"], True)
+    g = torch.Generator().manual_seed(3)
+    go = torch.randn(1, 4, 7, generator=g)
+    gl = torch.randn(1, 4, 3, generator=g)
+    ref = _chunked.selective_scan_chunked_backward(*args, go, gl)
+    got = _triton.selective_scan_triton_backward(*args, go, gl, chunk=chunk, block_d=block_d)
+    for name, a, b in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), got, ref):
+        torch.testing.assert_close(a, b, rtol=6e-4, atol=2e-3, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("w_out,w_last", [(True, False), (False, True)])
+def test_backward_out_only_or_last_state_only(w_out, w_last):
+    x = make_inputs(batch=1, dim=4, length=5, dstate=4, seed=2)
+    assert_parity(x, w_out=w_out, w_last=w_last)
+
+
+def test_backward_large_delta_and_decay():
+    """exp(delta A) underflows to 0 for some steps: the backward must stay exact (no division by it)."""
+    x = make_inputs(batch=1, dim=4, length=7, dstate=4, delta_scale=8.0, seed=4)
+    x["A"] = x["A"] * 10
+    assert_parity(x)
+
+
+def test_backward_time_major_layout():
+    """Vim passes (B, C, L) views of (B, L, C) activations: grads come back with the inputs' layout."""
+    x = make_inputs(batch=1, dim=4, length=5, dstate=4, groups=2, seed=6)
+    for k in ("u", "delta", "z"):
+        x[k] = x[k].permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    g = assert_parity(x)
+    assert g["u"].permute(2, 0, 1).is_contiguous()
+
+
+def test_backward_low_precision():
+    x = make_inputs(batch=1, dim=4, length=5, dstate=4, groups=2, seed=8)
+    x16 = {k: (v.to(torch.bfloat16) if k in ("u", "delta", "z", "B", "C") else v) for k, v in x.items()}
+    _, _, g_r = grads_of({k: v.float() for k, v in x16.items()}, "reference")
+    _, _, g = grads_of(x16, "triton")
+    for name in g_r:
+        assert g[name].dtype == x16[name].dtype
+        assert_close(g[name].float(), g_r[name], 2e-2, f"grad {name}")
+
+
+def test_backward_uses_the_triton_kernel(monkeypatch):
+    calls = []
+    real = _triton.selective_scan_triton_backward
+    monkeypatch.setattr(_triton, "selective_scan_triton_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(_chunked, "selective_scan_chunked_backward", None)  # must not be reached
+    grads_of(make_inputs(batch=1, dim=4, length=3, dstate=2), "triton")
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_inputs(dtype):
     x = make_inputs(batch=2, dim=8, length=5, dstate=4, groups=2)
@@ -127,10 +233,10 @@ def test_float64_falls_back_or_raises(monkeypatch):
 
 def test_auto_never_picks_triton_on_cpu(monkeypatch):
     assert _op.is_available("triton", "cpu")
-    calls = []
-    monkeypatch.setitem(_op.FORWARD, "chunked", lambda *a: calls.append(1) or _chunked.selective_scan_chunked(*a))
-    run(make_inputs(length=3), "auto")
-    assert calls
+    x = make_inputs(length=3)
+    assert _op.resolve("auto", x["u"]) in ("cpu", "chunked")  # whichever CPU backend auto prefers
+    monkeypatch.setitem(_op.FORWARD, "triton", None)  # would fail if called
+    run(x, "auto", grads=True)
     assert "triton" not in _op.AUTO_ORDER  # opt-in until measured on a GPU
 
 

@@ -27,7 +27,7 @@ variable ``VISIONZOO_BACKEND_SELECTIVE_SCAN``, see :mod:`visionzoo.ops._backend`
     adjoint ``dL/dh`` over the same blocks, with states recomputed per block from checkpoints.
 ``cpu``
     A C kernel (:file:`_cpu_kernel.c`) compiled on first use with the system C compiler and called
-    through ctypes: one pass over the sequence per block of 16 channels with the state in registers,
+    through ctypes: one pass over the sequence per block of 8 channels with the state in registers,
     SIMD over channels, no ``(L, N)`` temporaries. fp32 CPU tensors; the default on CPU. The backward
     is ``chunked``'s analytic one. Unavailable (``auto`` falls back to ``chunked``) without a compiler
     or with ``VISIONZOO_CPU_KERNELS=0``.
@@ -35,9 +35,11 @@ variable ``VISIONZOO_BACKEND_SELECTIVE_SCAN``, see :mod:`visionzoo.ops._backend`
     mamba-ssm's fused CUDA kernel, imported lazily; available only for CUDA tensors when
     ``mamba_ssm`` imports.
 ``triton``
-    A fused Triton forward (one program per batch element and block of channels, looping over ``L``
-    with the state in fp32 registers; fp32/fp16/bf16 inputs); the backward is ``chunked``'s analytic
-    one. Triton is imported lazily; available for CUDA tensors when it imports, and for CPU tensors
+    Fused Triton kernels (one program per batch element and block of channels of one group, looping
+    over ``L`` with the state in fp32 registers; fp32/fp16/bf16 inputs). The backward kernel recomputes
+    the states (checkpoints every 16 steps, each chunk re-run into a small per-program scratch buffer,
+    then walked backwards with the adjoint; nothing of size ``(batch, dim, L, N)`` is stored).
+    Triton is imported lazily; available for CUDA tensors when it imports, and for CPU tensors
     only under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
 
 ``auto`` prefers ``mamba``, then ``cpu``, then ``chunked``. ``triton`` is opt-in (``backend="triton"`` or the
@@ -46,6 +48,10 @@ environment variable) until it has been measured on a GPU (``benchmarks/gpu_chec
 The scan is the custom op ``torch.ops.visionzoo.selective_scan``: it runs on the meta device, works
 under ``torch.compile``, is counted by ``FlopCounterMode`` (mamba-ssm's formula,
 :func:`selective_scan_flops`) and is differentiable (``u, delta, A, B, C, D, z, delta_bias``).
+
+:func:`selective_scan_bidirectional` (``torch.ops.visionzoo.selective_scan_bidirectional``, see
+:mod:`._bidirectional`) runs both directions of a Vim mixer: one kernel launch with ``triton``, two
+scans (the backward one on flipped copies) with every other backend.
 """
 from __future__ import annotations
 
@@ -53,9 +59,10 @@ from typing import Optional, Union
 
 from torch import Tensor
 
+from ._bidirectional import selective_scan_bidirectional
 from ._op import BACKENDS, flops as _flops, selective_scan_op
 
-__all__ = ["selective_scan", "selective_scan_flops", "BACKENDS"]
+__all__ = ["selective_scan", "selective_scan_bidirectional", "selective_scan_flops", "BACKENDS"]
 
 
 def selective_scan_flops(batch: int, dim: int, L: int, N: int, with_D: bool = True, with_z: bool = False) -> int:

@@ -154,16 +154,23 @@ def _backward(ctx, grad_out, grad_last_state):
     if (grad_out is None and grad_last_state is None) or not any(needs):
         return (None,) * 10
     name = resolve(ctx.backend, inputs[0])
-    if name == "reference":
-        grads = _reference_backward(inputs, ctx.delta_softplus, grad_out, grad_last_state, needs)
-    elif name == "mamba" and grad_last_state is None:
-        grads = _mamba.selective_scan_mamba_backward(inputs, ctx.delta_softplus, grad_out, needs)
-    else:
-        # chunked, cpu and triton (the chunked analytic backward recomputes the states); also mamba when
-        # last_state is differentiated (mamba-ssm ignores that gradient).
-        grads = selective_scan_chunked_backward(*inputs, ctx.delta_softplus, grad_out, grad_last_state)
+    grads = backend_backward(name, inputs, ctx.delta_softplus, grad_out, grad_last_state, needs)
     grads = tuple(g if need else None for g, need in zip(grads, needs))
     return (*grads, None, None)
+
+
+def backend_backward(name, inputs, delta_softplus, grad_out, grad_last_state, needs):
+    """Gradients of ``(u, delta, A, B, C, D, z, delta_bias)`` by backend ``name``'s backward (also used by
+    the bidirectional op's fallback, :mod:`._bidirectional`)."""
+    if name == "reference":
+        return _reference_backward(inputs, delta_softplus, grad_out, grad_last_state, needs)
+    if name == "mamba" and grad_last_state is None:
+        return _mamba.selective_scan_mamba_backward(inputs, delta_softplus, grad_out, needs)
+    if name == "triton":  # Triton reverse-scan kernel (states recomputed from chunk checkpoints)
+        return _triton.selective_scan_triton_backward(*inputs, delta_softplus, grad_out, grad_last_state)
+    # chunked and cpu (the chunked analytic backward recomputes the states); also mamba when
+    # last_state is differentiated (mamba-ssm ignores that gradient).
+    return selective_scan_chunked_backward(*inputs, delta_softplus, grad_out, grad_last_state)
 
 
 selective_scan_op.register_autograd(_backward, setup_context=_setup_context)

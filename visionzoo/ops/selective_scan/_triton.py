@@ -72,19 +72,35 @@ def is_available(device_type: str) -> bool:
     return False
 
 
-def _kernel(device_type: str):
-    """``triton.jit`` of the kernel, wrapped once per device type (CPU: interpreter)."""
-    fn = _jitted.get(device_type)
+def _kernel(device_type: str, name: str = "selective_scan_fwd_kernel"):
+    """``triton.jit`` of kernel ``name``, wrapped once per device type (CPU: interpreter)."""
+    fn = _jitted.get((device_type, name))
     if fn is None:
         import triton
 
-        fn = triton.jit(load().selective_scan_fwd_kernel)
-        _jitted[device_type] = fn
+        fn = triton.jit(getattr(load(), name))
+        _jitted[(device_type, name)] = fn
     return fn
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _check(u: Tensor) -> None:
+    if not is_available(u.device.type):
+        raise RuntimeError(f"selective_scan: backend 'triton' is not available on device type {u.device.type!r}")
+    if u.dtype not in SUPPORTED_DTYPES:
+        raise RuntimeError(f"selective_scan: backend 'triton' does not support dtype {u.dtype}")
+
+
+def _block_d(block_d: Optional[int], dg: int, block_n: int, budget: int) -> int:
+    """Channels per program: a power of two, at most the group size (rounded up), ~budget state elements."""
+    if block_d is None:
+        block_d = max(1, min(_next_pow2(dg), max(16, budget // block_n)))
+    if block_d < 1 or block_d & (block_d - 1):
+        raise ValueError("block_d must be a power of two")
+    return min(block_d, _next_pow2(dg))
 
 
 def selective_scan_triton(
@@ -99,14 +115,22 @@ def selective_scan_triton(
     delta_softplus: bool = False,
     *,
     block_d: Optional[int] = None,
+    g_fwd: Optional[int] = None,
+    in_rev: bool = True,
+    z_rev: bool = True,
+    z_shift: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Selective scan on validated inputs (``B, C`` as ``(batch, G, N, L)``); returns ``(out, last_state)``."""
-    if not is_available(u.device.type):
-        raise RuntimeError(f"selective_scan: backend 'triton' is not available on device type {u.device.type!r}")
-    if u.dtype not in SUPPORTED_DTYPES:
-        raise RuntimeError(f"selective_scan: backend 'triton' does not support dtype {u.dtype}")
+    """Selective scan on validated inputs (``B, C`` as ``(batch, G, N, L)``); returns ``(out, last_state)``.
+
+    ``g_fwd``: groups ``>= g_fwd`` are scanned backwards in time (default ``G``: none; see
+    :mod:`._triton_kernel`): their output is written time-reversed, their inputs are read time-reversed
+    when ``in_rev`` (else they are taken as already reversed), their ``z`` when ``z_rev``.
+    ``z_shift``: the reversed channels ``c`` read channel ``c - z_shift`` of ``z``.
+    """
+    _check(u)
     batch, dim, length = u.shape
     groups, dstate = B.shape[1], B.shape[2]
+    dg = dim // groups
     if u.permute(2, 0, 1).is_contiguous():
         out = torch.empty((length, batch, dim), dtype=u.dtype, device=u.device).permute(1, 2, 0)
     else:
@@ -114,24 +138,115 @@ def selective_scan_triton(
     last_state = torch.empty((batch, dim, dstate), dtype=torch.float32, device=u.device)
 
     block_n = _next_pow2(dstate)
-    if block_d is None:
-        block_d = max(1, min(_next_pow2(dim), max(16, 1024 // block_n)))
-    if block_d & (block_d - 1):
-        raise ValueError("block_d must be a power of two")
+    block_d = _block_d(block_d, dg, block_n, 1024)
     zz = z if z is not None else u
-    grid = (batch, triton_cdiv(dim, block_d))
+    grid = (batch, groups, triton_cdiv(dg, block_d))
     _kernel(u.device.type)[grid](
         u, delta, A, B, C,
         D if D is not None else u, zz, delta_bias if delta_bias is not None else u,
         out, last_state,
-        dim, length, dstate, dim // groups,
+        length, dstate, dg, groups if g_fwd is None else g_fwd, int(in_rev), int(z_rev), z_shift,
         *u.stride(), *delta.stride(), *zz.stride(), *out.stride(),
-        *A.stride(), *B.stride(), *C.stride(),
+        *A.stride(), *B.stride(), *C.stride(), *last_state.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), BLOCK_D=block_d, BLOCK_N=block_n,
         num_warps=4,
     )
     return out, last_state
+
+
+# Steps per checkpoint chunk of the backward (memory: cdiv(L, CHUNK) + CHUNK + 1 states per program).
+CHUNK = 16
+
+
+def selective_scan_triton_backward(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    grad_out: Optional[Tensor],
+    grad_last_state: Optional[Tensor],
+    *,
+    block_d: Optional[int] = None,
+    chunk: int = CHUNK,
+    g_fwd: Optional[int] = None,
+    in_rev: bool = True,
+    z_rev: bool = True,
+    z_shift: int = 0,
+    dout_shift: int = 0,
+    dout_scale: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients of :func:`selective_scan_triton` (``u, delta, A, B, C, D, z, delta_bias``).
+
+    ``grad_out`` ``(batch, dim, L)`` (or, with ``dout_shift``, the reversed channels ``c`` read its channel
+    ``c - dout_shift``; every value is multiplied by ``dout_scale``) or None; ``grad_last_state``
+    ``(batch, dim, N)`` or None. ``g_fwd, in_rev, z_rev, z_shift`` as in the forward; with ``z_shift > 0`` the returned ``dz``
+    has ``dim`` (stacked) channels, one per scanned channel, and the caller folds the halves.
+    Gradients come back in the inputs' dtypes (``u, delta, z`` with ``u``'s strides when it is time-major).
+    """
+    _check(u)
+    batch, dim, length = u.shape
+    groups, dstate = B.shape[1], B.shape[2]
+    dg = dim // groups
+    block_n = _next_pow2(dstate)
+    block_d = _block_d(block_d, dg, block_n, 512)
+    if chunk < 1:
+        raise ValueError("chunk must be >= 1")
+    nblk = triton_cdiv(dg, block_d)
+    nchunks = triton_cdiv(length, chunk)
+    nprog = batch * groups * nblk
+    dev = u.device
+    f32 = torch.float32
+
+    def seq_like(x: Tensor) -> Tensor:  # (batch, dim, L) gradient buffer in u's layout
+        if u.permute(2, 0, 1).is_contiguous():
+            return torch.empty((length, batch, dim), dtype=x.dtype, device=dev).permute(1, 2, 0)
+        return torch.empty((batch, dim, length), dtype=x.dtype, device=dev)
+
+    du = seq_like(u)
+    ddelta = seq_like(delta)
+    dz = seq_like(z) if z is not None else None
+    dA = torch.empty((batch, dim, dstate), dtype=f32, device=dev)
+    dB = torch.empty((batch, groups, nblk, block_n, length), dtype=f32, device=dev)
+    dC = torch.empty((batch, groups, nblk, block_n, length), dtype=f32, device=dev)
+    dD = torch.empty((batch, dim), dtype=f32, device=dev) if D is not None else None
+    dbias = torch.empty((batch, dim), dtype=f32, device=dev) if delta_bias is not None else None
+    ckpt = torch.empty((nprog, nchunks, block_d, block_n), dtype=f32, device=dev)
+    scratch = torch.empty((nprog, chunk + 1, block_d, block_n), dtype=f32, device=dev)
+
+    zz = z if z is not None else u
+    dzz = dz if dz is not None else du
+    do = grad_out if grad_out is not None else u
+    dl = grad_last_state if grad_last_state is not None else dA
+    grid = (batch, groups, nblk)
+    _kernel(dev.type, "selective_scan_bwd_kernel")[grid](
+        u, delta, A, B, C,
+        D if D is not None else u, zz, delta_bias if delta_bias is not None else u, do, dl,
+        du, ddelta, dzz, dA, dB, dC,
+        dD if dD is not None else dA, dbias if dbias is not None else dA, ckpt, scratch,
+        length, dstate, dg, groups if g_fwd is None else g_fwd, int(in_rev), int(z_rev), z_shift, dout_shift,
+        float(dout_scale),
+        dim, nblk, nchunks,
+        *u.stride(), *delta.stride(), *zz.stride(), *do.stride(),
+        *du.stride(), *ddelta.stride(), *dzz.stride(),
+        *A.stride(), *B.stride(), *C.stride(), *dl.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), HAS_DOUT=grad_out is not None, HAS_DLAST=grad_last_state is not None,
+        CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n,
+        num_warps=4,
+    )
+    # Partial sums over programs -> the parameters' shapes.
+    grad_A = dA.sum(0).to(A.dtype)
+    grad_B = dB[:, :, :, :dstate].sum(2).to(B.dtype)
+    grad_C = dC[:, :, :, :dstate].sum(2).to(C.dtype)
+    grad_D = dD.sum(0).to(D.dtype) if dD is not None else None
+    grad_bias = dbias.sum(0).to(delta_bias.dtype) if dbias is not None else None
+    return du, ddelta, grad_A, grad_B, grad_C, grad_D, dz, grad_bias
 
 
 def triton_cdiv(a: int, b: int) -> int:
