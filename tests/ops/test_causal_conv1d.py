@@ -3,7 +3,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from visionzoo.ops.causal_conv1d import causal_conv1d
+from visionzoo.ops.causal_conv1d import _cpu, causal_conv1d
+
+BACKENDS = ["reference", "shifted"] + (["cpu"] if _cpu.load() is not None else [])
 
 
 def _naive(x, w, b, act):
@@ -17,20 +19,20 @@ def _naive(x, w, b, act):
     return torch.nn.functional.silu(out) if act == "silu" else out
 
 
-@pytest.mark.parametrize("backend", ["reference", "shifted"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("L", [1, 3, 4, 17])
 @pytest.mark.parametrize("act", [None, "silu"])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("time_major", [True, False])
 def test_matches_naive_and_reference_gradients(backend, L, act, with_bias, time_major):
-    B, C, K = 2, 6, 4
+    B, C, K = 2, 11, 4  # 11 channels: one full block of 8 for the cpu kernel and a ragged one
     x = torch.randn(B, L, C).transpose(1, 2) if time_major else torch.randn(B, C, L)
     x.requires_grad_(True)
     w = torch.randn(C, K, requires_grad=True)
     b = torch.randn(C, requires_grad=True) if with_bias else None
     out = causal_conv1d(x, w, b, act, backend=backend)
     torch.testing.assert_close(out.double(), _naive(x, w, b, act), rtol=1e-5, atol=1e-5)
-    if backend == "shifted" and time_major:
+    if backend in ("shifted", "cpu") and time_major:
         assert out.transpose(1, 2).is_contiguous()  # keeps the time-major layout
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, [t for t in (x, w, b) if t is not None], g)
@@ -39,6 +41,20 @@ def test_matches_naive_and_reference_gradients(backend, L, act, with_bias, time_
     ref_grads = torch.autograd.grad(ref, ref_inputs, g)
     for a, r in zip(grads, ref_grads):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no C compiler on this machine")
+@pytest.mark.parametrize("K", [1, 2, 4, 16])
+def test_cpu_kernel_filter_lengths_and_fallbacks(K):
+    x, w, b = torch.randn(3, 20, 19), torch.randn(20, K), torch.randn(20)
+    torch.testing.assert_close(causal_conv1d(x, w, b, "silu", backend="cpu").double(), _naive(x, w, b, "silu"),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="K <= 16"):
+        causal_conv1d(x, torch.randn(20, 17), backend="cpu")
+    long = torch.randn(20, 17)  # auto takes shifted for what the kernel cannot do
+    torch.testing.assert_close(causal_conv1d(x, long).double(), _naive(x, long, None, None), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="fp32 inputs"):
+        causal_conv1d(x.double(), w.double(), backend="cpu")
 
 
 def test_gradcheck_shifted():
@@ -92,6 +108,6 @@ def test_cuda_backends_match_reference():
 
 def test_opcheck():
     x, w, b = torch.randn(2, 5, 7), torch.randn(5, 4), torch.randn(5)
-    for backend in ("reference", "shifted"):
+    for backend in BACKENDS:
         torch.library.opcheck(torch.ops.visionzoo.causal_conv1d, (x, w, b, "silu", backend),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 
+from visionzoo.ops import _cpu_build
 from visionzoo.ops.selective_scan import _cpu, _op, selective_scan
 
 from .test_selective_scan import ENV, assert_close, make_inputs, run
@@ -30,7 +31,7 @@ def test_all_option_combinations(opts):
 @pytest.mark.parametrize("dim,groups,dstate", [(48, 1, 16), (40, 2, 16), (34, 2, 5), (18, 3, 1), (96, 2, 64)])
 @pytest.mark.parametrize("length", [1, 17, 70])
 def test_channel_blocks_and_groups(dim, groups, dstate, length):
-    """Blocks of 16 channels: whole blocks per group, blocks straddling groups, ragged last block."""
+    """Blocks of 8 channels: whole blocks per group, blocks straddling groups, ragged last block."""
     x = make_inputs(batch=3, dim=dim, length=length, dstate=dstate, groups=groups, seed=dim + length)
     out_r, last_r, _ = run(x, "reference")
     out_c, last_c, _ = run(x, "cpu")
@@ -94,15 +95,15 @@ def test_state_size_limit_is_a_clear_error():
 def test_build_cache_and_unavailable_compiler(monkeypatch, tmp_path, caplog):
     """The library is built into $VISIONZOO_CACHE once; without a compiler the backend is unavailable."""
     monkeypatch.setenv("VISIONZOO_CACHE", str(tmp_path))
-    monkeypatch.setattr(_cpu, "_lib", _cpu._UNSET)
-    if _cpu._compiler() is not None:
+    monkeypatch.setattr(_cpu_build, "_libs", {})
+    if _cpu_build.compiler() is not None:
         assert _cpu.load() is not None
-        built = list((tmp_path / "kernels").glob("selective_scan_cpu_*.so"))
+        built = list((tmp_path / "kernels").glob("selective_scan_*.so"))
         assert len(built) == 1
-        monkeypatch.setattr(_cpu, "_lib", _cpu._UNSET)
+        _cpu_build.forget(_cpu.OP)
         assert _cpu.load() is not None and list((tmp_path / "kernels").iterdir()) == built  # reused
-    monkeypatch.setattr(_cpu, "_lib", _cpu._UNSET)
-    monkeypatch.setattr(_cpu, "_compiler", lambda: None)
+    _cpu_build.forget(_cpu.OP)
+    monkeypatch.setattr(_cpu_build, "compiler", lambda: None)
     monkeypatch.delenv(ENV, raising=False)
     with caplog.at_level(logging.INFO, logger="visionzoo.ops"):
         assert not _op.is_available("cpu", "cpu")
@@ -112,10 +113,13 @@ def test_build_cache_and_unavailable_compiler(monkeypatch, tmp_path, caplog):
     assert _op.resolve("auto", torch.empty(1, 1, 1)) == "chunked"
 
 
-def test_broken_compiler_is_logged_not_raised(monkeypatch, tmp_path, caplog):
+def test_broken_compiler_or_switch_off_is_logged_not_raised(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("VISIONZOO_CACHE", str(tmp_path))
-    monkeypatch.setattr(_cpu, "_lib", _cpu._UNSET)
-    monkeypatch.setattr(_cpu, "_compiler", lambda: "/bin/false")
+    monkeypatch.setattr(_cpu_build, "_libs", {})
+    monkeypatch.setattr(_cpu_build, "compiler", lambda: "/bin/false")
     with caplog.at_level(logging.WARNING, logger="visionzoo.ops"):
         assert _cpu.load() is None
     assert "building the cpu kernel failed" in caplog.text
+    _cpu_build.forget(_cpu.OP)
+    monkeypatch.setenv("VISIONZOO_CPU_KERNELS", "0")
+    assert _cpu.load() is None and not list(tmp_path.glob("kernels/*.so"))

@@ -17,6 +17,10 @@ Backends (``backend=``; ``auto`` can be overridden with ``VISIONZOO_BACKEND_CAUS
     It reads a time-major ``x`` (a ``(batch, dim, L)`` view of ``(batch, L, dim)`` memory, as a
     ``Linear`` produces) without a transposing copy and keeps ``x``'s memory layout; on CPU it is
     about as fast as oneDNN's depthwise conv1d (benchmarks/causal_conv1d_cpu.md).
+``cpu``
+    conv + bias + SiLU in one pass in C (:mod:`._cpu`, compiled on first use by
+    :mod:`visionzoo.ops._cpu_build`): every input read once, every output written once. fp32, up to
+    16 taps; the default on CPU when a C compiler is found (``shifted`` otherwise).
 ``cuda``
     the causal-conv1d package's kernel, imported lazily, when importable and ``x`` is on CUDA.
 
@@ -35,12 +39,13 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .._backend import resolve_backend
+from . import _cpu
 
 __all__ = ["causal_conv1d", "BACKENDS"]
 
 OP = "causal_conv1d"
-BACKENDS = ("reference", "shifted", "cuda")
-AUTO_ORDER = ("cuda", "shifted")
+BACKENDS = ("reference", "shifted", "cpu", "cuda")
+AUTO_ORDER = ("cuda", "cpu", "shifted")
 ACTIVATIONS = ("none", "silu")
 
 _UNSET = object()
@@ -64,6 +69,8 @@ def _load_cuda() -> Optional[Callable]:
 def _is_available(name: str, device_type: str) -> bool:
     if name == "cuda":
         return device_type == "cuda" and _load_cuda() is not None
+    if name == "cpu":
+        return device_type == "cpu" and _cpu.load() is not None
     return name in ("reference", "shifted")
 
 
@@ -99,13 +106,19 @@ def _cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str) ->
               activation=None if activation == "none" else activation)
 
 
-_FORWARD = {"reference": _reference, "shifted": _shifted, "cuda": _cuda}
+_FORWARD = {"reference": _reference, "shifted": _shifted, "cpu": _cpu.causal_conv1d_cpu, "cuda": _cuda}
+
+
+def _resolve(backend: str, x: Tensor, weight: Tensor) -> str:
+    name = resolve_backend(OP, backend, x.device.type, BACKENDS, AUTO_ORDER, _is_available)
+    if name == "cpu" and backend != "cpu" and not _cpu.supports(x, weight):
+        name = "shifted"  # other dtypes / long filters; an explicit request raises in the kernel wrapper
+    return name
 
 
 @torch.library.custom_op("visionzoo::causal_conv1d", mutates_args=())
 def _causal_conv1d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, backend: str) -> Tensor:
-    name = resolve_backend(OP, backend, x.device.type, BACKENDS, AUTO_ORDER, _is_available)
-    return _FORWARD[name](x, weight, bias, activation)
+    return _FORWARD[_resolve(backend, x, weight)](x, weight, bias, activation)
 
 
 @_causal_conv1d_op.register_fake
@@ -123,7 +136,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     x, weight, bias = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
-    name = resolve_backend(OP, ctx.backend, x.device.type, BACKENDS, AUTO_ORDER, _is_available)
+    name = _resolve(ctx.backend, x, weight)
     # Recompute the cheap forward under autograd; the reference/shifted paths are plain torch ops.
     fn = _cuda if name == "cuda" else _shifted
     with torch.enable_grad():

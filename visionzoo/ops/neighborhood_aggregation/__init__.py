@@ -14,12 +14,16 @@ so a ContMix / neighbourhood-attention layer is ``na2d_av(softmax(logits + na2d_
 Backends (``backend=``, or ``auto``; ``VISIONZOO_BACKEND_NEIGHBORHOOD_AGGREGATION`` overrides ``auto``):
 
 ``reference``  gather of every window + einsum, plain autograd (defines the semantics).
-``torch``      ``dense`` for maps up to ``8 K^2`` pixels, else ``taps`` (see :mod:`._torch`); ``auto``.
+``torch``      ``dense`` for maps up to ``8 K^2`` pixels, else ``taps`` (see :mod:`._torch`); ``auto``
+               on CPU.
 ``dense``      one GEMM with a scattered ``(HW x HW)`` weight matrix per (image, group).
 ``taps``       a loop over the ``K*K`` taps with in-place accumulation; two value-sized buffers.
 ``natten``     NATTEN's ``na2d_av`` when a release that has it (< 0.20) imports; plain autograd.
+``triton``     Triton kernels for the forward and both gradients (see :mod:`._triton`); ``auto`` on
+               CUDA (fp32 / fp16 / bf16; fp64 falls back to ``torch``), on CPU only by name under
+               ``TRITON_INTERPRET=1`` (tests).
 
-``torch``, ``dense`` and ``taps`` run as the custom op ``torch.ops.visionzoo.na2d_av``: it has a fake
+``torch``, ``dense``, ``taps`` and ``triton`` run as the custom op ``torch.ops.visionzoo.na2d_av``: it has a fake
 kernel (meta device, ``torch.compile``), a FLOP formula (``2 * B * G * H * W * K^2 * c``) so
 ``visionzoo.utils.count_macs`` counts it, and explicit backwards for ``attn`` and ``value``.
 No backend supports double backward.
@@ -48,7 +52,7 @@ def na2d_av(attn: Tensor, value: Tensor, kernel_size: int, *, backend: str = "au
         attn: ``(B, G, H, W, K*K)`` weights, taps row-major (``a * K + b``) as in NATTEN.
         value: ``(B, G, H, W, c)``.
         kernel_size: odd ``K`` with ``K <= H`` and ``K <= W``.
-        backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"dense"``, ``"taps"`` or ``"natten"``.
+        backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"dense"``, ``"taps"``, ``"natten"`` or ``"triton"``.
 
     Returns:
         ``(B, G, H, W, c)`` in ``value``'s dtype.
@@ -61,6 +65,8 @@ def na2d_av(attn: Tensor, value: Tensor, kernel_size: int, *, backend: str = "au
         return na2d_av_reference(attn, value, kernel_size)
     if name == "natten":
         return na2d_av_natten(attn, value, kernel_size)
+    if name == "triton":  # strided views are read in place (ContMix's value is a view of an NCHW map)
+        return na2d_av_op(attn, value, int(kernel_size), backend)
     return na2d_av_op(attn.contiguous(), value.contiguous(), int(kernel_size), backend)
 
 

@@ -10,22 +10,38 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .._backend import resolve_backend
+from . import _triton
 from ._natten import natten_available
 from ._torch import dense_backward, dense_forward, taps_backward, taps_forward, use_dense
 
 OP = "neighborhood_aggregation"
-BACKENDS = ("reference", "torch", "dense", "taps", "natten")
-AUTO_ORDER = ("torch",)  # NATTEN's CPU kernel is slower than ``torch``; on CUDA a bridge is opt-in
+BACKENDS = ("reference", "torch", "dense", "taps", "natten", "triton")
+# ``auto`` candidates per device type, best first. NATTEN's CPU kernel is slower than ``torch`` and a
+# NATTEN bridge is opt-in everywhere. On CUDA ``auto`` takes ``triton`` (chosen by design, not yet
+# measured against ``dense`` / ``taps`` on a GPU: benchmarks/bench_neighborhood_aggregation_cuda.py).
+# On CPU ``triton`` would run in Triton's interpreter (tests only), so ``auto`` never picks it there.
+AUTO_ORDER = {"cuda": ("triton", "torch")}
+AUTO_ORDER_DEFAULT = ("torch",)
 
 
 def is_available(name: str, device_type: str) -> bool:
     if name == "natten":
         return device_type in ("cpu", "cuda") and natten_available()
+    if name == "triton":
+        return _triton.is_available(device_type)
     return name in BACKENDS
 
 
 def resolve(requested: str, x: Tensor) -> str:
-    return resolve_backend(OP, requested, x.device.type, BACKENDS, AUTO_ORDER, is_available)
+    """The backend that runs for ``x``; ``triton`` on a dtype it lacks (fp64) falls back to ``torch``
+    unless it was requested by name."""
+    order = AUTO_ORDER.get(x.device.type, AUTO_ORDER_DEFAULT)
+    name = resolve_backend(OP, requested, x.device.type, BACKENDS, order, is_available)
+    if name == "triton" and x.dtype not in _triton.SUPPORTED_DTYPES:
+        if requested == "triton":
+            raise RuntimeError(f"{OP}: backend 'triton' does not support dtype {x.dtype}")
+        name = "torch"
+    return name
 
 
 def flops(batch: int, groups: int, height: int, width: int, kernel_size: int, channels: int) -> int:
@@ -41,9 +57,14 @@ def _pick(name: str, height: int, width: int, kernel_size: int) -> str:
 
 @torch.library.custom_op("visionzoo::na2d_av", mutates_args=())
 def na2d_av_op(attn: Tensor, value: Tensor, kernel_size: int, backend: str) -> Tensor:
-    """``attn`` ``(B, G, H, W, K*K)``, ``value`` ``(B, G, H, W, c)`` -> ``(B, G, H, W, c)`` (contiguous inputs)."""
+    """``attn`` ``(B, G, H, W, K*K)``, ``value`` ``(B, G, H, W, c)`` -> ``(B, G, H, W, c)`` (contiguous output).
+
+    ``triton`` reads its inputs through their strides; the other backends get contiguous inputs from
+    :func:`..na2d_av`."""
     H, W = value.shape[2], value.shape[3]
     name = _pick(resolve(backend, value), H, W, kernel_size)
+    if name == "triton":
+        return _triton.triton_forward(attn, value, kernel_size)
     if name == "dense":
         return dense_forward(attn, value, kernel_size)
     return taps_forward(attn, value, kernel_size)
@@ -69,6 +90,9 @@ def _backward(ctx, grad_out):
         return None, None, None, None
     K = ctx.kernel_size
     name = _pick(resolve(ctx.backend, value), value.shape[2], value.shape[3], K)
+    if name == "triton":  # reads grad_out through its strides
+        grad_attn, grad_value = _triton.triton_backward(attn, value, K, grad_out, needs)
+        return grad_attn, grad_value, None, None
     fn = dense_backward if name == "dense" else taps_backward
     grad_attn, grad_value = fn(attn, value, K, grad_out.contiguous(), needs)
     return grad_attn, grad_value, None, None

@@ -22,15 +22,19 @@ Backends (``backend=``, or ``auto``; ``VISIONZOO_BACKEND_ROUTING_ATTENTION`` ove
     It runs as plain autograd ops (not through the custom op), so training keeps the official memory
     behaviour as well; FLOP counters see its matmuls directly.
 ``chunked``
-    Pure PyTorch, the default off CUDA: region-major layout, K/V gathered by whole region rows for a
-    chunk of query regions at a time, fused SDPA per chunk, recomputing backward. Memory stays about
-    one extra K/V copy whatever ``topk`` (see :mod:`._chunked`).
+    Pure PyTorch, ``auto``'s choice off CUDA: works on the spatial tensors through region views, and per
+    chunk of query-region rows gathers the routed K/V tokens and runs fused SDPA; recomputing backward.
+    Extra memory is a few MiB per chunk whatever ``topk`` (see :mod:`._chunked`).
+``triton``
+    A Triton kernel that fuses the gather into flash attention, forward and backward (the backward
+    walks the inverse routing per key region: no atomics, deterministic). ``auto``'s choice on CUDA for
+    float32/float16/bfloat16 — chosen without a GPU measurement here; ``chunked`` stays the fallback
+    (float64, no Triton). On CPU it runs only in Triton's interpreter (``TRITON_INTERPRET=1``), for
+    tests (see :mod:`._triton`).
 
-A fused Triton gather + attention kernel is not written yet; ``auto`` uses ``chunked`` on CUDA too.
-
-The op is the custom op ``torch.ops.visionzoo.bi_level_routing_attention``: it runs on the meta
-device, is counted by ``FlopCounterMode`` (:func:`routing_attention_flops`) and is differentiable in
-``q``, ``k`` and ``v``.
+The ops ``torch.ops.visionzoo.bi_level_routing_attention`` (chunked) and
+``torch.ops.visionzoo.bi_level_routing_attention_triton`` run on the meta device, are counted by
+``FlopCounterMode`` (:func:`routing_attention_flops`) and are differentiable in ``q``, ``k`` and ``v``.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ from typing import Tuple, Union
 from torch import Tensor
 
 from ._common import from_regions, route, to_regions
-from ._op import BACKENDS, bra_op, flops as _flops, resolve
+from ._op import BACKENDS, bra_op, bra_triton_op, flops as _flops, resolve
 from ._reference import bra_reference
 
 __all__ = ["bi_level_routing_attention", "routing_attention_flops", "BACKENDS"]
@@ -75,7 +79,7 @@ def bi_level_routing_attention(
         scale: softmax scale for the routing logits and the token attention.
         return_routing: also return the routing indices ``(B, n_h * n_w, topk)``; regions are numbered
             row-major over the ``n_h x n_w`` grid.
-        backend: ``"auto"``, ``"reference"`` or ``"chunked"``.
+        backend: ``"auto"``, ``"reference"``, ``"chunked"`` or ``"triton"``.
 
     Returns:
         ``(B, H, W, C_v)`` in ``v``'s dtype (and the routing indices if asked).
@@ -103,12 +107,15 @@ def bi_level_routing_attention(
     if not 1 <= topk <= n_h * n_w:
         raise ValueError(f"bi_level_routing_attention: topk={topk} must be in [1, {n_h * n_w}] "
                          f"({n_h}x{n_w} regions)")
-    if resolve(backend, q) == "reference":
+    name = resolve(backend, q)
+    if name == "reference":
         # Plain autograd, outside the custom op: the official algorithm with the official memory
         # behaviour in training too (autograd keeps the topk-fold gathered K/V and the scores).
+        idx = route(q, k, n_h, n_w, topk, scale)
         qh, kh, vh = (to_regions(x, n_h, n_w, num_heads) for x in (q, k, v))
-        idx = route(qh, kh, topk, scale)
         out = from_regions(bra_reference(qh, kh, vh, idx, scale), n_h, n_w, H, W)
+    elif name == "triton":
+        out, idx, _ = bra_triton_op(q, k, v, int(num_heads), int(n_h), int(n_w), int(topk), float(scale))
     else:
-        out, idx = bra_op(q, k, v, int(num_heads), int(n_h), int(n_w), int(topk), float(scale), backend)
+        out, idx = bra_op(q, k, v, int(num_heads), int(n_h), int(n_w), int(topk), float(scale), name)
     return (out, idx) if return_routing else out

@@ -29,24 +29,20 @@ def from_regions(x: Tensor, n_h: int, n_w: int, H: int, W: int) -> Tensor:
 
 
 @torch.no_grad()
-def route(qh: Tensor, kh: Tensor, topk: int, scale: float) -> Tensor:
+def route(q: Tensor, k: Tensor, n_h: int, n_w: int, topk: int, scale: float) -> Tensor:
     """Region-level routing: the ``topk`` key regions of every query region, ``(B, S2, topk)`` int64.
 
-    ``qh``/``kh`` are region-major ``(B, m, S2, w2, d)``. Region means are taken over the region's tokens
-    and compared over all ``m * d`` channels (no heads), scaled by the same ``scale`` as the token
-    attention. Routing is never differentiated (the official ``diff_routing=False``; the official
-    routing weights, a softmax over the top-k logits, are computed there but unused).
+    ``q``/``k`` are spatial ``(B, H, W, C_qk)`` (any strides). Region means are taken over the region's
+    tokens and compared over all ``C_qk`` channels (no heads), scaled by the same ``scale`` as the token
+    attention; regions are numbered row-major over the ``n_h x n_w`` grid. Routing is never
+    differentiated (the official ``diff_routing=False``; the official routing weights, a softmax over
+    the top-k logits, are computed there but unused).
     """
-    B, m, S2, _, d = qh.shape
-    q_r = qh.mean(3).transpose(1, 2).reshape(B, S2, m * d)  # (B, S2, C_qk)
-    k_r = kh.mean(3).transpose(1, 2).reshape(B, S2, m * d)
-    logits = (q_r * scale) @ k_r.transpose(-2, -1)  # (B, S2, S2)
+    B, H, W, C = q.shape
+
+    def means(x: Tensor) -> Tensor:  # (B, S2, C): sum over region rows, then columns (fast reductions)
+        rows = x.reshape(B, n_h, H // n_h, W, C).sum(2)  # (B, n_h, W, C)
+        return rows.view(B, n_h, n_w, W // n_w, C).sum(3).reshape(B, n_h * n_w, C) / ((H // n_h) * (W // n_w))
+
+    logits = (means(q) * scale) @ means(k).transpose(-2, -1)  # (B, S2, S2)
     return torch.topk(logits, k=topk, dim=-1).indices
-
-
-def flat_rows(idx: Tensor, heads: int, num_regions: int) -> Tensor:
-    """Routing indices ``(B, n, k)`` -> ``(B, m, n, k)`` row numbers in ``x.reshape(B*m*S2, -1)`` for a
-    region-major ``x`` ``(B, m, S2, w2, d)``: ``(b*m + h) * S2 + idx[b, i, j]``."""
-    B = idx.shape[0]
-    base = torch.arange(B * heads, device=idx.device).view(B, heads, 1, 1) * num_regions
-    return base + idx.unsqueeze(1)

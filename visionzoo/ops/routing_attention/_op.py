@@ -1,15 +1,17 @@
-"""The ``visionzoo::bi_level_routing_attention`` custom op.
+"""The BRA custom ops and backend resolution.
 
-Registering BRA as a ``torch.library`` custom op gives, for every backend:
+Two ``torch.library`` custom ops, one per kind of backward:
 
-* a fake (meta) kernel, so shapes propagate on the meta device and under ``torch.compile``;
-* a FLOP formula for ``FlopCounterMode`` (routing matmul + both attention matmuls, as fvcore counts the
-  official module's ``@`` ops; the gather and the region means are not FLOPs there either);
-* one autograd formula that dispatches to the backend's backward.
+* ``visionzoo::bi_level_routing_attention`` (``chunked``, and ``reference`` when asked for through the
+  op): returns ``(out, idx)``; its backward recomputes from Q/K/V and the routing;
+* ``visionzoo::bi_level_routing_attention_triton``: returns ``(out, idx, lse)``; the fp32 row statistic
+  ``lse`` ``(B, H, W, m)`` is kept for the fused backward.
 
-The op returns ``(out, idx)``: the routing indices are an output so the backward sees exactly the
-routing of the forward. ``backend`` is the name the caller asked for (``"auto"`` included) and is
-resolved when the op runs, so ``torch.compile`` never traces the environment-dependent choice.
+Each has a fake (meta) kernel, so shapes propagate on the meta device and under ``torch.compile``; a
+FLOP formula for ``FlopCounterMode`` (routing matmul + both attention matmuls, as fvcore counts the
+official module's ``@`` ops; the gather and the region means are not FLOPs there either); and an
+autograd formula. The routing indices are an output, so the backward sees exactly the forward's
+routing. The public function resolves ``auto`` once (:func:`resolve`) and calls the op of that backend.
 """
 from __future__ import annotations
 
@@ -17,22 +19,45 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from .._backend import resolve_backend
+from .._backend import env_override, resolve_backend
+from . import _triton
 from ._chunked import bra_chunked, bra_chunked_backward
 from ._common import from_regions, route, to_regions
 from ._reference import bra_reference
 
 OP = "routing_attention"
-BACKENDS = ("reference", "chunked")
-AUTO_ORDER = ("chunked",)
+BACKENDS = ("reference", "chunked", "triton")
+# ``auto`` candidates, best first. ``triton`` only on CUDA (on CPU it runs in Triton's slow interpreter,
+# for tests): chosen there without a measurement on this project's machines, see benchmarks/biformer_cpu.md
+# and benchmarks/bench_routing_attention_cuda.py. Off CUDA, and for dtypes the kernel does not take
+# (float64), ``chunked``.
+AUTO_ORDER = ("triton", "chunked")
 
 
 def is_available(name: str, device_type: str) -> bool:
+    """``triton`` runs on CUDA, and on CPU only under ``TRITON_INTERPRET=1`` (Triton's interpreter)."""
+    if name == "triton":
+        return _triton.is_available(device_type)
     return name in BACKENDS
 
 
+def _auto_available(name: str, device_type: str) -> bool:
+    if name == "triton":
+        return device_type == "cuda" and _triton.is_available(device_type)
+    return is_available(name, device_type)
+
+
 def resolve(requested: str, x: Tensor) -> str:
-    return resolve_backend(OP, requested, x.device.type, BACKENDS, AUTO_ORDER, is_available)
+    """The backend that runs for ``x`` when ``requested`` is asked for."""
+    chosen_by_name = requested != "auto" or env_override(OP) is not None
+    name = resolve_backend(OP, requested, x.device.type, BACKENDS, AUTO_ORDER,
+                           is_available if chosen_by_name else _auto_available)
+    if name == "triton" and x.dtype not in _triton.SUPPORTED_DTYPES and x.device.type != "meta":
+        if requested == "triton":
+            raise RuntimeError(f"bi_level_routing_attention: backend 'triton' does not support dtype {x.dtype} "
+                               f"(float32, float16, bfloat16)")
+        name = "chunked"
+    return name
 
 
 def flops(batch: int, n_h: int, n_w: int, region_tokens: int, topk: int, c_qk: int, c_v: int) -> int:
@@ -44,28 +69,28 @@ def flops(batch: int, n_h: int, n_w: int, region_tokens: int, topk: int, c_qk: i
     return 2 * batch * (routing + attention)
 
 
+def _reference_spatial(q, k, v, idx, num_heads, n_h, n_w, scale):
+    H, W = q.shape[1], q.shape[2]
+    qh, kh, vh = (to_regions(x, n_h, n_w, num_heads) for x in (q, k, v))  # (B, m, S2, w2, d)
+    return from_regions(bra_reference(qh, kh, vh, idx, scale), n_h, n_w, H, W)
+
+
+# --- reference / chunked op -------------------------------------------------------------------
 @torch.library.custom_op("visionzoo::bi_level_routing_attention", mutates_args=())
 def bra_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, n_h: int, n_w: int, topk: int, scale: float,
            backend: str) -> tuple[Tensor, Tensor]:
     """Spatial ``q``/``k`` ``(B, H, W, C_qk)``, ``v`` ``(B, H, W, C_v)`` -> ``out`` ``(B, H, W, C_v)`` and the
-    routing ``idx`` ``(B, n_h*n_w, topk)`` (int64)."""
-    H, W = q.shape[1], q.shape[2]
-    qh, kh, vh = (to_regions(x, n_h, n_w, num_heads) for x in (q, k, v))  # (B, m, S2, w2, d)
-    idx = route(qh, kh, topk, scale)
-    name = resolve(backend, q)
-    if name == "reference":
-        out = bra_reference(qh, kh, vh, idx, scale)
-    else:
-        out = bra_chunked(qh, kh, vh, idx, scale)
-    return from_regions(out, n_h, n_w, H, W), idx
+    routing ``idx`` ``(B, n_h*n_w, topk)`` (int64). ``backend``: ``"chunked"`` or ``"reference"``."""
+    idx = route(q, k, n_h, n_w, topk, scale)
+    if backend == "reference":
+        return _reference_spatial(q, k, v, idx, num_heads, n_h, n_w, scale), idx
+    return bra_chunked(q, k, v, idx, num_heads, n_h, n_w, scale), idx
 
 
 @bra_op.register_fake
 def _(q, k, v, num_heads, n_h, n_w, topk, scale, backend):
     B, H, W, _ = q.shape
-    out = v.new_empty((B, H, W, v.shape[-1]))
-    idx = q.new_empty((B, n_h * n_w, topk), dtype=torch.int64)
-    return out, idx
+    return v.new_empty((B, H, W, v.shape[-1])), q.new_empty((B, n_h * n_w, topk), dtype=torch.int64)
 
 
 def _setup_context(ctx, inputs, output):
@@ -76,10 +101,10 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _reference_backward(qh, kh, vh, idx, scale, grad_out, needs):
+def _reference_backward(q, k, v, idx, num_heads, n_h, n_w, scale, grad_out, needs):
     with torch.enable_grad():
-        leaves = [x.detach().requires_grad_(need) for x, need in zip((qh, kh, vh), needs)]
-        out = bra_reference(*leaves, idx, scale)
+        leaves = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), needs)]
+        out = _reference_spatial(*leaves, idx, num_heads, n_h, n_w, scale)
         wanted = [x for x in leaves if x.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad_out))
     return tuple(next(grads) if need else None for need in needs)
@@ -90,22 +115,64 @@ def _backward(ctx, grad_out, grad_idx):
     needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
     if grad_out is None or not any(needs):
         return (None,) * 9
-    num_heads, n_h, n_w, scale = ctx.args
-    H, W = q.shape[1], q.shape[2]
-    qh, kh, vh, go = (to_regions(x, n_h, n_w, num_heads) for x in (q, k, v, grad_out))
-    name = resolve(ctx.backend, q)
-    if name == "reference":
-        grads = _reference_backward(qh, kh, vh, idx, scale, go, needs)
-    else:
-        grads = bra_chunked_backward(qh, kh, vh, idx, scale, go, needs)
-    grads = tuple(from_regions(g, n_h, n_w, H, W) if g is not None else None for g in grads)
+    fn = _reference_backward if ctx.backend == "reference" else bra_chunked_backward
+    grads = fn(q, k, v, idx, *ctx.args, grad_out, needs)
     return (*grads, None, None, None, None, None, None)
 
 
 bra_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@register_flop_formula(torch.ops.visionzoo.bi_level_routing_attention)
-def _flop_formula(q_shape, k_shape, v_shape, num_heads, n_h, n_w, topk, *args, out_shape=None, **kwargs) -> int:
+# --- triton op --------------------------------------------------------------------------------
+@torch.library.custom_op("visionzoo::bi_level_routing_attention_triton", mutates_args=())
+def bra_triton_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, n_h: int, n_w: int, topk: int,
+                  scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """As ``bi_level_routing_attention`` with the fused Triton kernel; also returns ``lse``
+    ``(B, H, W, num_heads)`` fp32 (base-2 log-sum-exp of the scaled scores, for the backward)."""
+    idx = route(q, k, n_h, n_w, topk, scale)
+    out, lse = _triton.bra_triton_forward(q, k, v, idx, num_heads, n_h, n_w, scale)
+    return out, idx, lse
+
+
+@bra_triton_op.register_fake
+def _(q, k, v, num_heads, n_h, n_w, topk, scale):
+    B, H, W, _ = q.shape
+    return (v.new_empty((B, H, W, v.shape[-1])), q.new_empty((B, n_h * n_w, topk), dtype=torch.int64),
+            q.new_empty((B, H, W, num_heads), dtype=torch.float32))
+
+
+def _setup_context_triton(ctx, inputs, output):
+    q, k, v, num_heads, n_h, n_w, topk, scale = inputs
+    out, idx, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, idx)
+    ctx.args = (num_heads, n_h, n_w, scale)
+    ctx.set_materialize_grads(False)
+
+
+def _backward_triton(ctx, grad_out, grad_idx, grad_lse):
+    q, k, v, out, lse, idx = ctx.saved_tensors
+    needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+    if grad_out is None or not any(needs):
+        return (None,) * 8
+    grads = _triton.bra_triton_backward(q, k, v, out, lse, idx, *ctx.args, grad_out, needs)
+    return (*grads, None, None, None, None, None)
+
+
+bra_triton_op.register_autograd(_backward_triton, setup_context=_setup_context_triton)
+
+
+# --- FLOPs ------------------------------------------------------------------------------------
+def _count(q_shape, v_shape, n_h, n_w, topk) -> int:
     B, H, W, c_qk = q_shape
     return flops(B, n_h, n_w, (H // n_h) * (W // n_w), topk, c_qk, v_shape[-1])
+
+
+@register_flop_formula(torch.ops.visionzoo.bi_level_routing_attention)
+def _flop_formula(q_shape, k_shape, v_shape, num_heads, n_h, n_w, topk, *args, out_shape=None, **kwargs) -> int:
+    return _count(q_shape, v_shape, n_h, n_w, topk)
+
+
+@register_flop_formula(torch.ops.visionzoo.bi_level_routing_attention_triton)
+def _flop_formula_triton(q_shape, k_shape, v_shape, num_heads, n_h, n_w, topk, *args, out_shape=None,
+                         **kwargs) -> int:
+    return _count(q_shape, v_shape, n_h, n_w, topk)

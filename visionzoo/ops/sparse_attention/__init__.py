@@ -21,13 +21,17 @@ Backends (``backend=``, or ``auto``; ``VISIONZOO_BACKEND_SPARSE_ATTENTION`` over
     The official algorithm, dense scores then mask, as plain autograd ops outside the custom op (a
     FLOP counter sees the dense cost it executes).
 ``masked``
-    One fused ``scaled_dot_product_attention`` with the boolean connectivity as mask; dense arithmetic,
-    no score matrix in memory. ``auto``'s choice on CPU (fastest measured there).
+    One fused ``scaled_dot_product_attention`` with the connectivity as an additive ``0 / -inf`` mask;
+    dense arithmetic, no score matrix in memory. ``auto``'s choice on CPU (fastest measured there).
 ``gather``
     Computes only the kept connections (``K / N`` of the dense MACs) from per-query gathered K/V,
     chunked over query rows (see :mod:`._gather`).
-
-A fused Triton kernel is not written yet; ``auto`` uses ``masked`` on CUDA too.
+``triton``
+    Fused Triton kernels, forward and backward (see :mod:`._triton`): each program walks its query
+    rows' key sets with an online softmax, computing only the kept connections without a gathered
+    copy; ``dk``/``dv`` by fp32 atomics. fp32 / fp16 / bf16. ``auto``'s first choice on CUDA, **not yet
+    measured against** ``masked`` **on a GPU** (``benchmarks/bench_sparse_attention_cuda.py``); on CPU
+    only in Triton's interpreter (``TRITON_INTERPRET=1``, tests), never picked by ``auto`` there.
 
 The fast backends run through the custom op ``torch.ops.visionzoo.sparse_attention``: it runs on the
 meta device, is differentiable in ``q``, ``k``, ``v``, and ``FlopCounterMode`` counts it with
@@ -41,7 +45,15 @@ from torch import Tensor
 from ._op import BACKENDS, flops as _flops, resolve, sparse_attention_op
 from ._reference import keep_mask, sparse_attention_reference
 
-__all__ = ["sparse_attention", "sparse_attention_flops", "keep_mask", "BACKENDS"]
+__all__ = ["sparse_attention", "sparse_attention_flops", "sparse_attention_backend", "keep_mask", "BACKENDS"]
+
+
+def sparse_attention_backend(backend: str, x: Tensor) -> str:
+    """The backend ``sparse_attention(..., backend=backend)`` runs for tensors like ``x`` (``auto`` resolved,
+    ``VISIONZOO_BACKEND_SPARSE_ATTENTION`` honoured); ``ValueError`` for an unknown name."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"sparse_attention: unknown backend {backend!r}; known backends: auto, {', '.join(BACKENDS)}")
+    return resolve(backend, x)
 
 
 def sparse_attention_flops(batch: int, heads: int, num_tokens: int, kept: int, dense_rows: int, d_qk: int,
@@ -61,7 +73,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float,
             ``1 <= K <= N``, distinct within a row.
         scale: the score scale (``d ** -0.5`` in Sparsifiner).
         dense_rows: leading query rows that attend to every key (1: the class token).
-        backend: ``"auto"``, ``"reference"``, ``"masked"`` or ``"gather"``.
+        backend: ``"auto"``, ``"reference"``, ``"masked"``, ``"gather"`` or ``"triton"``.
 
     Returns:
         ``(B, H, N, d_v)`` in ``v``'s dtype.

@@ -16,20 +16,34 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .._backend import resolve_backend
+from . import _triton
 from ._gather import sparse_attention_gather, sparse_attention_gather_backward
 from ._masked import sparse_attention_masked, sparse_attention_masked_backward
 
 OP = "sparse_attention"
-BACKENDS = ("reference", "masked", "gather")
-AUTO_ORDER = ("masked",)
+BACKENDS = ("reference", "masked", "gather", "triton")
+# ``auto`` candidates, best first, per device type. ``triton`` only on CUDA (on CPU it runs in Triton's
+# slow interpreter, for tests). On CUDA it is chosen without a measurement in this repository yet
+# (benchmarks/bench_sparse_attention_cuda.py is the check); fp64 falls back to ``masked``.
+AUTO_ORDER = {"cuda": ("triton", "masked")}
+AUTO_ORDER_DEFAULT = ("masked",)
 
 
 def is_available(name: str, device_type: str) -> bool:
+    """``triton`` runs on CUDA, and on CPU only under ``TRITON_INTERPRET=1``; the others run anywhere."""
+    if name == "triton":
+        return _triton.is_available(device_type)
     return name in BACKENDS
 
 
 def resolve(requested: str, x: Tensor) -> str:
-    return resolve_backend(OP, requested, x.device.type, BACKENDS, AUTO_ORDER, is_available)
+    order = AUTO_ORDER.get(x.device.type, AUTO_ORDER_DEFAULT)
+    name = resolve_backend(OP, requested, x.device.type, BACKENDS, order, is_available)
+    if name == "triton" and x.dtype not in _triton.SUPPORTED_DTYPES:
+        if requested == "triton":
+            raise RuntimeError(f"{OP}: backend 'triton' supports float32/float16/bfloat16, not {x.dtype}")
+        name = "masked"
+    return name
 
 
 def flops(batch: int, heads: int, num_tokens: int, kept: int, dense_rows: int, d_qk: int, d_v: int) -> int:
@@ -46,6 +60,8 @@ def sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: flo
     name = resolve(backend, q)
     if name == "gather":
         return sparse_attention_gather(q, k, v, idx, scale, dense_rows)
+    if name == "triton":
+        return _triton.sparse_attention_triton(q, k, v, idx, scale, dense_rows)
     return sparse_attention_masked(q, k, v, idx, scale, dense_rows).contiguous()
 
 
@@ -57,13 +73,14 @@ def _(q, k, v, idx, scale, dense_rows, backend):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, idx, scale, dense_rows, backend = inputs
-    ctx.save_for_backward(q, k, v, idx)
+    # the triton backward needs the output (for rowsum(dout * out)); the others recompute what they need
+    ctx.save_for_backward(q, k, v, idx, output if resolve(backend, q) == "triton" else None)
     ctx.args = (scale, dense_rows)
     ctx.backend = backend
 
 
 def _backward(ctx, grad_out):
-    q, k, v, idx = ctx.saved_tensors
+    q, k, v, idx, out = ctx.saved_tensors
     needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
     if not any(needs):
         return (None,) * 7
@@ -71,6 +88,8 @@ def _backward(ctx, grad_out):
     name = resolve(ctx.backend, q)
     if name == "gather":
         grads = sparse_attention_gather_backward(q, k, v, idx, scale, dense_rows, grad_out, needs)
+    elif name == "triton":
+        grads = _triton.sparse_attention_triton_backward(q, k, v, idx, scale, dense_rows, out, grad_out, needs)
     else:
         grads = sparse_attention_masked_backward(q, k, v, idx, scale, dense_rows, grad_out, needs)
     return (*grads, None, None, None, None)

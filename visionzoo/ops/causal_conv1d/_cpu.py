@@ -1,0 +1,56 @@
+"""``cpu`` backend of causal_conv1d: conv + bias + SiLU in one pass, in C (:file:`_cpu_kernel.c`).
+
+fp32 CPU tensors, filters up to 16 taps. Built, cached and loaded by :mod:`visionzoo.ops._cpu_build`
+(compiled on first use with the system C compiler; unavailable without one, and ``auto`` then uses
+``shifted``). The output keeps ``x``'s memory layout (time-major in, time-major out).
+"""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _cpu_build
+from .._cpu_build import ptr
+
+OP = "causal_conv1d"
+CB = 8  # channels per work item; must equal VZ_CB in the C source
+KMAX = 16  # longest filter; must equal VZ_KMAX
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, fp = ctypes.c_int64, ctypes.c_void_p
+    fn = lib.vz_causal_conv1d_fwd
+    fn.argtypes = [i64] * 4 + [fp, i64, i64, i64, fp, fp, ctypes.c_int32, fp, i64, i64, i64, i64, i64]
+    fn.restype = ctypes.c_int
+
+
+def load() -> Optional[ctypes.CDLL]:
+    return _cpu_build.load_kernel(OP, Path(__file__).with_name("_cpu_kernel.c"), _declare)
+
+
+def supports(x: Tensor, weight: Tensor) -> bool:
+    """Whether the kernel takes these inputs (``auto`` otherwise uses ``shifted``)."""
+    return x.dtype == torch.float32 and weight.shape[1] <= KMAX
+
+
+def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str) -> Tensor:
+    lib = load()
+    if lib is None:
+        raise RuntimeError("causal_conv1d: the 'cpu' backend is unavailable (no C compiler or the build failed)")
+    if not supports(x, weight):
+        raise RuntimeError(f"causal_conv1d: the 'cpu' backend takes fp32 inputs and K <= {KMAX}, got "
+                           f"{x.dtype} and K={weight.shape[1]}")
+    batch, dim, length = x.shape
+    K = weight.shape[1]
+    w = weight.to(torch.float32).contiguous()
+    b = bias.to(torch.float32).contiguous() if bias is not None else None
+    out = torch.empty_like(x)  # x's strides when dense (time-major in, time-major out), else contiguous
+    head = (batch, dim, length, K, ptr(x), *x.stride(), ptr(w), ptr(b), int(activation == "silu"),
+            ptr(out), *out.stride())
+    if any(_cpu_build.run_items(lib.vz_causal_conv1d_fwd, head, batch * ((dim + CB - 1) // CB))):
+        raise RuntimeError(f"causal_conv1d: the 'cpu' kernel rejected K={K}")
+    return out

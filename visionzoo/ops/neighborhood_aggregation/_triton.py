@@ -1,0 +1,148 @@
+"""``triton`` backend: ``na2d_av`` forward and both gradients as Triton kernels (:mod:`._triton_kernel`).
+
+Forward: one program per ``(image * group, block of query pixels, block of channels)``; each pixel
+computes its clamped window start and loops over the ``K*K`` taps, accumulating in fp32.
+``d attn``: the same query-centric loop with a channel reduction per tap. ``d value``: the
+inverse-neighbourhood gather (each key pixel visits the contiguous range of queries whose window
+holds it), so the backward needs no atomics and is deterministic; see :mod:`._triton_kernel`.
+Nothing of size ``H*W*K*K*c`` is ever materialised, and inputs are read through their strides (a
+permuted view costs no copy). Inputs may be fp32, fp16 or bf16 (math in fp32, results in the
+input dtype); fp64 goes to ``torch`` unless ``triton`` was asked for by name.
+
+Triton is imported lazily (never at ``visionzoo`` import time) and any failure to import it makes the
+backend unavailable. It runs on CUDA tensors, and on CPU tensors only when ``TRITON_INTERPRET=1`` was
+in the environment before Triton was first imported (Triton's interpreter: slow, for tests; see
+:func:`interpret_enabled`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_BLOCK_C = 64  # channels per program; more channels take more programs (d attn: an inner loop)
+
+_UNSET = object()
+_kernel_module: object = _UNSET
+_jitted: dict[tuple[str, str], object] = {}
+
+
+def load():
+    """The kernel module, or None when Triton cannot be imported (cached)."""
+    global _kernel_module
+    if _kernel_module is _UNSET:
+        mod = None
+        try:
+            if importlib.util.find_spec("triton") is not None:
+                from . import _triton_kernel as mod
+        except Exception:  # noqa: BLE001 - a broken install must not break visionzoo
+            mod = None
+        _kernel_module = mod
+    return _kernel_module
+
+
+def interpret_enabled() -> bool:
+    """``TRITON_INTERPRET=1`` is set and Triton was imported under it.
+
+    Triton wraps its ``triton.language`` helpers with ``triton.jit`` when it is imported, reading
+    ``TRITON_INTERPRET`` then; helpers wrapped in compiled mode cannot run in the interpreter. torch
+    imports Triton early (``torch.library``), so the variable must be set before ``visionzoo`` is
+    imported (``tests/conftest.py`` does this when there is no GPU).
+    """
+    if os.environ.get("TRITON_INTERPRET", "0").strip() != "1" or load() is None:
+        return False
+    try:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return isinstance(tl.standard.zeros, InterpretedFunction)
+    except Exception:  # noqa: BLE001 - a Triton without these internals: no interpreter support
+        return False
+
+
+def is_available(device_type: str) -> bool:
+    if load() is None:
+        return False
+    if device_type == "cuda":
+        return True
+    if device_type == "cpu":
+        return interpret_enabled()
+    return False
+
+
+def _kernel(name: str, device_type: str):
+    """``triton.jit`` of kernel ``name``, wrapped once per device type (CPU: interpreter)."""
+    fn = _jitted.get((name, device_type))
+    if fn is None:
+        import triton
+
+        fn = triton.jit(getattr(load(), name))
+        _jitted[(name, device_type)] = fn
+    return fn
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _blocks(channels: int, block_p: int | None, block_c: int | None) -> tuple[int, int]:
+    bc = block_c or min(_pow2(channels), MAX_BLOCK_C)
+    bp = block_p or max(16, min(128, 2048 // bc))
+    for name, v in (("block_p", bp), ("block_c", bc)):
+        if v & (v - 1):
+            raise ValueError(f"na2d_av triton: {name} must be a power of two, got {v}")
+    return bp, bc
+
+
+def _check(attn: Tensor, value: Tensor) -> None:
+    if not is_available(value.device.type):
+        raise RuntimeError(f"neighborhood_aggregation: backend 'triton' is not available on device type "
+                           f"{value.device.type!r}")
+    if value.dtype not in SUPPORTED_DTYPES:
+        raise RuntimeError(f"neighborhood_aggregation: backend 'triton' does not support dtype {value.dtype}")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def triton_forward(attn: Tensor, value: Tensor, kernel_size: int, *, block_p: int | None = None,
+                   block_c: int | None = None) -> Tensor:
+    """``attn`` ``(B, G, H, W, K*K)``, ``value`` ``(B, G, H, W, c)`` (any strides) -> contiguous ``(B, G, H, W, c)``."""
+    _check(attn, value)
+    B, G, H, W, C = value.shape
+    out = torch.empty((B, G, H, W, C), dtype=value.dtype, device=value.device)
+    bp, bc = _blocks(C, block_p, block_c)
+    grid = (B * G, _cdiv(H * W, bp), _cdiv(C, bc))
+    _kernel("na2d_av_fwd_kernel", value.device.type)[grid](
+        attn, value, out, G, H, W, C, *attn.stride(), *value.stride(), *out.stride(),
+        K=kernel_size, BLOCK_P=bp, BLOCK_C=bc, num_warps=4,
+    )
+    return out
+
+
+def triton_backward(attn: Tensor, value: Tensor, kernel_size: int, grad_out: Tensor, needs: tuple[bool, bool],
+                    *, block_p: int | None = None, block_c: int | None = None
+                    ) -> tuple[Tensor | None, Tensor | None]:
+    """``(d attn, d value)`` (each None unless ``needs`` asks for it), contiguous, in the inputs' dtype."""
+    _check(attn, value)
+    B, G, H, W, C = value.shape
+    bp, bc = _blocks(C, block_p, block_c)
+    dev = value.device.type
+    grad_attn = grad_value = None
+    if needs[0]:
+        grad_attn = torch.empty((B, G, H, W, kernel_size * kernel_size), dtype=attn.dtype, device=attn.device)
+        _kernel("na2d_av_bwd_attn_kernel", dev)[(B * G, _cdiv(H * W, bp))](
+            grad_out, value, grad_attn, G, H, W, C, *grad_out.stride(), *value.stride(), *grad_attn.stride(),
+            K=kernel_size, BLOCK_P=bp, BLOCK_C=bc, ONE_CHUNK=C <= bc, num_warps=4,
+        )
+    if needs[1]:
+        grad_value = torch.empty((B, G, H, W, C), dtype=value.dtype, device=value.device)
+        _kernel("na2d_av_bwd_value_kernel", dev)[(B * G, _cdiv(H * W, bp), _cdiv(C, bc))](
+            attn, grad_out, grad_value, G, H, W, C, *attn.stride(), *grad_out.stride(), *grad_value.stride(),
+            K=kernel_size, BLOCK_P=bp, BLOCK_C=bc, num_warps=4,
+        )
+    return grad_attn, grad_value
