@@ -17,7 +17,10 @@ This is the released "v2, middle class token, divide-by-2" model family:
   ``D`` are per direction (``*_b`` for the backward one). The two outputs are averaged
   (``(y + flip(y_b)) / 2``), the fix for NaN losses under AMP (hustvl/Vim#30, PR #90).
 * Both directions go through one conv call and one scan call here: the backward direction is the
-  time-reversed sequence stacked as extra channels, and B/C use the grouped (G=2) layout. Tensors
+  time-reversed sequence stacked as extra channels, and B/C use the grouped (G=2) layout. The scan is
+  :func:`visionzoo.ops.selective_scan.selective_scan_bidirectional` (``reversed_inputs=True``): it
+  gates the backward half with the shared ``z`` read time-reversed and averages ``y`` with ``flip(y_b)``
+  itself (with the Triton backend inside the kernel's indexing, no flipped copies of ``z`` or ``y_b``). Tensors
   stay time-major (``(B, L, C)`` in memory, as the Linear layers produce them) from ``in_proj`` to
   ``out_proj``; the conv and the scan read ``(B, C, L)`` views. The official slow path
   (no fused kernel, or ``inference_params`` set) silently drops the backward direction; this
@@ -52,7 +55,7 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 
 from ..layers import PatchEmbed, resample_pos_embed_with_inner_token
 from ..ops.causal_conv1d import causal_conv1d
-from ..ops.selective_scan import selective_scan
+from ..ops.selective_scan import selective_scan_bidirectional
 from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
 from ._registry import ModelMeta, register_meta
 
@@ -168,9 +171,9 @@ class BiMambaMixer(nn.Module):
         B, L, _ = x.shape
         E, N, R = self.d_inner, self.d_state, self.dt_rank
         xs, z = self.in_proj(x).split(E, dim=-1)  # (B, L, E) each
-        # Backward direction = the time-reversed sequence, stacked as channels E..2E-1.
+        # Backward direction = the time-reversed sequence, stacked as channels E..2E-1 (its causal conv
+        # has to see it reversed). The gate z is shared: the scan reads it time-reversed for that half.
         xs = torch.cat([xs, xs.flip(1)], dim=-1)  # (B, L, 2E)
-        z = torch.cat([z, z.flip(1)], dim=-1)  # (B, L, 2E)
 
         conv_w = torch.cat([self.conv1d.weight, self.conv1d_b.weight])[:, 0]  # (2E, K)
         conv_b = None if self.conv1d.bias is None else torch.cat([self.conv1d.bias, self.conv1d_b.bias])
@@ -185,11 +188,13 @@ class BiMambaMixer(nn.Module):
         A = -torch.exp(torch.cat([self.A_log, self.A_b_log]).float())  # (2E, N)
         D = torch.cat([self.D, self.D_b]).float()  # (2E,)
         dt_bias = torch.cat([self.dt_proj.bias, self.dt_proj_b.bias]).float()  # (2E,)
-        y = selective_scan(
-            xs, dt.transpose(1, 2), A, B_ssm.permute(0, 2, 3, 1), C_ssm.permute(0, 2, 3, 1),  # B/C: (B, 2, N, L)
-            D=D, z=z.transpose(1, 2), delta_bias=dt_bias, delta_softplus=True, backend=self.scan_backend,
-        ).transpose(1, 2)  # (B, L, 2E)
-        y = (y[..., :E] + y[..., E:].flip(1)) * 0.5  # (B, L, E)
+        # (y + flip(y_b)) / 2 in one call: one kernel launch with the Triton backend, one plain scan of the
+        # 2E channels otherwise (B/C: (B, 2, N, L), the second group is the backward direction's).
+        y = selective_scan_bidirectional(
+            xs, dt.transpose(1, 2), A, B_ssm.permute(0, 2, 3, 1), C_ssm.permute(0, 2, 3, 1),
+            D=D, z=z.transpose(1, 2), delta_bias=dt_bias, delta_softplus=True, reduce="mean",
+            reversed_inputs=True, backend=self.scan_backend,
+        ).transpose(1, 2)  # (B, L, E)
         return self.out_proj(y)
 
 

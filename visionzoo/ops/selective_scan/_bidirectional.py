@@ -193,11 +193,10 @@ selective_scan_bidirectional_op.register_autograd(_backward, setup_context=_setu
 @register_flop_formula(torch.ops.visionzoo.selective_scan_bidirectional)
 def _flop_formula(u_shape, delta_shape, A_shape, B_shape, C_shape, D_shape, z_shape, delta_bias_shape,
                   delta_softplus, reduce, *args, out_shape=None, **kwargs) -> int:
+    # The two scans, counted as mamba-ssm counts one (the elementwise average of the two outputs is not
+    # counted, as FlopCounterMode counts no elementwise op; this keeps Vim's count what it was).
     batch, dim2, length = u_shape
-    total = _op.flops(batch, dim2, length, A_shape[1], D_shape is not None, z_shape is not None)
-    if reduce != "none":  # the add of the two directions (and the halving for "mean")
-        total += batch * (dim2 // 2) * length * (2 if reduce == "mean" else 1)
-    return total
+    return _op.flops(batch, dim2, length, A_shape[1], D_shape is not None, z_shape is not None)
 
 
 def selective_scan_bidirectional(
