@@ -1,11 +1,21 @@
-"""``triton`` backend: a fused selective-scan forward written in Triton.
+"""``triton`` backend: the selective scan's forward and backward written in Triton.
 
-One program per (batch element, block of ``BLOCK_D`` channels) loops over the sequence with the state
-``(BLOCK_D, N)`` in fp32 registers (kernel in :mod:`._triton_kernel`). Inputs may be fp32, fp16 or
-bf16 (math in fp32), with any strides; ``out`` is in ``u``'s dtype (time-major when ``u`` is a
-time-major view, otherwise contiguous) and ``last_state`` is fp32 ``(batch, dim, N)``, as for the
-``chunked`` backend. The backward is the ``chunked`` analytic backward (states recomputed, no
-``(batch, dim, L, N)`` storage).
+One program per (batch element, group, block of ``BLOCK_D`` channels of that group) loops over the
+sequence with the state ``(BLOCK_D, N)`` in fp32 registers (kernels in :mod:`._triton_kernel`). Inputs
+may be fp32, fp16 or bf16 (math in fp32), with any strides; ``out`` is in ``u``'s dtype (time-major
+when ``u`` is a time-major view, otherwise contiguous) and ``last_state`` is fp32 ``(batch, dim, N)``,
+as for the ``chunked`` backend.
+
+The backward kernel recomputes the states: a forward pass keeps the state every ``CHUNK`` (16) steps,
+then each chunk, last to first, is recomputed into a per-program scratch buffer of ``CHUNK + 1`` states
+and walked backwards with the adjoint. Extra memory: ``cdiv(L, CHUNK) + CHUNK + 1`` states per program
+(about ``batch * dim * N * (L / 16 + 17)`` floats), never ``(batch, dim, L, N)``. The gradients of the
+parameters shared across programs are written as per-program partial sums and reduced by torch here
+(deterministic; no atomics): ``dA``, ``dD``, ``d delta_bias`` per batch element, ``dB``, ``dC`` per
+(batch element, group, channel block).
+
+Both kernels also run the backward-in-time direction of :func:`..selective_scan_bidirectional` (groups
+``>= g_fwd`` are scanned from ``t = L - 1`` down to ``0`` by indexing; see :mod:`._triton_kernel`).
 
 Triton is imported lazily (never at ``visionzoo`` import time) and any failure to import it makes the
 backend unavailable. It runs on CUDA tensors, and on CPU tensors only when ``TRITON_INTERPRET=1`` is
@@ -145,11 +155,11 @@ def selective_scan_triton(
         u, delta, A, B, C,
         D if D is not None else u, zz, delta_bias if delta_bias is not None else u,
         out, last_state,
-        length, dstate, dg, groups if g_fwd is None else g_fwd, int(in_rev), int(z_rev), z_shift,
+        length, dstate, dg, groups if g_fwd is None else g_fwd, z_shift,
         *u.stride(), *delta.stride(), *zz.stride(), *out.stride(),
         *A.stride(), *B.stride(), *C.stride(), *last_state.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), BLOCK_D=block_d, BLOCK_N=block_n,
+        SOFTPLUS=bool(delta_softplus), IN_REV=bool(in_rev), Z_REV=bool(z_rev), BLOCK_D=block_d, BLOCK_N=block_n,
         num_warps=4,
     )
     return out, last_state
@@ -185,8 +195,9 @@ def selective_scan_triton_backward(
 
     ``grad_out`` ``(batch, dim, L)`` (or, with ``dout_shift``, the reversed channels ``c`` read its channel
     ``c - dout_shift``; every value is multiplied by ``dout_scale``) or None; ``grad_last_state``
-    ``(batch, dim, N)`` or None. ``g_fwd, in_rev, z_rev, z_shift`` as in the forward; with ``z_shift > 0`` the returned ``dz``
-    has ``dim`` (stacked) channels, one per scanned channel, and the caller folds the halves.
+    ``(batch, dim, N)`` or None. ``g_fwd, in_rev, z_rev, z_shift`` as in the forward; with ``z_shift > 0``
+    the returned ``dz`` has ``dim`` (stacked) channels, one per scanned channel, and the caller folds the
+    halves.
     Gradients come back in the inputs' dtypes (``u, delta, z`` with ``u``'s strides when it is time-major).
     """
     _check(u)
@@ -229,14 +240,14 @@ def selective_scan_triton_backward(
         D if D is not None else u, zz, delta_bias if delta_bias is not None else u, do, dl,
         du, ddelta, dzz, dA, dB, dC,
         dD if dD is not None else dA, dbias if dbias is not None else dA, ckpt, scratch,
-        length, dstate, dg, groups if g_fwd is None else g_fwd, int(in_rev), int(z_rev), z_shift, dout_shift,
-        float(dout_scale),
+        length, dstate, dg, groups if g_fwd is None else g_fwd, z_shift, dout_shift, float(dout_scale),
         dim, nblk, nchunks,
         *u.stride(), *delta.stride(), *zz.stride(), *do.stride(),
         *du.stride(), *ddelta.stride(), *dzz.stride(),
         *A.stride(), *B.stride(), *C.stride(), *dl.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), HAS_DOUT=grad_out is not None, HAS_DLAST=grad_last_state is not None,
+        IN_REV=bool(in_rev), Z_REV=bool(z_rev),
         CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n,
         num_warps=4,
     )

@@ -16,9 +16,9 @@ walks the sequence with the state ``h`` (``BLOCK_D x BLOCK_N``) in fp32 register
 
 Direction. Groups ``g >= g_fwd`` run *backwards in time*: at step ``t`` their program writes ``out``
 (reads ``grad_out``) at memory time index ``L - 1 - t`` (the scan of the time-reversed sequence, written
-back in the original order). Its inputs ``u, delta, B, C`` are read at ``L - 1 - t`` too when ``in_rev``
+back in the original order). Its inputs ``u, delta, B, C`` are read at ``L - 1 - t`` too when ``IN_REV``
 is set (inputs given in the original order), at ``t`` otherwise (inputs given already time-reversed,
-as Vim computes them from the flipped sequence); ``z`` at ``L - 1 - t`` when ``z_rev`` is set. With
+as Vim computes them from the flipped sequence); ``z`` at ``L - 1 - t`` when ``Z_REV`` is set. With
 ``g_fwd = G`` (the plain scan) every program runs forwards. The fused bidirectional scan stacks the two
 directions as channels ``[0, dim)`` and ``[dim, 2 dim)`` with ``G`` even and ``g_fwd = G / 2``;
 ``z_shift``/``dout_shift`` let the backward direction read channel ``c - shift`` of a ``z``/``grad_out``
@@ -50,7 +50,7 @@ LOG2E = 1.4426950408889634
 
 def selective_scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr,
-    length, dstate, dg, g_fwd, in_rev, z_rev, z_shift,
+    length, dstate, dg, g_fwd, z_shift,
     su_b, su_d, su_l,
     sdt_b, sdt_d, sdt_l,
     sz_b, sz_d, sz_l,
@@ -60,7 +60,7 @@ def selective_scan_fwd_kernel(
     sC_b, sC_g, sC_n, sC_l,
     sl_b, sl_d, sl_n,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    IN_REV: tl.constexpr, Z_REV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1)
@@ -73,12 +73,20 @@ def selective_scan_fwd_kernel(
     offs_d = grp * dg + offs_c
     rev = grp >= g_fwd
     # Memory time index at step t: base + stride * t, for the inputs, the output and z (see the docstring).
-    t0 = tl.where(rev & (in_rev != 0), length - 1, 0)
-    step = tl.where(rev & (in_rev != 0), -1, 1)
     o0 = tl.where(rev, length - 1, 0)
     ostep = tl.where(rev, -1, 1)
-    z0 = tl.where(rev & (z_rev != 0), length - 1, 0)
-    zstep = tl.where(rev & (z_rev != 0), -1, 1)
+    if IN_REV:
+        t0 = o0
+        step = ostep
+    else:
+        t0 = 0
+        step = 1
+    if Z_REV:
+        z0 = o0
+        zstep = ostep
+    else:
+        z0 = 0
+        zstep = 1
     zc = offs_d - tl.where(rev, z_shift, 0)
 
     A2 = tl.load(A_ptr + offs_d[:, None] * sA_d + offs_n[None, :] * sA_n, mask=mask_dn, other=0.0)
@@ -122,7 +130,7 @@ def selective_scan_fwd_kernel(
 def selective_scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, dlast_ptr,
     du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, ckpt_ptr, scratch_ptr,
-    length, dstate, dg, g_fwd, in_rev, z_rev, z_shift, dout_shift, dout_scale, dim, nblk, nchunks,
+    length, dstate, dg, g_fwd, z_shift, dout_shift, dout_scale, dim, nblk, nchunks,
     su_b, su_d, su_l,
     sdt_b, sdt_d, sdt_l,
     sz_b, sz_d, sz_l,
@@ -135,7 +143,7 @@ def selective_scan_bwd_kernel(
     sC_b, sC_g, sC_n, sC_l,
     sdl_b, sdl_d, sdl_n,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DOUT: tl.constexpr, HAS_DLAST: tl.constexpr,
+    HAS_DOUT: tl.constexpr, HAS_DLAST: tl.constexpr, IN_REV: tl.constexpr, Z_REV: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
@@ -150,12 +158,20 @@ def selective_scan_bwd_kernel(
     offs_d = grp * dg + offs_c
     rev = grp >= g_fwd
     # Memory time index at step t: base + stride * t, for the inputs, the output and z (see the docstring).
-    t0 = tl.where(rev & (in_rev != 0), length - 1, 0)
-    step = tl.where(rev & (in_rev != 0), -1, 1)
     o0 = tl.where(rev, length - 1, 0)
     ostep = tl.where(rev, -1, 1)
-    z0 = tl.where(rev & (z_rev != 0), length - 1, 0)
-    zstep = tl.where(rev & (z_rev != 0), -1, 1)
+    if IN_REV:
+        t0 = o0
+        step = ostep
+    else:
+        t0 = 0
+        step = 1
+    if Z_REV:
+        z0 = o0
+        zstep = ostep
+    else:
+        z0 = 0
+        zstep = 1
     zc = offs_d - tl.where(rev, z_shift, 0)
     oc = offs_d - tl.where(rev, dout_shift, 0)
     prog = (pid_b * n_groups + grp) * nblk + pid_d  # slot of this program in ckpt / scratch / partials
@@ -190,6 +206,7 @@ def selective_scan_bwd_kernel(
         Bt = tl.load(B_p + tm * sB_l, mask=mask_n, other=0.0).to(tl.float32)
         h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
     tl.store(ck_p + (nchunks - 1) * (BLOCK_D * BLOCK_N), h)
+    tl.debug_barrier()
 
     # Pass 2: chunks last to first.
     if HAS_DLAST:
