@@ -289,3 +289,124 @@ def test_manifest_entries_are_complete_and_consistent():
                 assert entry["file"] == cfg.hf_hub_filename, tag
         if entry.get("sha256_prefix"):
             assert f"-{entry['sha256_prefix']}." in entry["file"], tag
+
+
+# --- tools/visualize.py ---------------------------------------------------------------------------------
+visualize = _load_tool("visualize")
+TEST_MODELS = {what: f"test_{family}" for what, (family, _, _) in visualize.PICTURES.items()}
+
+
+def _check_png(path):
+    from PIL import Image
+
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width >= 600 and im.height >= 250
+        pixels = torch.frombuffer(bytearray(im.convert("L").tobytes()), dtype=torch.uint8).float()
+    assert pixels.std() > 20  # a picture, not a blank canvas
+
+
+@pytest.mark.parametrize("what", list(visualize.PICTURES))
+def test_each_picture_renders_a_png(tmp_path, what):
+    out = visualize.render(what, tmp_path / f"{what}.png", model=TEST_MODELS[what])
+    _check_png(out)
+
+
+def _input(name):
+    model = visualize.build_model(name)
+    photo = visualize.load_photo("astronaut", visualize.image_size(model, None))
+    assert photo.shape == (64, 64, 3) and photo.dtype.name == "uint8"
+    return model, visualize.to_input(model, photo)
+
+
+def test_biformer_routing_data():
+    model, x = _input("test_biformer")
+    calls = visualize.biformer_routing(model, x)
+    assert [c["stage"] for c in calls] == [0, 1, 2, 2]  # one per BRA block; the last stage is global
+    for c in calls:
+        n = c["n_win"][0] * c["n_win"][1]
+        assert c["idx"].shape == (n, c["topk"])
+        assert all(len(set(row)) == c["topk"] and max(row) < n for row in c["idx"].tolist())
+
+
+def test_sparsifiner_connections_data():
+    model, x = _input("test_sparsifiner")
+    kept = visualize.sparsifiner_connections(model, x)
+    assert len(kept) == len(model.blocks)
+    n = model.grid_size[0] * model.grid_size[1] + 1
+    assert kept[0].shape[1] == n - 1  # every patch token queries in the first block
+    for k in kept:  # test_sparsifiner prunes tokens: later blocks have fewer query rows
+        heads, rows, budget = k.shape
+        assert heads == model.blocks[0].attn.num_heads and rows <= n - 1 and budget <= rows + 1
+        assert all(len(set(r)) == budget for r in k.reshape(-1, budget).tolist()) and int(k.max()) < n
+
+
+def test_overlock_kernels_data():
+    model, x = _input("test_overlock")
+    calls = visualize.overlock_kernels(model, x)
+    assert len(calls) == 2 * (len(model.sub_blocks3) + len(model.sub_blocks4))
+    for c in calls:
+        assert c["attn"].shape[-1] == c["K"] ** 2
+        torch.testing.assert_close(c["attn"].sum(-1), torch.ones(c["attn"].shape[:-1]))
+
+
+def test_vim_erf_peaks_at_the_centre_token():
+    model, x = _input("test_vim")
+    erfs = visualize.vim_erf(model, x, [0, 2])
+    for erf in erfs:
+        assert erf.shape == (64, 64) and erf.max() > 0
+        y, xx = divmod(int(erf.argmax()), 64)
+        assert 32 <= y < 48 and 32 <= xx < 48  # inside the centre token's 16x16 patch (grid 4x4, token (2, 2))
+
+
+def test_cli_single_picture_with_a_checkpoint(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    src = _randomised("test_vim", seed=3)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    loaded = visualize.build_model("test_vim", str(tmp_path / "w.safetensors"))
+    torch.testing.assert_close(loaded.state_dict()["blocks.1.mixer.A_log"], src.state_dict()["blocks.1.mixer.A_log"])
+    paths = visualize.main(["--what", "vim_erf", "--model", "test_vim", "--out", str(tmp_path / "erf.png"),
+                            "--checkpoint", str(tmp_path / "w.safetensors"), "--image", "chelsea",
+                            "--point", "0.5", "0.5"])
+    _check_png(paths[0])
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_all(tmp_path, monkeypatch):
+    """--what all: one PNG per picture (two pictures here, with test models; each is rendered above)."""
+    for what, (family, _, draw) in list(visualize.PICTURES.items()):
+        if what in ("sparsifiner_connections", "vim_erf"):
+            monkeypatch.setitem(visualize.PICTURES, what, (family, TEST_MODELS[what], draw))
+        else:
+            monkeypatch.delitem(visualize.PICTURES, what)
+    paths = visualize.main(["--what", "all", "--out", str(tmp_path / "pictures")])
+    assert sorted(p.name for p in paths) == sorted(f"{w}.png" for w in visualize.PICTURES)
+    for p in paths:
+        _check_png(p)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--what", "vim_erf", "--model", "test_biformer"], "needs a vim model, test_biformer is biformer"),
+    (["--what", "routing", "--model", "test_vim"], "unknown --what 'routing'"),
+    (["--what", "all", "--model", "test_vim"], "--what all uses each family's default model"),
+    (["--what", "vim_erf", "--model", "test_vim", "--image", "no_such_photo"], "not a bundled photo"),
+    (["--what", "vim_erf", "--model", "test_vim", "--point", "2", "0.5"], "as fractions of the image"),
+    (["--what", "vim_erf", "--model", "test_vim", "--checkpoint", "missing.pth"], "no such file"),
+])
+def test_cli_errors_are_one_line(tmp_path, capsys, argv, expected):
+    with pytest.raises(SystemExit) as exc:
+        visualize.main([*argv, "--out", str(tmp_path / "x.png")])
+    msg = exc.value.code
+    assert isinstance(msg, str) and msg.startswith("visualize: ") and "\n" not in msg and expected in msg, msg
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_bad_checkpoint_is_one_line(official, tmp_path):
+    path, _ = official["test_biformer"]  # a BiFormer file for a Vim picture
+    with pytest.raises(SystemExit) as exc:
+        visualize.main(["--what", "vim_erf", "--model", "test_vim", "--checkpoint", str(path),
+                        "--out", str(tmp_path / "x.png")])
+    assert str(exc.value.code).startswith("visualize: cannot build test_vim from") and "\n" not in exc.value.code
