@@ -124,8 +124,9 @@ def _intercept(module: Any, name: str, record: Callable[..., Any]):
 # --- what each family computes --------------------------------------------------------------------------
 @torch.no_grad()
 def biformer_routing(model: torch.nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
-    """Routing of every BRA call: ``idx`` (n_regions, topk) for the image, ``n_win``, padded grid ``(H, W)``,
-    the stage's unpadded grid and stride. The calls are in block order."""
+    """Routing of every BRA call, in block order: ``idx`` (n_regions, topk) for the image (regions row-major),
+    ``n_win``, the token ``grid`` BRA ran on (padded to multiples of ``n_win`` if the model pads), ``topk``,
+    and the block's ``stage`` and ``stride`` (pixels per token)."""
     from visionzoo.models import biformer as module
 
     calls: list[dict[str, Any]] = []
@@ -263,6 +264,8 @@ def draw_sparsifiner_connections(model, photo, point, checkpoint, name):
     n = gh * gw
     q = min(int(point[0] * gh), gh - 1) * gw + min(int(point[1] * gw), gw - 1)
     full = [i for i, k in enumerate(kept) if k.shape[1] == n]  # blocks before any token pruning
+    if not full:
+        raise VisualizeError(f"{name} prunes tokens before its first block; no block sees every query token")
     chosen = sorted({full[0], full[len(full) // 2], full[-1]})
     fig, axes = _figure(1 + len(chosen), f"{name}: keys kept for the query token ({_weights(checkpoint)})")
     axes[0].imshow(photo)
