@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a plain global is not readable from a compiled kernel
 
 
 def selective_scan_fwd_kernel(
