@@ -111,3 +111,47 @@ def test_opcheck():
     for backend in BACKENDS:
         torch.library.opcheck(torch.ops.visionzoo.causal_conv1d, (x, w, b, "silu", backend),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("time_major", [True, False])
+@pytest.mark.parametrize("L", [1, 5, 18])
+def test_bidirectional_matches_flipped_composition(backend, time_major, L):
+    """cat([conv(x, w_f), conv(flip(x), w_b)]) with x read backwards in place (cpu) or composed."""
+    from visionzoo.ops.causal_conv1d import causal_conv1d_bidirectional
+
+    B, E, K = 2, 11, 4
+    base = torch.randn(B, L, 2 * E)  # Vim: x is the first half of in_proj's output, (B, L, E) with stride 2E
+    x = (base[..., :E].transpose(1, 2) if time_major else base[..., :E].permute(0, 2, 1).contiguous())
+    x = x.detach().requires_grad_(True)
+    w, b = torch.randn(2 * E, K, requires_grad=True), torch.randn(2 * E, requires_grad=True)
+    out = causal_conv1d_bidirectional(x, w, b, "silu", backend=backend)
+    expected = torch.cat([_naive(x, w[:E], b[:E], "silu"), _naive(x.flip(-1), w[E:], b[E:], "silu")], dim=1)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert out.stride(1) == 1 if time_major else out.is_contiguous()
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, w, b), g)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+    ref = causal_conv1d(torch.cat([leaves[0], leaves[0].flip(-1)], 1), leaves[1], leaves[2], "silu",
+                        backend="reference")
+    for a, r in zip(grads, torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+def test_bidirectional_opcheck_flops_and_errors():
+    from visionzoo.ops.causal_conv1d import causal_conv1d_bidirectional
+
+    x, w, b = torch.randn(2, 5, 7), torch.randn(10, 4), torch.randn(10)
+    for backend in BACKENDS:
+        torch.library.opcheck(torch.ops.visionzoo.causal_conv1d_bidirectional, (x, w, b, "silu", backend),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    with torch.device("meta"):
+        xm, wm = torch.empty(2, 8, 50), torch.empty(16, 4)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        assert causal_conv1d_bidirectional(xm, wm).shape == (2, 16, 50)
+    assert counter.get_total_flops() == 2 * 2 * 16 * 50 * 4
+    with pytest.raises(ValueError, match=r"weight must be \(2E, K\) with 2E=10"):
+        causal_conv1d_bidirectional(x, torch.randn(5, 4))
+    with pytest.raises(ValueError, match=r"bias must be \(10,\)"):
+        causal_conv1d_bidirectional(x, w, torch.randn(5))

@@ -33,8 +33,8 @@ This is the released "v2, middle class token, divide-by-2" model family:
 
 The kernels are :func:`visionzoo.ops.selective_scan.selective_scan` (mamba-ssm's CUDA kernel when
 importable on a GPU, an exact blocked PyTorch scan otherwise) and
-:func:`visionzoo.ops.causal_conv1d.causal_conv1d` (the causal-conv1d package on a GPU, shifted
-multiply-adds otherwise).
+:func:`visionzoo.ops.causal_conv1d.causal_conv1d_bidirectional` (the causal-conv1d package on a GPU,
+a C kernel that reads the sequence backwards in place on CPU, shifted multiply-adds otherwise).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 from ..layers import PatchEmbed, resample_pos_embed_with_inner_token
-from ..ops.causal_conv1d import causal_conv1d
+from ..ops.causal_conv1d import causal_conv1d_bidirectional
 from ..ops.selective_scan import selective_scan_bidirectional
 from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
 from ._registry import ModelMeta, register_meta
@@ -172,12 +172,11 @@ class BiMambaMixer(nn.Module):
         E, N, R = self.d_inner, self.d_state, self.dt_rank
         xs, z = self.in_proj(x).split(E, dim=-1)  # (B, L, E) each
         # Backward direction = the time-reversed sequence, stacked as channels E..2E-1 (its causal conv
-        # has to see it reversed). The gate z is shared: the scan reads it time-reversed for that half.
-        xs = torch.cat([xs, xs.flip(1)], dim=-1)  # (B, L, 2E)
-
+        # has to see it reversed; the cpu kernel reads xs backwards in place, other backends concatenate a
+        # flipped copy). The gate z is shared: the scan reads it time-reversed for that half.
         conv_w = torch.cat([self.conv1d.weight, self.conv1d_b.weight])[:, 0]  # (2E, K)
         conv_b = None if self.conv1d.bias is None else torch.cat([self.conv1d.bias, self.conv1d_b.bias])
-        xs = causal_conv1d(xs.transpose(1, 2), conv_w, conv_b, activation="silu")  # (B, 2E, L) view
+        xs = causal_conv1d_bidirectional(xs.transpose(1, 2), conv_w, conv_b, activation="silu")  # (B, 2E, L) view
 
         x_proj_w = torch.stack([self.x_proj.weight, self.x_proj_b.weight])  # (2, R+2N, E)
         x_dbl = torch.einsum("blke,kce->blkc", xs.transpose(1, 2).view(B, L, 2, E), x_proj_w)  # (B, L, 2, R+2N)

@@ -41,7 +41,7 @@ from torch.utils.flop_counter import register_flop_formula
 from .._backend import resolve_backend
 from . import _cpu
 
-__all__ = ["causal_conv1d", "BACKENDS"]
+__all__ = ["causal_conv1d", "causal_conv1d_bidirectional", "BACKENDS"]
 
 OP = "causal_conv1d"
 BACKENDS = ("reference", "shifted", "cpu", "cuda")
@@ -178,3 +178,87 @@ def causal_conv1d(
     if act not in ACTIVATIONS:
         raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
     return _causal_conv1d_op(x, weight, bias, act, backend)
+
+
+# ---------------------------------------------------------------- both directions of a Vim mixer
+
+
+def _bidirectional_out(x: Tensor) -> Tensor:
+    """The output buffer: time-major ``(batch, L, 2E)`` memory when ``x``'s channels are contiguous."""
+    batch, E, length = x.shape
+    if x.stride(1) == 1:
+        return x.new_empty(batch, length, 2 * E).transpose(1, 2)
+    return x.new_empty(batch, 2 * E, length)
+
+
+@torch.library.custom_op("visionzoo::causal_conv1d_bidirectional", mutates_args=())
+def _causal_conv1d_bidirectional_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
+                                    backend: str) -> Tensor:
+    out = _bidirectional_out(x)
+    if _resolve(backend, x, weight) == "cpu":
+        return _cpu.causal_conv1d_bidirectional_cpu(x, weight, bias, activation, out)
+    return out.copy_(_causal_conv1d_op(torch.cat([x, x.flip(-1)], dim=1), weight, bias, activation, backend))
+
+
+@_causal_conv1d_bidirectional_op.register_fake
+def _(x, weight, bias, activation, backend):
+    return _bidirectional_out(x)
+
+
+def _bidirectional_setup_context(ctx, inputs, output):
+    x, weight, bias, activation, backend = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.activation = activation
+
+
+def _bidirectional_backward(ctx, grad_out):
+    x, weight, bias = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_(bool(n)) for t, n in zip((x, weight, bias), needs)]
+        xx = torch.cat([leaves[0], leaves[0].flip(-1)], dim=1)
+        out = _shifted(xx, leaves[1], leaves[2], ctx.activation)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out)) if wanted else iter(())
+    return (*(next(grads) if (t is not None and t.requires_grad) else None for t in leaves), None, None)
+
+
+_causal_conv1d_bidirectional_op.register_autograd(_bidirectional_backward,
+                                                  setup_context=_bidirectional_setup_context)
+
+
+@register_flop_formula(torch.ops.visionzoo.causal_conv1d_bidirectional)
+def _bidirectional_flops(x_shape, weight_shape, *args, **kwargs) -> int:
+    batch, E, length = x_shape
+    return 2 * batch * 2 * E * length * weight_shape[1]
+
+
+def causal_conv1d_bidirectional(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: Optional[str] = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """Both directions of a Vim mixer's conv: ``cat([conv(x, w[:E]), conv(flip(x), w[E:])])`` on channels.
+
+    x: (batch, E, L), any strides; weight: (2E, K) or (2E, 1, K); bias: (2E,) or None. Returns
+    (batch, 2E, L); channels [E, 2E) are in the flipped time order. The ``cpu`` backend reads ``x``
+    backwards in place (no flipped or concatenated copy); other backends concatenate the flipped
+    copy and run :func:`causal_conv1d`.
+    """
+    if weight.dim() == 3 and weight.shape[1] == 1:
+        weight = weight[:, 0]
+    if x.dim() != 3:
+        raise ValueError(f"causal_conv1d_bidirectional: x must be (batch, E, L), got shape {tuple(x.shape)}")
+    E = x.shape[1]
+    if weight.dim() != 2 or weight.shape[0] != 2 * E:
+        raise ValueError(f"causal_conv1d_bidirectional: weight must be (2E, K) with 2E={2 * E}, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (2 * E,):
+        raise ValueError(f"causal_conv1d_bidirectional: bias must be ({2 * E},), got {tuple(bias.shape)}")
+    act = "none" if activation is None else activation
+    if act not in ACTIVATIONS:
+        raise ValueError(f"causal_conv1d_bidirectional: activation must be None or 'silu', got {activation!r}")
+    return _causal_conv1d_bidirectional_op(x, weight, bias, act, backend)

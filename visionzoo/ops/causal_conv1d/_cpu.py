@@ -54,3 +54,31 @@ def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], activat
     if any(_cpu_build.run_items(lib.vz_causal_conv1d_fwd, head, batch * ((dim + CB - 1) // CB))):
         raise RuntimeError(f"causal_conv1d: the 'cpu' kernel rejected K={K}")
     return out
+
+
+def causal_conv1d_bidirectional_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
+                                    out: Tensor) -> Tensor:
+    """``cat([conv(x, w[:E]), conv(flip(x), w[E:])], channels)`` with no flipped or concatenated copies.
+
+    ``x``: ``(batch, E, L)``; ``weight``: ``(2E, K)``. The second half of the output is in the flipped time
+    order (the order the backward direction of a Vim mixer works in); the kernel reads ``x`` from
+    ``t = L - 1`` down with a negative time stride. Writes into ``out`` ``(batch, 2E, L)`` fp32 (any
+    strides) and returns it.
+    """
+    lib = load()
+    if lib is None or not supports(x, weight):
+        raise RuntimeError("causal_conv1d: the 'cpu' backend is unavailable or cannot take these inputs")
+    batch, E, length = x.shape
+    K = weight.shape[1]
+    w = weight.to(torch.float32).contiguous()
+    b = bias.to(torch.float32).contiguous() if bias is not None else None
+    sb, sd, sl = x.stride()
+    for half, (xp, xs) in enumerate(((ptr(x), (sb, sd, sl)),
+                                     (ctypes.c_void_p(x.data_ptr() + (length - 1) * sl * 4), (sb, sd, -sl)))):
+        ch = slice(half * E, (half + 1) * E)
+        o = out[:, ch]
+        head = (batch, E, length, K, xp, *xs, ptr(w[ch]), ptr(b[ch] if b is not None else None),
+                int(activation == "silu"), ptr(o), *o.stride())
+        if any(_cpu_build.run_items(lib.vz_causal_conv1d_fwd, head, batch * ((E + CB - 1) // CB))):
+            raise RuntimeError(f"causal_conv1d: the 'cpu' kernel rejected K={K}")
+    return out

@@ -32,7 +32,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     i64, fp = ctypes.c_int64, ctypes.c_void_p
     seq = [fp, i64, i64, i64]  # pointer + (batch, dim, L) strides
     fn = lib.vz_selective_scan_fwd
-    fn.argtypes = [i64] * 5 + seq * 2 + [fp] * 5 + seq + [ctypes.c_int32] + seq + [fp, i64, i64]
+    fn.argtypes = ([i64] * 5 + seq * 2 + [fp] * 5 + seq + [ctypes.c_int32] + seq + [ctypes.c_float, ctypes.c_int32]
+                   + [fp, i64, i64])
     fn.restype = ctypes.c_int
 
 
@@ -86,8 +87,83 @@ def selective_scan_cpu(
         out = torch.empty(batch, dim, length, dtype=f32)
     last_state = torch.empty(batch, dim, dstate, dtype=f32)
     head = (batch, dim, length, dstate, groups, *_seq(u), *_seq(delta), ptr(A2), ptr(Bt), ptr(Ct),
-            ptr(D), ptr(bias), *_seq(z), int(bool(delta_softplus)), *_seq(out), ptr(last_state))
+            ptr(D), ptr(bias), *_seq(z), int(bool(delta_softplus)), *_seq(out), 1.0, 0, ptr(last_state))
     if any(_cpu_build.run_items(lib.vz_selective_scan_fwd, head, batch * ((dim + CB - 1) // CB))):
         raise RuntimeError(f"selective_scan: the 'cpu' kernel rejected the inputs (N={dstate}, dim={dim}, "
                            f"groups={groups})")
     return out, last_state
+
+
+def _seq_reversed(x: Optional[Tensor]) -> tuple:
+    """Pointer and strides that walk a ``(batch, dim, L)`` tensor from ``t = L - 1`` down to 0."""
+    if x is None:
+        return (None, 0, 0, 0)
+    sb, sd, sl = x.stride()
+    return (ctypes.c_void_p(x.data_ptr() + (x.shape[-1] - 1) * sl * x.element_size()), sb, sd, -sl)
+
+
+def selective_scan_bidirectional_cpu(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    reduce: str,
+) -> tuple[Tensor, Tensor]:
+    """Both directions of a Vim mixer with no flipped copies (the layout of ``reversed_inputs=True``).
+
+    ``u, delta``: ``(batch, 2E, L)``, channels ``[E, 2E)`` (the backward direction) already time-reversed,
+    as are groups ``[G/2, G)`` of ``B, C`` ``(batch, G, N, L)``; ``z``: None or ``(batch, E, L)`` shared,
+    in the original order. The forward direction writes ``s * out_f`` (``s`` = 1/2 for ``reduce="mean"``,
+    1 for ``"sum"``); the backward direction then walks ``z`` and the output from ``t = L - 1`` down
+    (negative time strides) and adds ``s * out_b`` in place. ``reduce="none"`` writes the backward
+    direction (back in the original order) as channels ``[E, 2E)`` instead.
+
+    Returns ``out`` (``(batch, E, L)``, or ``(batch, 2E, L)`` for ``"none"``; time-major when ``u`` is) and
+    ``last_state`` ``(batch, 2E, N)`` (the backward direction's after its last step, ``t = 0``).
+    """
+    lib = load()
+    if lib is None:
+        raise RuntimeError("selective_scan: the 'cpu' backend is unavailable (no C compiler or the build failed)")
+    batch, dim2, length = u.shape
+    E, G2, dstate = dim2 // 2, B.shape[1] // 2, B.shape[2]
+    if dstate > NMAX:
+        raise RuntimeError(f"selective_scan: the 'cpu' backend supports N <= {NMAX}, got {dstate}")
+    f32 = torch.float32
+    u, delta = u.to(f32), delta.to(f32)
+    z = z.to(f32) if z is not None else None
+    A2 = (A.to(f32) * LOG2E).contiguous()
+    D = D.to(f32).contiguous() if D is not None else None
+    bias = delta_bias.to(f32).contiguous() if delta_bias is not None else None
+    out_ch = dim2 if reduce == "none" else E
+    if u.permute(2, 0, 1).is_contiguous():
+        out = torch.empty(length, batch, out_ch, dtype=f32).permute(1, 2, 0)
+    else:
+        out = torch.empty(batch, out_ch, length, dtype=f32)
+    last_states = []
+    scale = 0.5 if reduce == "mean" else 1.0
+    items = batch * ((E + CB - 1) // CB)
+    halves = (slice(0, E), slice(E, dim2))
+    for direction, ch in enumerate(halves):
+        grp = slice(direction * G2, (direction + 1) * G2)
+        Bt = B[:, grp].to(f32).transpose(2, 3).contiguous()  # (batch, G/2, L, N)
+        Ct = C[:, grp].to(f32).transpose(2, 3).contiguous()
+        last_states.append(torch.empty(batch, E, dstate, dtype=f32))
+        backward = direction == 1
+        if reduce == "none":
+            o, accumulate = out[:, ch], 0
+        else:
+            o, accumulate = out, int(backward)
+        head = (batch, E, length, dstate, G2, *_seq(u[:, ch]), *_seq(delta[:, ch]), ptr(A2[ch]), ptr(Bt),
+                ptr(Ct), ptr(D[ch] if D is not None else None),
+                ptr(bias[ch] if bias is not None else None),
+                *(_seq_reversed(z) if backward else _seq(z)), int(bool(delta_softplus)),
+                *(_seq_reversed(o) if backward else _seq(o)), scale, accumulate, ptr(last_states[-1]))
+        if any(_cpu_build.run_items(lib.vz_selective_scan_fwd, head, items)):
+            raise RuntimeError(f"selective_scan: the 'cpu' kernel rejected the inputs (N={dstate}, dim={E}, "
+                               f"groups={G2})")
+    return out, torch.cat(last_states, dim=1)

@@ -25,6 +25,9 @@
  * out: (batch, dim, L) with strides o_*; A2: (dim, N) = A * log2(e), contiguous;
  * Bt, Ct: (batch, G, L, N) contiguous; D, bias: (dim,) or NULL; z may be NULL;
  * last_state: (batch, dim, N) contiguous.  Items [item_begin, item_end) of batch * ceil(dim / VZ_CB).
+ * out = out_scale * result, or out += out_scale * result with accumulate (the bidirectional scan adds
+ * its second direction into the first's output). Time strides may be negative: a pointer to the last
+ * step with a negative stride reads or writes a sequence time-reversed without a flipped copy.
  * Returns 0, or -1 when N > VZ_NMAX or dim is not a multiple of G. */
 int vz_selective_scan_fwd(
     int64_t batch, int64_t dim, int64_t length, int64_t dstate, int64_t groups,
@@ -33,7 +36,7 @@ int vz_selective_scan_fwd(
     const float *A2, const float *Bt, const float *Ct, const float *D, const float *bias,
     const float *z, int64_t z_sb, int64_t z_sd, int64_t z_sl,
     int32_t softplus,
-    float *out, int64_t o_sb, int64_t o_sd, int64_t o_sl,
+    float *out, int64_t o_sb, int64_t o_sd, int64_t o_sl, float out_scale, int32_t accumulate,
     float *last_state, int64_t item_begin, int64_t item_end)
 {
     if (dstate > VZ_NMAX || groups < 1 || dim % groups) return -1;
@@ -106,6 +109,12 @@ int vz_selective_scan_fwd(
                     memcpy(&zv, zb + d0 + l * z_sl, sizeof zv);
                     y *= vz_silu(zv);
                 }
+                y *= out_scale;
+                if (accumulate) {
+                    vf prev;
+                    memcpy(&prev, ob + d0 + l * o_sl, sizeof prev);
+                    y += prev;
+                }
                 memcpy(ob + d0 + l * o_sl, &y, sizeof y);
             } else {
                 if (zb) {
@@ -113,7 +122,11 @@ int vz_selective_scan_fwd(
                     for (int c = 0; c < VZ_CB; ++c) zv[c] = zb[ch[c] * z_sd + l * z_sl];
                     y *= vz_silu(zv);
                 }
-                for (int c = 0; c < nc; ++c) ob[ch[c] * o_sd + l * o_sl] = y[c];
+                y *= out_scale;
+                for (int c = 0; c < nc; ++c) {
+                    float *o = ob + ch[c] * o_sd + l * o_sl;
+                    *o = accumulate ? *o + y[c] : y[c];
+                }
             }
         }
         for (int c = 0; c < nc; ++c)
