@@ -304,7 +304,8 @@ def test_kernels_compile_for_sm90_without_a_gpu(dtype):
     The interpreter accepts code the compiler rejects (e.g. reading a plain Python global in a kernel).
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", AOT_COMPILE, dtype], env=env, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", AOT_COMPILE, dtype], env=env, capture_output=True, text=True,
+                         check=False)
     if res.returncode and ("ptxas" in res.stderr and "not found" in res.stderr or "ImportError" in res.stderr):
         pytest.skip(f"cannot compile for CUDA here: {res.stderr.strip().splitlines()[-1]}")
     assert res.returncode == 0, res.stderr[-3000:]
