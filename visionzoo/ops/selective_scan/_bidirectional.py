@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from . import _op, _triton
+from . import _cpu, _op, _triton
 from ._reference import compute_dtype
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -120,6 +120,12 @@ def selective_scan_bidirectional_op(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, g_fwd=B.shape[1] // 2,
             in_rev=not reversed_inputs, z_rev=shared_z or not reversed_inputs, z_shift=dim if shared_z else 0)
         out_f, out_b = stacked[:, :dim], stacked[:, dim:]
+    elif name == "cpu" and reversed_inputs and (z is None or z.shape[1] == dim):
+        # Vim's layout on CPU: the C kernel reads z and writes the output backwards in place for the
+        # backward direction and accumulates the two directions (no flipped or stacked copies).
+        out, last = _cpu.selective_scan_bidirectional_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                          reduce)
+        return out, last
     else:
         stacked, last = _op.FORWARD[name](*_scan_order(u, delta, A, B, C, D, z, delta_bias, reversed_inputs),
                                           delta_softplus)
