@@ -1,4 +1,5 @@
-"""Tests for visionzoo.ops.routing_attention (reference / chunked backends, custom-op plumbing)."""
+"""Tests for visionzoo.ops.routing_attention (reference / chunked backends, custom-op plumbing; the Triton
+backend is tested in test_routing_attention_triton.py)."""
 from __future__ import annotations
 
 
@@ -85,12 +86,36 @@ def test_chunked_float32_and_chunk_count(monkeypatch):
     B, H, W, C, heads, n, topk = 2, 16, 16, 32, 4, 4, 4
     inputs = _inputs(B, H, W, C, C, dtype=torch.float32)
     ref = _run(inputs, "reference", heads, n, topk)
-    monkeypatch.setattr(_chunked, "CHUNK_ELEMENTS", 1)
-    assert _chunked._chunk_regions(B, heads, n * n, topk, 16, 8, 8) == 4  # one K/V copy per chunk: S2 / topk
+    monkeypatch.setattr(_chunked, "CHUNK_ELEMENTS", 2 * (B * n * topk * 16 * 2 * C))  # two region rows per chunk
+    assert _chunked._chunk_rows(B, n, n, topk, 16, C, C) == 2
     out = _run(inputs, "chunked", heads, n, topk)
     torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-5)
     for g, r in zip(out[2], ref[2]):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["qkv_slices", "transposed"])
+def test_chunked_strided_inputs(layout):
+    """The model passes channel slices of one qkv projection (read in place through strided views);
+    other layouts are copied first. Both agree with the reference, gradients included."""
+    B, H, W, C, heads, n, topk = 2, 8, 12, 16, 2, (2, 3), 3
+    g = torch.Generator().manual_seed(3)
+    if layout == "qkv_slices":
+        base = torch.randn(B, H, W, 3 * C, generator=g, dtype=torch.float64)
+        make = lambda t: t.split(C, dim=-1)  # noqa: E731
+    else:
+        base = torch.randn(B, W, H, 3 * C, generator=g, dtype=torch.float64)
+        make = lambda t: t.transpose(1, 2).split(C, dim=-1)  # noqa: E731
+    res = {}
+    for backend in ("chunked", "reference"):
+        leaf = base.clone().requires_grad_(True)
+        q, k, v = make(leaf)
+        out = bi_level_routing_attention(q, k, v, heads, n, topk, C ** -0.5, backend=backend)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        (out * w).sum().backward()
+        res[backend] = (out, leaf.grad)
+    for a, b in zip(res["chunked"], res["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_routing_is_not_differentiated():
@@ -149,16 +174,36 @@ def test_validation_errors():
 
 def test_auto_backend_and_env_override(monkeypatch):
     q, k, v = _inputs(1, 4, 4, 4, 4, dtype=torch.float32)
-    assert _op.resolve("auto", q) == "chunked"  # CPU
+    monkeypatch.delenv(ENV, raising=False)
+    assert _op.resolve("auto", q) == "chunked"  # CPU: never Triton's interpreter
     monkeypatch.setenv(ENV, "reference")
     assert _op.resolve("auto", q) == "reference"
     monkeypatch.setenv(ENV, "nope")
     with pytest.raises(ValueError, match=ENV):
         bi_level_routing_attention(q, k, v, 1, 2, 2, 0.5)
     monkeypatch.delenv(ENV)
-    with pytest.raises(ValueError, match="unknown backend 'triton'"):
-        bi_level_routing_attention(q, k, v, 1, 2, 2, 0.5, backend="triton")
-    assert set(BACKENDS) == {"reference", "chunked"}
+    with pytest.raises(ValueError, match="unknown backend 'flash'"):
+        bi_level_routing_attention(q, k, v, 1, 2, 2, 0.5, backend="flash")
+    assert set(BACKENDS) == {"reference", "chunked", "triton"}
+
+
+def test_auto_prefers_triton_on_cuda(monkeypatch):
+    """On CUDA ``auto`` picks the Triton kernel when Triton imports (float32/16/bf16), ``chunked`` for
+    float64 or without Triton; an explicit ``triton`` with float64 is an error naming the dtype."""
+    monkeypatch.delenv(ENV, raising=False)
+    q = torch.empty(1, 4, 4, 4, device="meta")
+    monkeypatch.setattr(_op._triton, "is_available", lambda device_type: True)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.empty(1, 4, 4, 4, dtype=dtype)
+        monkeypatch.setattr(_op, "_auto_available", lambda name, dt: name in _op.BACKENDS)  # as on CUDA
+        assert _op.resolve("auto", x) == "triton"
+    assert _op.resolve("auto", torch.empty(1, 4, 4, 4, dtype=torch.float64)) == "chunked"
+    with pytest.raises(RuntimeError, match="does not support dtype torch.float64"):
+        _op.resolve("triton", torch.empty(1, 4, 4, 4, dtype=torch.float64))
+    monkeypatch.undo()
+    monkeypatch.setattr(_op._triton, "is_available", lambda device_type: False)
+    assert not _op._auto_available("triton", "cuda")
+    assert _op.resolve("auto", q) == "chunked"
 
 
 def test_opcheck_custom_op():

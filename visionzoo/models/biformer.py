@@ -117,14 +117,18 @@ class BiLevelRoutingAttention(nn.Module):
                     f"img_size=(H, W) so that n_win follows it, or pass auto_pad=True"
                 )
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # zero-pad the normalised input, as official
-        q, k, v = self.qkv(x).split(self.dim, dim=-1)  # (B, Hp, Wp, C) each
+        qkv = self.qkv(x)  # (B, Hp, Wp, 3C)
+        del x  # (the padded copy; memory: every full-size temporary released early counts at 600x500)
+        q, k, v = qkv.split(self.dim, dim=-1)  # (B, Hp, Wp, C) each, channel slices (no copies)
         out = bi_level_routing_attention(
             q, k, v, self.num_heads, (n_h, n_w), min(self.topk, n_h * n_w), self.scale, backend=self.backend,
         )
-        lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # LePE on V, (B, Hp, Wp, C)
+        # LePE on V, (B, Hp, Wp, C); V is a channels-last view, so the depthwise conv runs channels-last.
+        lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        del q, k, v, qkv
         out = self.proj(out + lepe)
         if pad_b or pad_r:
-            out = out[:, :H, :W].contiguous()
+            out = out[:, :H, :W]  # the official crop (a view: the residual add makes the copy)
         return out
 
     def extra_repr(self) -> str:

@@ -98,15 +98,17 @@ def _unit_channel_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _config(w2: int, d_qk: int, d_v: int, dtype: torch.dtype) -> dict:
+def _config(w2: int, d_qk: int, d_v: int, dtype: torch.dtype, device_type: str) -> dict:
     # Tiles: at least 16 (tl.dot), at most 64; a query tile covers a whole region when it fits.
     block_m = min(64, max(16, _next_pow2(w2)))
     block_n = 64 if d_qk <= 64 else 32
     precision = "ieee"
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         precision = "tf32"
+    # Triton's interpreter multiplies bf16 tiles wrongly (see _triton_kernel): fp32 there.
+    upcast = dtype == torch.bfloat16 and device_type == "cpu"
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=max(16, _next_pow2(d_qk)),
-                BLOCK_DV=max(16, _next_pow2(d_v)), PRECISION=precision)
+                BLOCK_DV=max(16, _next_pow2(d_v)), PRECISION=precision, UPCAST=upcast)
 
 
 def _sp(x: Tensor) -> Tuple[int, int, int]:
@@ -126,7 +128,7 @@ def bra_triton_forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, num_heads: 
     out = torch.empty((B, H, W, c_v), dtype=v.dtype, device=v.device)
     lse = torch.empty((B, H, W, m), dtype=torch.float32, device=v.device)
     idx32 = idx.to(torch.int32).contiguous()
-    cfg = _config(w2, c_qk // m, c_v // m, q.dtype)
+    cfg = _config(w2, c_qk // m, c_v // m, q.dtype, q.device.type)
     grid = (_cdiv(w2, cfg["BLOCK_M"]), S2, B * m)
     _kernel(q.device.type, "bra_fwd_kernel")[grid](
         q, k, v, out, lse, idx32,
@@ -167,7 +169,7 @@ def bra_triton_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tenso
     # delta = rowsum(dO * O) per token and head, fp32, laid out like lse.
     delta = (grad_out.float() * out.float()).view(B, H, W, m, d_v).sum(-1).contiguous()
     idx32 = idx.to(torch.int32).contiguous()
-    cfg = _config(w2, d_qk, d_v, q.dtype)
+    cfg = _config(w2, d_qk, d_v, q.dtype, q.device.type)
     common = (n_w, rh, rw, S2, topk, m, d_qk, d_v, float(scale) * LOG2E, float(scale))
     dq = dk = dv = None
     if needs[0]:

@@ -30,7 +30,9 @@ Backward (recompute from ``lse``; ``delta = rowsum(dO * O)`` per token and head 
 
 Matmuls go through ``tl.dot`` (tiles padded to at least 16, masked); fp32 inputs use
 ``input_precision=PRECISION`` ("ieee" unless PyTorch allows TF32), fp16/bf16 multiply in their own
-type and accumulate in fp32.
+type and accumulate in fp32. ``UPCAST`` converts every loaded operand to fp32 first: set only for
+bf16 in Triton's CPU interpreter, whose bf16 ``tl.dot`` returns wrong values (Triton 3.8); on a GPU
+bf16 runs natively, so the bf16 dot itself is only checked by the CUDA test.
 """
 from __future__ import annotations
 
@@ -40,11 +42,11 @@ LOG2E = 1.4426950408889634
 
 
 def bra_fwd_kernel(
-    Q, K, V, O, LSE, IDX,
+    Q, K, V, OUT, LSE, IDX,
     sq_b, sq_h, sq_w, sk_b, sk_h, sk_w, sv_b, sv_h, sv_w, so_b, so_h, so_w, sl_b, sl_h, sl_w,
     n_w, rh, rw, S2, topk, heads, d_qk, d_v, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     r = tl.program_id(1)
@@ -65,6 +67,8 @@ def bra_fwd_kernel(
 
     q = tl.load(Q + b * sq_b + qy[:, None] * sq_h + qx[:, None] * sq_w + h * d_qk + offs_dq[None, :],
                 mask=m_ok[:, None] & dq_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_DQK)
+    if UPCAST:
+        q = q.to(tl.float32)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -79,6 +83,8 @@ def bra_fwd_kernel(
         kx = (kr % n_w) * rw + t % rw
         kt = tl.load(K + b * sk_b + ky[None, :] * sk_h + kx[None, :] * sk_w + h * d_qk + offs_dq[:, None],
                      mask=n_ok[None, :] & dq_ok[:, None], other=0.0)  # (BLOCK_DQK, BLOCK_N)
+        if UPCAST:
+            kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -87,12 +93,14 @@ def bra_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + b * sv_b + ky[:, None] * sv_h + kx[:, None] * sv_w + h * d_v + offs_dv[None, :],
                     mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
+        if UPCAST:
+            v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     out = acc / l_i[:, None]
-    tl.store(O + b * so_b + qy[:, None] * so_h + qx[:, None] * so_w + h * d_v + offs_dv[None, :],
-             out.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
+    tl.store(OUT + b * so_b + qy[:, None] * so_h + qx[:, None] * so_w + h * d_v + offs_dv[None, :],
+             out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
     tl.store(LSE + b * sl_b + qy * sl_h + qx * sl_w + h, m_i + tl.log2(l_i), mask=m_ok)
 
 
@@ -102,7 +110,7 @@ def bra_bwd_dq_kernel(
     sdq_b, sdq_h, sdq_w,
     n_w, rh, rw, S2, topk, heads, d_qk, d_v, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     r = tl.program_id(1)
@@ -127,6 +135,8 @@ def bra_bwd_dq_kernel(
                  mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
     lse = tl.load(LSE + b * sl_b + qy * sl_h + qx * sl_w + h, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + b * sl_b + qy * sl_h + qx * sl_w + h, mask=m_ok, other=0.0)
+    if UPCAST:
+        q, do = q.to(tl.float32), do.to(tl.float32)
 
     dq = tl.zeros((BLOCK_M, BLOCK_DQK), dtype=tl.float32)
     idx_row = IDX + (b * S2 + r) * topk
@@ -141,6 +151,8 @@ def bra_bwd_dq_kernel(
                      mask=n_ok[None, :] & dq_ok[:, None], other=0.0)  # (BLOCK_DQK, BLOCK_N)
         vt = tl.load(V + b * sv_b + ky[None, :] * sv_h + kx[None, :] * sv_w + h * d_v + offs_dv[:, None],
                      mask=n_ok[None, :] & dv_ok[:, None], other=0.0)  # (BLOCK_DV, BLOCK_N)
+        if UPCAST:
+            kt, vt = kt.to(tl.float32), vt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
         p = tl.where(n_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, vt, input_precision=PRECISION)
@@ -157,7 +169,7 @@ def bra_bwd_dkdv_kernel(
     sdk_b, sdk_h, sdk_w, sdv_b, sdv_h, sdv_w,
     n_w, rh, rw, S2, topk, heads, d_qk, d_v, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     r = tl.program_id(1)  # the key region
@@ -179,6 +191,8 @@ def bra_bwd_dkdv_kernel(
                 mask=n_ok[:, None] & dq_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DQK)
     v = tl.load(V + b * sv_b + ky[:, None] * sv_h + kx[:, None] * sv_w + h * d_v + offs_dv[None, :],
                 mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
+    if UPCAST:
+        k, v = k.to(tl.float32), v.to(tl.float32)
     dk = tl.zeros((BLOCK_N, BLOCK_DQK), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
 
@@ -197,6 +211,8 @@ def bra_bwd_dkdv_kernel(
                          mask=m_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_DV)
             lse = tl.load(LSE + b * sl_b + qy * sl_h + qx * sl_w + h, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + b * sl_b + qy * sl_h + qx * sl_w + h, mask=m_ok, other=0.0)
+            if UPCAST:
+                q, do = q.to(tl.float32), do.to(tl.float32)
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
             pt = tl.where(m_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
