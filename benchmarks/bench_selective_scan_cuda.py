@@ -22,10 +22,11 @@ time-reversed, ``B, C`` ``(B, 2, N, L)``, one shared ``z`` ``(B, E, L)``):
 
 Each row gets the memory layout its model uses (printed): mamba-ssm rows L-contiguous ``(B, C, L)`` as
 in the official Vim (no copies in its kernel), visionzoo rows time-major (``(L, B, C)`` in memory, the
-Linear layers' output as visionzoo's Vim feeds it). Columns: milliseconds per call (CUDA events, mean of ``--reps`` after a warm-up call that also compiles the
-Triton kernels), the peak memory that forward + backward allocates on top of its inputs, and the max
-error of ``out`` and of all gradients relative to the same case in fp32 on ``chunked`` (max |diff| / max
-|ref|). Rows whose backend is missing (no mamba_ssm, no Triton) print "not available" and are skipped.
+Linear layers' output as visionzoo's Vim feeds it). Columns: milliseconds per call (CUDA events, mean
+of ``--reps`` after a warm-up call that also compiles the Triton kernels), the peak memory that
+forward + backward allocates on top of its inputs, and the max error of ``out`` and of all gradients
+relative to the same case in fp32 on ``chunked`` (max |diff| / max |ref|). Rows whose backend is
+missing (no mamba_ssm, no Triton) print "not available" and are skipped.
 
 Usage (< 60 s on one H200 including Triton compilation)::
 
@@ -180,7 +181,7 @@ def rel_err(a, b):
 def run_group(title, cases, master, dtypes, args, timer):
     print(f"## {title}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in master.items() if k in ("u", "B", "z")))
     device = args.device
-    ref_call = [c for n, c, _ in cases if "chunked" in n][0]
+    ref_call = next(c for n, c, _ in cases if "chunked" in n)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         out_shape = ref_call(master).shape
