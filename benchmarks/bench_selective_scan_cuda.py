@@ -56,15 +56,16 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 LOW = ("u", "delta", "B", "C", "z")  # cast to the benchmark dtype; A, D, delta_bias stay fp32
 
 
-def make_one(batch, dim, length, dstate, device, seed=0):
-    """One direction, fp32 master copies: u, delta, z (batch, dim, L); B, C (batch, N, L)."""
+def make_one(batch, dim, length, dstate, device, groups=1, seed=0):
+    """One direction, fp32 master copies: u, delta, z (batch, dim, L); B, C (batch, N, L) or (batch, G, N, L)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*s, scale=1.0):
         return (torch.randn(*s, generator=g) * scale).to(device)
 
+    bc = (batch, dstate, length) if groups == 1 else (batch, groups, dstate, length)
     return dict(u=r(batch, dim, length), delta=r(batch, dim, length, scale=0.5) - 1.0,
-                A=-torch.exp(r(dim, dstate, scale=0.5)), B=r(batch, dstate, length), C=r(batch, dstate, length),
+                A=-torch.exp(r(dim, dstate, scale=0.5)), B=r(*bc), C=r(*bc),
                 D=r(dim), z=r(batch, dim, length), delta_bias=r(dim, scale=0.1))
 
 
@@ -230,6 +231,7 @@ def main():
     ap.add_argument("--dim", type=int, default=768, help="channels per direction (Vim-S: 2 * 384)")
     ap.add_argument("--length", type=int, default=197)
     ap.add_argument("--dstate", type=int, default=16)
+    ap.add_argument("--groups", type=int, default=1, help="B/C groups of the one-direction rows")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke test (triton needs TRITON_INTERPRET=1)")
@@ -242,7 +244,8 @@ def main():
               f"triton: {_op.is_available('triton', 'cuda')}")
     timer = Timer(device)
     sizes = (args.batch, args.dim, args.length, args.dstate)
-    r1 = run_group("one direction", one_direction_cases(device), make_one(*sizes, device), dtypes, args, timer)
+    r1 = run_group("one direction", one_direction_cases(device), make_one(*sizes, device, args.groups), dtypes,
+                   args, timer)
     r2 = run_group("both directions (one Vim mixer)", both_direction_cases(device), make_bi(*sizes, device),
                    dtypes, args, timer)
     for dtype in dtypes:

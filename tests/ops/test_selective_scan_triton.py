@@ -196,6 +196,30 @@ def test_backward_low_precision():
         assert_close(g[name].float(), g_r[name], 2e-2, f"grad {name}")
 
 
+def test_backward_memory_is_not_batch_dim_length_state(monkeypatch):
+    """No buffer of the backward holds (batch, dim, L, N) values: checkpoints every CHUNK steps + one chunk."""
+    batch, dim, length, dstate = 1, 4, 40, 4
+    x = make_inputs(batch=batch, dim=dim, length=length, dstate=dstate, seed=12)
+    B, C = as4d(x)
+    args = (x["u"], x["delta"], x["A"], B, C, x["D"], x["z"], x["delta_bias"], True)
+    sizes = []
+    real_empty = torch.empty
+
+    def recording_empty(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        sizes.append(t.numel())
+        return t
+
+    go = torch.randn(batch, dim, length)
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    got = _triton.selective_scan_triton_backward(*args, go, None)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert sizes and max(sizes) < batch * dim * length * dstate / 2, sizes
+    ref = _chunked.selective_scan_chunked_backward(*args, go, None)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=6e-4, atol=2e-3)
+
+
 def test_backward_uses_the_triton_kernel(monkeypatch):
     calls = []
     real = _triton.selective_scan_triton_backward
