@@ -49,6 +49,7 @@ import shlex
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import timm
@@ -117,6 +118,7 @@ def parse_args(argv=None):
     p.add_argument("--tag", type=str, default="", help="appended to the automatic file name")
     p.add_argument("--no-save", action="store_true", help="print the table only")
     p.add_argument("--no-plot", action="store_true", help="write CSV and JSON but no PNG")
+    p.add_argument("--traceback", action="store_true", help="print the traceback of every error row")
     p.add_argument("--replot", type=str, default=None, metavar="JSON",
                    help="only redraw the PNG of a results JSON written by this tool")
     args = p.parse_args(argv)
@@ -251,7 +253,7 @@ def measure_one(name, img_size, batch_size, mode, args, device):
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
         scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 
-        def step(net=run_model):
+        def step(net=run_model, no_grad=None):
             with autocast():
                 out = net(x)
                 out = out[0] if isinstance(out, (tuple, list)) else out
@@ -261,8 +263,10 @@ def measure_one(name, img_size, batch_size, mode, args, device):
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
     else:
-        def step(net=run_model):
-            with torch.inference_mode(), autocast():
+        # the memory pass uses no_grad: under inference_mode a TorchDispatchMode sees composite ops
+        # (einsum) decomposed below autocast, which then mixes dtypes
+        def step(net=run_model, no_grad=torch.inference_mode):
+            with no_grad(), autocast():
                 net(x)
 
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
@@ -282,7 +286,7 @@ def measure_one(name, img_size, batch_size, mode, args, device):
     else:
         resident = _resident_bytes(model, optimizer, x)
         with PeakLiveBytes() as tracker:
-            step(eager)
+            step(eager, no_grad=torch.no_grad)
         peak, method = resident + tracker.peak, "resident+PeakLiveBytes(eager)"
     median = statistics.median(times)
     return {"built_img_size": built, "step_ms": median * 1e3, "step_ms_min": min(times) * 1e3,
@@ -334,6 +338,8 @@ def benchmark(names, args, device, log=print):
                 count_error = ""
             except Exception as exc:  # noqa: BLE001  (a size the model cannot take is a row, not a crash)
                 count_error = _error_text(exc)
+                if args.traceback:
+                    traceback.print_exc()
             for mode in modes:
                 row = dict(base, mode=mode, batch_size=args.batch_size, error=count_error)
                 if not count_error and base["params"] <= args.max_timed_params:
@@ -351,6 +357,8 @@ def benchmark(names, args, device, log=print):
                         row.update(result, batch_size=used)
                     except Exception as exc:  # noqa: BLE001
                         row["error"] = _error_text(exc)
+                        if args.traceback:
+                            traceback.print_exc()
                 elif not count_error:
                     row["error"] = f"not timed: {base['params']:,} params > --max-timed-params"
                 _cleanup(device)
@@ -426,6 +434,7 @@ def plot_results(results: dict, png_path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     rows, models, meta = results["rows"], results["models"], results["meta"]
     modes = [m for m in ("infer", "train") if any(r["mode"] == m for r in rows)] or ["infer"]
@@ -461,6 +470,8 @@ def plot_results(results: dict, png_path: Path) -> Path:
     mem_ax.set(title="peak tensor memory" + (" (train dotted)" if len(modes) == 2 else ""), ylabel="MiB",
                yscale="log")
     for ax in (*speed_axes, mem_ax):
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(s) for s in sizes])
         ax.minorticks_off()
