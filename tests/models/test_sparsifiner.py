@@ -155,3 +155,30 @@ def test_flops_attention_reduction_and_backends():
     assert dense_masked - sparse == 12 * (per_layer_dense - per_layer_sparse)
     assert 1 - per_layer_sparse / per_layer_dense > 0.48
     assert abs(deit / 1e9 - 4.60) < 0.01
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_kept_coefficient_predictor_matches_official_scores_and_keys(pruned):
+    """The fast predictor (embedding_bag over the 8 kept coefficients) gives the official dense
+    ``coef @ basis`` scores (bitwise on the machines tested; asserted to 1e-6) and the same kept keys,
+    also with per-sample token rows after pruning."""
+    from visionzoo.models.sparsifiner import MaskPredictor
+
+    torch.manual_seed(0)
+    mp = MaskPredictor(head_dim=16, num_heads=3, grid_size=(7, 9), reduce_n_factor=4)  # N = 64, K = 16
+    with torch.no_grad():
+        for p in mp.parameters():
+            p.normal_(0, 0.3)
+    B, N = 3, 64
+    token_index = None
+    if pruned:  # 40 of the 63 patch tokens remain, in order
+        token_index = torch.stack([torch.randperm(63)[:40].sort().values for _ in range(B)])
+        N = 41
+    q, k = torch.randn(B, 3, N, 16), torch.randn(B, 3, N, 16)
+    with torch.no_grad():
+        official = mp.approx_attention(q, k, (7, 9), token_index)
+        fast = mp.approx_attention_kept_coef(q, k, (7, 9), token_index)
+        torch.testing.assert_close(fast, official, rtol=0, atol=1e-6)
+        idx_fast, _ = mp(q, k, (7, 9), token_index, official=False)
+        idx_official, _ = mp(q, k, (7, 9), token_index, official=True)
+    assert torch.equal(idx_fast.sort(-1).values, idx_official.sort(-1).values)

@@ -20,7 +20,15 @@ kept) to a plain ViT block. From the block's real per-head ``q``, ``k`` ``(B, H,
 The block's attention is then exactly the official ``masked_fill(-inf) -> softmax -> nan_to_num -> @ v``
 restricted to those keys, computed by :func:`visionzoo.ops.sparse_attention.sparse_attention`: the
 official dense-then-mask algorithm is its ``reference`` backend, and the default backend is a fused
-masked SDPA that never materialises the score matrix (see that package for the trade-offs).
+masked SDPA that never materialises the score matrix on CPU, the ``triton`` kernel on CUDA (see that
+package for the trade-offs).
+
+``attn_backend="reference"`` runs the official computation end to end, predictor included. Every other
+backend (inference) computes step 4 from the kept coefficients only
+(:meth:`MaskPredictor.approx_attention_kept_coef`: an ``embedding_bag`` of 8 basis rows per query, summed
+in the dense product's order, so the scores and kept keys are the official ones) instead of the dense
+``(B, H, N - 1, K) @ (K, N)`` product over a mostly-zero coefficient tensor. FLOP counting on the meta
+device (``count_macs``) still sees the official dense product.
 
 Differences from the official code, all deliberate:
 
@@ -73,7 +81,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
-from ..ops.sparse_attention import sparse_attention
+from ..ops.sparse_attention import sparse_attention, sparse_attention_backend
 from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
 from ._registry import ModelMeta, register_meta
 
@@ -246,21 +254,56 @@ class MaskPredictor(nn.Module):
             coef = torch.zeros_like(coef).scatter_(-1, top_idx, top)
         return coef @ basis
 
+    @torch.no_grad()
+    def approx_attention_kept_coef(self, q: torch.Tensor, k: torch.Tensor, grid: Tuple[int, int],
+                                   token_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`approx_attention` (inference form), without the dense ``coef @ basis`` product.
+
+        Only ``coef_topk`` of the ``K`` coefficients of a row are non-zero, so each score row is a weighted
+        sum of ``coef_topk`` basis rows: one ``embedding_bag`` (``coef_topk / K`` of the multiply-adds, no
+        ``(B, H, N - 1, K)`` zero-filled coefficient tensor). The kept basis rows are summed in ascending
+        order, the order of the dense product (its other terms are exact zeros), so the scores, and with
+        them the ``topk`` keys, are the official ones: bitwise equal on the CPUs tested here (a BLAS that
+        splits the ``K`` sum would differ in the last bit). No gradient (the mask carries none).
+        """
+        proj_n, proj_back_n = self.token_params(grid, token_index)
+        q, k = self.proj_c_q(q), self.proj_c_k(k)  # (B, H, N, c)
+        k = k.transpose(-2, -1) @ proj_n  # (B, H, c, K)
+        coef = ((q @ k) * self.scale)[..., 1:, :].softmax(dim=-1)  # (B, H, N - 1, K)
+        B, H, M, K = coef.shape
+        t = self.coef_topk
+        cols = coef.topk(t, dim=-1, sorted=False).indices.sort(dim=-1).values  # kept coefficients, ascending
+        weights = coef.gather(-1, cols)
+        table = F.threshold(proj_back_n.abs(), self.basis_threshold, 0.0).transpose(-2, -1)  # (K, N) | (B, 1, K, N)
+        N = table.shape[-1]
+        if table.dim() == 4:  # per-sample rows after token pruning: one table of B * K rows
+            cols = cols + (torch.arange(B, device=cols.device) * K).view(B, 1, 1, 1)
+        approx = F.embedding_bag(cols.reshape(-1, t), table.reshape(-1, N).contiguous(),
+                                 per_sample_weights=weights.reshape(-1, t), mode="sum")
+        return approx.view(B, H, M, N)
+
     def key_budget(self, num_tokens: int, full_tokens: int, pruned: bool) -> int:
         budget = math.ceil(self.keep_rate * full_tokens)
         return min(budget, num_tokens - 1 if pruned else num_tokens)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, grid: Tuple[int, int],
-                token_index: Optional[torch.Tensor] = None, with_grad: bool = False
+                token_index: Optional[torch.Tensor] = None, with_grad: bool = False, official: bool = True
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Kept key indices ``(B, H, N - 1, budget)`` for every query row but the class token's, and (with
-        ``with_grad``) the scores they come from, differentiable in the predictor's parameters only."""
+        ``with_grad``) the scores they come from, differentiable in the predictor's parameters only.
+
+        ``official=False`` computes the scores with :meth:`approx_attention_kept_coef` (same keys, less
+        work) except on the meta device, where a FLOP counter then sees the official dense product.
+        """
         budget = self.key_budget(q.shape[2], 1 + grid[0] * grid[1], token_index is not None)
         if with_grad:
             approx = self.approx_attention(q.detach(), k.detach(), grid, token_index)
             return approx.detach().topk(budget, dim=-1, sorted=False).indices, approx
         with torch.no_grad():  # the mask carries no gradient (official ``attn_mask.detach_()``)
-            approx = self.approx_attention(q, k, grid, token_index)
+            if official or q.device.type == "meta":
+                approx = self.approx_attention(q, k, grid, token_index)
+            else:
+                approx = self.approx_attention_kept_coef(q, k, grid, token_index)
             return approx.topk(budget, dim=-1, sorted=False).indices, None
 
 
@@ -328,7 +371,9 @@ class SparsifinerAttention(nn.Module):
         approx = attn = None
         if mode == "sparse":
             self_distill = self.training and self.self_distill_weight > 0 and torch.is_grad_enabled()
-            idx, approx_grad = self.mask_predictor(q, k, grid, token_index, with_grad=self_distill)
+            official = sparse_attention_backend(self.attn_backend, q) == "reference"
+            idx, approx_grad = self.mask_predictor(q, k, grid, token_index, with_grad=self_distill,
+                                                   official=official)
             out = sparse_attention(q, k, v, idx, self.scale, dense_rows=1, backend=self.attn_backend)
             if self_distill:  # official ATTN_SELF_DISTILL: MSE-sum to the block's own dense map
                 with torch.no_grad():
@@ -340,12 +385,15 @@ class SparsifinerAttention(nn.Module):
                 approx = self.mask_predictor.approx_attention(q, k, grid, token_index, recon=True)
             attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
             out = attn @ v
-        cls_attn = None
-        if need_cls_attn:  # the class row is dense in every mode
-            cls_attn = attn[:, :, 0] if attn is not None else (
-                (q[:, :, :1] @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)[:, :, 0]
+        cls_attn = attn[:, :, 0] if attn is not None and need_cls_attn else self._cls_attn(q, k, need_cls_attn)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
         return out, cls_attn, approx, attn
+
+    def _cls_attn(self, q: torch.Tensor, k: torch.Tensor, needed: bool) -> Optional[torch.Tensor]:
+        """The class token's (dense) attention row ``(B, H, N)``, or None when not ``needed``."""
+        if not needed:
+            return None
+        return ((q[:, :, :1] @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)[:, :, 0]
 
 
 @register_notrace_module
