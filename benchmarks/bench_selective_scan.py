@@ -3,7 +3,7 @@
 Vim-Tiny calls the scan 24 times per forward with both directions stacked along the channels:
 batch=1, dim=768 (2 x 384), L=197, N=16, grouped B/C (G=2), D, z and delta_bias given, softplus on.
 
-    PYTHONPATH=. python benchmarks/bench_selective_scan.py --threads 1 [--breakdown]
+    PYTHONPATH=. python benchmarks/bench_selective_scan.py --threads 1 [--lengths 197 1025 4097] [--breakdown]
 
 Variants are interleaved round-robin and the minimum and median over rounds are printed, because
 timings on a shared VM drift by tens of percent from one second to the next.
@@ -56,16 +56,21 @@ def forward_backward(x, backend):
     return f
 
 
+# Process CPU time (all threads): on a shared machine it is far steadier than wall time, and with
+# one thread it equals the wall time of a quiet machine. --wall switches to time.perf_counter.
+CLOCK = time.process_time
+
+
 def bench(variants, rounds, inner):
     for f in variants.values():  # warm-up
         f()
     times = {k: [] for k in variants}
     for _ in range(rounds):
         for name, f in variants.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             for _ in range(inner):
                 f()
-            times[name].append((time.perf_counter() - t0) / inner * 1e3)
+            times[name].append((CLOCK() - t0) / inner * 1e3)
     return {k: (min(v), statistics.median(v)) for k, v in times.items()}
 
 
@@ -133,24 +138,38 @@ def main():
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--length", type=int, default=197)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[197],
+                    help="sequence lengths (Vim-Ti tokens: 197 at 224, 1025 at 512, 4097 at 1024)")
     ap.add_argument("--dstate", type=int, default=16)
     ap.add_argument("--groups", type=int, default=2)
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--breakdown", action="store_true", help="also time the stages of the chunked forward")
+    ap.add_argument("--wall", action="store_true", help="time with perf_counter instead of process CPU time")
     args = ap.parse_args()
+    global CLOCK
+    if args.wall:
+        CLOCK = time.perf_counter
     torch.set_num_threads(args.threads)
-    shape = (args.batch, args.dim, args.length, args.dstate, args.groups)
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, "
-          f"batch={shape[0]} dim={shape[1]} L={shape[2]} N={shape[3]} G={shape[4]}")
+    for length in args.lengths:
+        run_length(args, length)
 
-    fast = {
-        "chunked fwd": forward(make_inputs(*shape), "chunked"),
-        "chunked fwd (time-major u/delta/z)": forward(make_inputs(*shape, time_major=True), "chunked"),
-        "chunked fwd+bwd": forward_backward(make_inputs(*shape, requires_grad=True), "chunked"),
-    }
-    results = bench(fast, args.rounds, inner=5)
-    if not args.skip_reference:
+
+def run_length(args, length):
+    from visionzoo.ops.selective_scan import _op
+
+    shape = (args.batch, args.dim, length, args.dstate, args.groups)
+    print(f"\ntorch {torch.__version__}, threads={torch.get_num_threads()}, "
+          f"batch={shape[0]} dim={shape[1]} L={shape[2]} N={shape[3]} G={shape[4]}, "
+          f"clock={'wall' if args.wall else 'process CPU time'}")
+    fast = {}
+    for backend in ("chunked", "cpu"):
+        if not _op.is_available(backend, "cpu"):
+            continue
+        fast[f"{backend} fwd"] = forward(make_inputs(*shape), backend)
+        fast[f"{backend} fwd (time-major u/delta/z)"] = forward(make_inputs(*shape, time_major=True), backend)
+        fast[f"{backend} fwd+bwd"] = forward_backward(make_inputs(*shape, requires_grad=True), backend)
+    results = bench(fast, args.rounds, inner=5 if length < 1000 else 1)
+    if not args.skip_reference and length < 1000:
         slow = {
             "reference fwd": forward(make_inputs(*shape), "reference"),
             "reference fwd+bwd": forward_backward(make_inputs(*shape, requires_grad=True), "reference"),
