@@ -84,6 +84,21 @@ def test_benchmark_halves_batch_on_out_of_memory():
     assert calls == [8]
 
 
+def test_benchmark_cpu_peak_memory_counts_weights_once():
+    bench = _load_tool("benchmark")
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(4, 64)
+    resident = (64 * 32 + 32 + 4 * 64) * 4
+
+    def step():
+        with torch.no_grad():  # aten.t(weight) is a view of the weight's storage: not new memory
+            y = layer(x)  # 4 x 32 output
+            z = y * 2  # second 4 x 32 buffer while y is alive
+            del y, z
+
+    assert bench.cpu_step_peak_bytes(step, [*layer.parameters(), x]) == resident + 2 * 4 * 32 * 4
+
+
 def test_benchmark_accepts_timm_globs_and_rejects_unknown_names():
     bench = _load_tool("benchmark")
     assert bench.resolve_models(["deit_tiny_patch16_224", "vim_ti*", "fasternet_t[01]"]) == [

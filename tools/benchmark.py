@@ -109,8 +109,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     p.add_argument("--reps", type=int, default=5, help="timed steps; the median is reported")
-    p.add_argument("--max-timed-params", type=float, default=30e6,
-                   help="time only models with at most this many parameters (others: params and GMACs)")
+    p.add_argument("--max-timed-params", type=float, default=None,
+                   help="time only models with at most this many parameters at the given size (others: "
+                        "params and GMACs only); default 30e6 on the CPU, no limit on CUDA")
     p.add_argument("--out-dir", type=str, default=str(ROOT / "benchmarks" / "results"),
                    help="where CSV, JSON and PNG go (names from hardware, versions and settings)")
     p.add_argument("--csv", type=str, default=None,
@@ -126,6 +127,8 @@ def parse_args(argv=None):
         p.error("--batch-size and --reps must be >= 1 and --warmup >= 0")
     if any(s < 1 for s in args.img_size):
         p.error("--img-size values must be positive")
+    if args.max_timed_params is None:
+        args.max_timed_params = 30e6 if torch.device(args.device).type == "cpu" else math.inf
     return args
 
 
@@ -184,24 +187,27 @@ def file_stem(args, hw: str, threads: int) -> str:
 
 
 def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     msg = str(exc).lower()
-    return isinstance(exc, (RuntimeError, MemoryError)) and (
-        "out of memory" in msg or "can't allocate memory" in msg or isinstance(exc, MemoryError))
+    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
 
 
 def with_oom_backoff(measure, batch_size: int, on_retry=None):
-    """Run ``measure(batch)``; on out-of-memory halve the batch and retry. Returns (result, batch)."""
+    """Run ``measure(batch)``; on out-of-memory halve the batch and retry. Returns (result, batch).
+
+    ``on_retry(new_batch)`` runs after the failed attempt's exception (and the frames holding its
+    tensors) is released, so it can free cached memory before the next try.
+    """
     while True:
         try:
             return measure(batch_size), batch_size
         except Exception as exc:
             if not is_oom(exc) or batch_size == 1:
                 raise
-            batch_size //= 2
-            if on_retry is not None:
-                on_retry(batch_size)
+        batch_size //= 2
+        if on_retry is not None:
+            on_retry(batch_size)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -223,12 +229,29 @@ def build_model(name: str, img_size: int, fixed_size: bool, device):
     return model, default
 
 
-def _resident_bytes(model, optimizer, x) -> int:
-    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+def _resident_tensors(model, optimizer, x) -> list:
+    """Tensors alive before a step: weights, buffers, optimizer state and the input."""
+    tensors = [*model.parameters(), *model.buffers(), x]
     if optimizer is not None:
         for state in optimizer.state.values():
-            total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
-    return total + x.numel() * x.element_size()
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+def cpu_step_peak_bytes(step, resident) -> int:
+    """Peak tensor bytes of one ``step()``: the resident tensors plus the peak of new storages.
+
+    ``PeakLiveBytes`` counts the storage of any tensor an op returns that it has not seen, which
+    includes views of tensors made before the region (``aten.t`` of a Linear weight under no_grad
+    returns a view sharing the weight's storage): those would count the weights twice. Marking the
+    resident storages as seen (zero bytes) before entering leaves only new storages counted.
+    """
+    storages = {id(s): s for s in (t.untyped_storage() for t in resident)}  # kept alive: stable ids
+    tracker = PeakLiveBytes()
+    tracker._live.update(dict.fromkeys(storages, 0))
+    with tracker:
+        step()
+    return sum(s.nbytes() for s in storages.values()) + tracker.peak
 
 
 def measure_one(name, img_size, batch_size, mode, args, device):
@@ -284,10 +307,9 @@ def measure_one(name, img_size, batch_size, mode, args, device):
     if cuda:
         peak, method = torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
     else:
-        resident = _resident_bytes(model, optimizer, x)
-        with PeakLiveBytes() as tracker:
-            step(eager, no_grad=torch.no_grad)
-        peak, method = resident + tracker.peak, "resident+PeakLiveBytes(eager)"
+        peak = cpu_step_peak_bytes(lambda: step(eager, no_grad=torch.no_grad),
+                                   _resident_tensors(model, optimizer, x))
+        method = "resident+PeakLiveBytes(eager)"
     median = statistics.median(times)
     return {"built_img_size": built, "step_ms": median * 1e3, "step_ms_min": min(times) * 1e3,
             "img_per_s": batch_size / median, "peak_mem_mb": peak / 2**20, "memory_method": method}
