@@ -64,6 +64,16 @@ def test_benchmark_end_to_end_writes_csv_json_png(tmp_path):
     assert matplotlib.image.imread(pngs[0]).shape == image.shape
 
 
+def test_benchmark_csv_path_flags_of_gpu_check(tmp_path):
+    """benchmarks/gpu_check.sh's flags (there with --device cuda): --csv names the files."""
+    bench = _load_tool("benchmark")
+    out = tmp_path / "run_bs1.csv"
+    rows = bench.main(["--device", "cpu", "--models", "test_vim", "--batch-size", "1", "--warmup", "0",
+                       "--reps", "1", "--max-timed-params", "1e9", "--img-size", "32", "--csv", str(out)])
+    assert [r["error"] for r in rows] == [""]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_bs1.csv", "run_bs1.json", "run_bs1.png"]
+
+
 def test_benchmark_halves_batch_on_out_of_memory():
     bench = _load_tool("benchmark")
     tried = []

@@ -407,7 +407,7 @@ TABLE_HEADER = (f"{'model':30s} {'mode':5s} {'size':>5s} {'bs':>4s} {'params':>1
 def format_row(r):
     return (f"{r['model']:30s} {r['mode']:5s} {r['img_size']:5d} {_fmt(r['batch_size'], '4d')} "
             f"{_fmt(r['params'], '12,d')} {_fmt(r['gmacs'], '8.3f')} {_fmt(r['step_ms'], '9.1f')} "
-            f"{_fmt(r['img_per_s'], '9.2f')} {_fmt(r['peak_mem_mb'], '9.1f')}  {r['error'] or ''}")
+            f"{_fmt(r['img_per_s'], '9.4g')} {_fmt(r['peak_mem_mb'], '9.1f')}  {r['error'] or ''}")
 
 
 def run_metadata(args, argv, device, hw, threads):
