@@ -148,3 +148,22 @@ def test_opcheck_custom_op():
     for backend in ("masked", "gather"):
         torch.library.opcheck(torch.ops.visionzoo.sparse_attention, (q, k, v, idx, 0.5, 1, backend),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_masked_reuses_its_cpu_mask_buffer_safely():
+    """Without gradients the CPU mask buffer is reused across calls of different shapes, in and out of
+    inference mode; results stay those of the reference, and a call needing gradients gets its own mask."""
+    from visionzoo.ops.sparse_attention import _masked
+
+    for mode in (torch.no_grad, torch.inference_mode, torch.no_grad):
+        for shape in (SHAPES[3], SHAPES[0], SHAPES[3]):
+            *dims, P = shape
+            q, k, v, idx = _inputs(*dims, P, dtype=torch.float32)
+            with mode():
+                out = sparse_attention(q, k, v, idx, 0.3, dense_rows=P, backend="masked")
+            ref = sparse_attention(q, k, v, idx, 0.3, dense_rows=P, backend="reference")
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert _masked._local.buffers  # the buffer path ran
+    q, k, v, idx = _inputs(*SHAPES[0], dtype=torch.float32)
+    mask = _masked.additive_mask(idx, 17, 1, torch.float32, reuse=False)
+    assert mask.data_ptr() not in {b.data_ptr() for b in _masked._local.buffers.values()}

@@ -23,12 +23,12 @@ official dense-then-mask algorithm is its ``reference`` backend, and the default
 masked SDPA that never materialises the score matrix on CPU, the ``triton`` kernel on CUDA (see that
 package for the trade-offs).
 
-``attn_backend="reference"`` runs the official computation end to end, predictor included. Every other
-backend (inference) computes step 4 from the kept coefficients only
+``attn_backend="reference"`` runs the official computation end to end, predictor included. With every
+other backend, CPU inference computes step 4 from the kept coefficients only
 (:meth:`MaskPredictor.approx_attention_kept_coef`: an ``embedding_bag`` of 8 basis rows per query, summed
 in the dense product's order, so the scores and kept keys are the official ones) instead of the dense
-``(B, H, N - 1, K) @ (K, N)`` product over a mostly-zero coefficient tensor. FLOP counting on the meta
-device (``count_macs``) still sees the official dense product.
+``(B, H, N - 1, K) @ (K, N)`` product over a mostly-zero coefficient tensor. CUDA, and FLOP counting on
+the meta device (``count_macs``), run the official dense product.
 
 Differences from the official code, all deliberate:
 
@@ -293,14 +293,15 @@ class MaskPredictor(nn.Module):
         ``with_grad``) the scores they come from, differentiable in the predictor's parameters only.
 
         ``official=False`` computes the scores with :meth:`approx_attention_kept_coef` (same keys, less
-        work) except on the meta device, where a FLOP counter then sees the official dense product.
+        work) on CPU (where it was measured); elsewhere (CUDA, and the meta device, so a FLOP counter sees
+        the official dense product) the official dense product runs.
         """
         budget = self.key_budget(q.shape[2], 1 + grid[0] * grid[1], token_index is not None)
         if with_grad:
             approx = self.approx_attention(q.detach(), k.detach(), grid, token_index)
             return approx.detach().topk(budget, dim=-1, sorted=False).indices, approx
         with torch.no_grad():  # the mask carries no gradient (official ``attn_mask.detach_()``)
-            if official or q.device.type == "meta":
+            if official or q.device.type != "cpu":
                 approx = self.approx_attention(q, k, grid, token_index)
             else:
                 approx = self.approx_attention_kept_coef(q, k, grid, token_index)

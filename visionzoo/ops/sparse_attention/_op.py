@@ -3,7 +3,7 @@
 Registering the op gives, for every fast backend: a fake (meta) kernel, so shapes propagate on the meta
 device and under ``torch.compile``; a FLOP formula for ``FlopCounterMode`` that counts the kept
 connections only (``P`` dense rows of ``N`` keys plus ``N - P`` rows of ``K`` keys, for ``q k^T`` and for
-``p v``) — the theoretical cost, which is what ``gather`` executes; and one autograd formula that
+``p v``) — the theoretical cost, which is what ``gather`` and ``triton`` execute; and one autograd formula that
 dispatches to the backend's backward. ``reference`` runs outside the op as plain autograd ops, so a
 FLOP counter sees its dense matmuls: the official cost as executed.
 
