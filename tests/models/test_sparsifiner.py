@@ -182,3 +182,16 @@ def test_kept_coefficient_predictor_matches_official_scores_and_keys(pruned):
         idx_fast, _ = mp(q, k, (7, 9), token_index, official=False)
         idx_official, _ = mp(q, k, (7, 9), token_index, official=True)
     assert torch.equal(idx_fast.sort(-1).values, idx_official.sort(-1).values)
+
+
+def test_deit_small_at_384_matches_official_forward(tmp_path):
+    """577 tokens (K = 96 basis vectors, 145 kept keys), the size of the CPU speed bar: the fast CPU path
+    (kept-coefficient predictor + masked SDPA) gives the official logits."""
+    src = timm.create_model("sparsifiner_deit_small", depth=1, img_size=384)
+    _randomise(src)
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    model = src.eval()
+    x = torch.randn(1, 3, 384, 384)
+    with torch.no_grad():
+        ref = official_sparsifiner_deit_forward(sd, x)
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
