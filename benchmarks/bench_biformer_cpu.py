@@ -126,7 +126,7 @@ def bench_models(args) -> list:
     for name in args.models:
         for size in args.sizes:
             for mode in args.modes:
-                variants = [v for v in VARIANTS if not (v == "official" and mode != "fwd")]
+                variants = [v for v in args.variants if not (v == "official" and mode != "fwd")]
                 row = dict(model=name, size=size, mode=mode)
                 if not args.memory_only:
                     models = {v: _build(name, size, v) for v in variants}
@@ -193,6 +193,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--memory-only", action="store_true", help="skip the timing, measure memory only")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--op", action="store_true", help="benchmark the BRA op alone instead of the models")
     p.add_argument("--device", default="cpu", help="device for --op (e.g. cuda; the models always run on CPU)")
     args = p.parse_args()

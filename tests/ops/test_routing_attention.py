@@ -68,10 +68,21 @@ def test_reference_matches_naive_definition(shape):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 22, 1])  # one chunk, and one query region per chunk
-@pytest.mark.parametrize("shape", SHAPES)
-def test_chunked_matches_reference_outputs_and_grads(shape, chunk_elements, monkeypatch):
+# The chunked backend's two strategies: gather per chunk of region rows (one chunk; one region row per
+# chunk) and dense attention with the routing as a token mask (small grids).
+MODES = {"gather-one-chunk": (1 << 22, 0), "gather-row-chunks": (1, 0), "dense-mask": (1 << 22, 10 ** 6)}
+
+
+def _set_mode(monkeypatch, mode):
+    chunk_elements, dense_ratio = MODES[mode]
     monkeypatch.setattr(_chunked, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(_chunked, "DENSE_MAX_RATIO", dense_ratio)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_chunked_matches_reference_outputs_and_grads(shape, mode, monkeypatch):
+    _set_mode(monkeypatch, mode)
     B, H, W, c_qk, c_v, heads, n_win, topk = shape
     inputs = _inputs(B, H, W, c_qk, c_v)
     out, idx, grads = _run(inputs, "chunked", heads, n_win, topk)
@@ -86,6 +97,8 @@ def test_chunked_float32_and_chunk_count(monkeypatch):
     B, H, W, C, heads, n, topk = 2, 16, 16, 32, 4, 4, 4
     inputs = _inputs(B, H, W, C, C, dtype=torch.float32)
     ref = _run(inputs, "reference", heads, n, topk)
+    assert _chunked.use_dense(H, W, topk, 16)  # 256 tokens, 64 routed: dense by default
+    monkeypatch.setattr(_chunked, "DENSE_MAX_RATIO", 0)
     monkeypatch.setattr(_chunked, "CHUNK_ELEMENTS", 2 * (B * n * topk * 16 * 2 * C))  # two region rows per chunk
     assert _chunked._chunk_rows(B, n, n, topk, 16, C, C) == 2
     out = _run(inputs, "chunked", heads, n, topk)
@@ -94,10 +107,12 @@ def test_chunked_float32_and_chunk_count(monkeypatch):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["gather-row-chunks", "dense-mask"])
 @pytest.mark.parametrize("layout", ["qkv_slices", "transposed"])
-def test_chunked_strided_inputs(layout):
+def test_chunked_strided_inputs(layout, mode, monkeypatch):
     """The model passes channel slices of one qkv projection (read in place through strided views);
     other layouts are copied first. Both agree with the reference, gradients included."""
+    _set_mode(monkeypatch, mode)
     B, H, W, C, heads, n, topk = 2, 8, 12, 16, 2, (2, 3), 3
     g = torch.Generator().manual_seed(3)
     if layout == "qkv_slices":
@@ -118,8 +133,10 @@ def test_chunked_strided_inputs(layout):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_routing_is_not_differentiated():
+@pytest.mark.parametrize("mode", ["gather-row-chunks", "dense-mask"])
+def test_routing_is_not_differentiated(mode, monkeypatch):
     """Gradients flow through the token attention only: they equal those of attention with frozen routing."""
+    _set_mode(monkeypatch, mode)
     q, k, v = _inputs(1, 8, 8, 8, 8)
     _, idx, grads = _run((q, k, v), "chunked", 2, 2, 2)
     # With the routing fixed, the same attention written as a masked dense softmax.

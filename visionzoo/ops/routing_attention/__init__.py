@@ -22,9 +22,11 @@ Backends (``backend=``, or ``auto``; ``VISIONZOO_BACKEND_ROUTING_ATTENTION`` ove
     It runs as plain autograd ops (not through the custom op), so training keeps the official memory
     behaviour as well; FLOP counters see its matmuls directly.
 ``chunked``
-    Pure PyTorch, ``auto``'s choice off CUDA: works on the spatial tensors through region views, and per
-    chunk of query-region rows gathers the routed K/V tokens and runs fused SDPA; recomputing backward.
-    Extra memory is a few MiB per chunk whatever ``topk`` (see :mod:`._chunked`).
+    Pure PyTorch, ``auto``'s choice off CUDA: works on the spatial tensors through strided views, and per
+    chunk of query-region rows gathers the routed K/V tokens and runs fused SDPA; on small grids (routed
+    keys >= 1/4 of all tokens, e.g. stage 3 at 224) one SDPA call with the routing as a token mask
+    instead; recomputing backward. Extra memory is a few MiB per chunk whatever ``topk`` (see
+    :mod:`._chunked`).
 ``triton``
     A Triton kernel that fuses the gather into flash attention, forward and backward (the backward
     walks the inverse routing per key region: no atomics, deterministic). ``auto``'s choice on CUDA for

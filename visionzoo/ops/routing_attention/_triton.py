@@ -102,9 +102,9 @@ def _config(w2: int, d_qk: int, d_v: int, dtype: torch.dtype, device_type: str) 
     # Tiles: at least 16 (tl.dot), at most 64; a query tile covers a whole region when it fits.
     block_m = min(64, max(16, _next_pow2(w2)))
     block_n = 64 if d_qk <= 64 else 32
-    precision = "ieee"
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        precision = "tf32"
+    # fp32: exact IEEE products unless PyTorch allows TF32 (then as PyTorch's own matmuls); the setting
+    # means nothing for 16-bit inputs, which use tensor cores either way.
+    precision = "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
     # Triton's interpreter multiplies bf16 tiles wrongly (see _triton_kernel): fp32 there.
     upcast = dtype == torch.bfloat16 and device_type == "cpu"
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=max(16, _next_pow2(d_qk)),
