@@ -18,7 +18,6 @@ import os
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 
@@ -94,7 +93,7 @@ if HAVE_MM:
 
 
 # --- tiny datasets ---------------------------------------------------------------------------
-def _write_image(path: str, array: np.ndarray) -> None:
+def _write_image(path: str, array) -> None:
     from PIL import Image
 
     Image.fromarray(array).save(path)
@@ -104,6 +103,8 @@ def _write_image(path: str, array: np.ndarray) -> None:
 def coco_dir(tmp_path_factory):
     """A COCO-format instance set: 4 images of 96x128 with 1-2 rectangles each (2 classes), as
     train and val (``annotations/instances_{train,val}2017.json``, ``{train,val}2017/``)."""
+    import numpy as np
+
     root = tmp_path_factory.mktemp("coco")
     rng = np.random.default_rng(0)
     from mmdet.datasets import CocoDataset
@@ -138,6 +139,8 @@ def coco_dir(tmp_path_factory):
 def ade_dir(tmp_path_factory):
     """An ADE20K-format set: ``images/{training,validation}/*.jpg`` and
     ``annotations/{training,validation}/*.png`` (0 = ignore, 1..150 = classes, reduce_zero_label)."""
+    import numpy as np
+
     root = tmp_path_factory.mktemp("ade")
     rng = np.random.default_rng(1)
     for split in ("training", "validation"):
