@@ -63,10 +63,14 @@ def tiny_config(path, model_name: str, data_root, work_dir, *, model_kwargs=None
 
     cfg = Config.fromfile(str(path))
     is_det = "mmdet" in Path(path).parts
+    from visionzoo.models import VISIONZOO_MODELS
+
     bb = cfg.model.backbone
+    same_family = VISIONZOO_MODELS[bb.model_name].family == VISIONZOO_MODELS[model_name].family
+    if model_kwargs is not None or not same_family:  # keep the family options (n_win, h_proj) otherwise
+        bb.model_kwargs = dict(model_kwargs or {})
     bb.model_name = model_name
     bb.pretrained = False
-    bb.model_kwargs = dict(model_kwargs or {})
     bb.pop("drop_path_rate", None)
     bb.pop("out_indices", None)  # the tiny variant's own levels (plain ones have 3 blocks)
     channels = backbone_channels(bb)

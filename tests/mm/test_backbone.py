@@ -257,3 +257,22 @@ def test_missing_file_and_wrong_variant_are_one_line(tmp_path):
     with pytest.raises(ValueError) as info:
         bb.init_weights()
     assert "\n" not in str(info.value) and "test_biformer" in str(info.value)
+
+
+def test_init_cfg_official_patnet_file_matches_official_dense_forward(tmp_path):
+    """An official PATNet file (bare state dict in the official layout, with the fork_feat norms)
+    loaded through init_cfg gives the official dense backbone's outputs."""
+    from ..models.patnet_official import official_partialnet_forward
+    from ..models.test_patnet import _official_pth, _randomise
+
+    src = _randomised("test_patnet", feature_norms=True)
+    path, official_sd = _official_pth(tmp_path, _randomise(src))
+    bb = _build(model_name="test_patnet", init_cfg=dict(type="Pretrained", checkpoint=path))
+    bb.init_weights()
+    bb.eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        outs = bb(x)
+        ref = official_partialnet_forward(official_sd, x, fork_feat=True)
+    for out, r in zip(outs, ref):
+        torch.testing.assert_close(out, r, rtol=1e-4, atol=1e-4)

@@ -70,6 +70,8 @@ def test_mmdet_train_evaluate_reload(config, model_name, coco_dir, tmp_path, mon
         assert "coco/segm_mAP" in metrics
     backbone = runner.model.backbone
     assert type(backbone).__name__ == "VisionZooBackbone" and backbone.model_name == model_name
+    if model_name == "test_overlock":  # the config's context-fused detection output is kept
+        assert isinstance(backbone.timm_model.h_proj, torch.nn.Module)
     with DefaultScope.overwrite_default_scope("mmdet"):
         _reload_and_compare(runner, cfg, monkeypatch)
 
