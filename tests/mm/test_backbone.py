@@ -99,6 +99,7 @@ def test_config_errors_are_one_line():
     _one_line_error(dict(model_name="test_biformer", init_cfg=dict(type="Kaiming")), "init_cfg must be None or")
     _one_line_error(dict(model_name="test_biformer", model_kwargs=dict(features_only=False)),
                     "model_kwargs may not set 'features_only'")
+    _one_line_error(dict(model_name="resnet18", frozen_stages=1), "frozen_stages need the model's layer groups")
 
 
 def test_frozen_stages_freeze_stem_and_stages_in_forward_order():

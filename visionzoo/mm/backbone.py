@@ -55,7 +55,11 @@ def _config_error(where: str, message: str) -> ValueError:
 
 @MODELS.register_module(name="Backbone")
 class VisionZooBackbone(BaseModule):
-    """Any visionzoo (or timm) model as an OpenMMLab backbone.
+    """Any visionzoo model (or timm model) as an OpenMMLab backbone.
+
+    timm models that timm wraps with their ``forward_intermediates`` (``FeatureGetterNet``) get every
+    option; other timm models (e.g. ResNets, wrapped as ``FeatureListNet``) only the basic ones (no
+    ``frozen_stages``, ``with_cp``, layer decay, ``init_cfg``).
 
     Args:
         model_name: a registered visionzoo / timm model (``"biformer_small"``, ``"vim_small"``, ...).
@@ -172,6 +176,11 @@ class VisionZooBackbone(BaseModule):
             self.out_channels = list(channels)
             self.strides = list(reductions)
 
+        needs = [opt for opt, used in (("frozen_stages", frozen_stages >= 0), ("with_cp", with_cp)) if used]
+        if needs and not hasattr(self.timm_model, "group_matcher"):
+            raise _config_error(where, f"{' and '.join(needs)} need the model's layer groups; {model_name} is "
+                                       f"wrapped by timm as {type(self.body).__name__} without them (visionzoo "
+                                       f"models and timm's forward_intermediates models have them)")
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.with_cp = with_cp
