@@ -16,7 +16,8 @@ Whole models, batch ``--batch`` (4), fp32, ``torch.set_num_threads(--threads)``,
   shipped. ``official`` is forward-only (it is a functional port, no training path).
 * ``fwd``: forward under ``torch.inference_mode()``; ``fwd+bwd``: forward + ``out.sum().backward()``.
   Median and minimum over ``--rounds`` rounds; the variants take turns inside every round (round-robin)
-  so drift on a shared machine hits them alike; the speed-up quoted is from the minima.
+  so drift on a shared machine hits them alike; also each round's time ratio against ``auto`` (its two
+  runs are adjacent in time) and the median of those ratios, the estimate least hurt by load drift.
 * Sizes: 224 and 448 with the classification setting (``n_win=7``, as the official model runs at any
   multiple of 224), and 600x500 with the official ADE20K backbone setting (``n_win=8``, ``auto_pad``).
 * Peak memory: each (model, size, variant, mode) runs once more in a fresh subprocess, after building
@@ -142,6 +143,12 @@ def bench_models(args) -> list:
                     del models
                     row.update({f"{v}_s": round(statistics.median(times[v]), 3) for v in variants})
                     row.update({f"{v}_min_s": round(min(times[v]), 3) for v in variants})
+                    if "auto" in variants:  # per-round ratios: the two runs of a round are adjacent in time
+                        for v in variants:
+                            if v != "auto":
+                                r = [a / b for a, b in zip(times[v], times["auto"])]
+                                row[f"{v}/auto_round_ratios"] = [round(x, 2) for x in r]
+                                row[f"{v}/auto_median_ratio"] = round(statistics.median(r), 2)
                 if args.memory or args.memory_only:
                     for v in variants:
                         mem = _memory_subprocess(name, size, v, mode, args.batch, args.threads)

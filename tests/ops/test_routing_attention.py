@@ -97,7 +97,9 @@ def test_chunked_float32_and_chunk_count(monkeypatch):
     B, H, W, C, heads, n, topk = 2, 16, 16, 32, 4, 4, 4
     inputs = _inputs(B, H, W, C, C, dtype=torch.float32)
     ref = _run(inputs, "reference", heads, n, topk)
-    assert _chunked.use_dense(H, W, topk, 16)  # 256 tokens, 64 routed: dense by default
+    # BiFormer's stage 3: dense at 224 / 448 (n_win 7), gather at 600x500 with n_win 8.
+    assert _chunked.use_dense(14, 14, 16, 4) and _chunked.use_dense(28, 28, 16, 16)
+    assert not _chunked.use_dense(40, 32, 16, 20)
     monkeypatch.setattr(_chunked, "DENSE_MAX_RATIO", 0)
     monkeypatch.setattr(_chunked, "CHUNK_ELEMENTS", 2 * (B * n * topk * 16 * 2 * C))  # two region rows per chunk
     assert _chunked._chunk_rows(B, n, n, topk, 16, C, C) == 2

@@ -24,7 +24,7 @@ Backends (``backend=``, or ``auto``; ``VISIONZOO_BACKEND_ROUTING_ATTENTION`` ove
 ``chunked``
     Pure PyTorch, ``auto``'s choice off CUDA: works on the spatial tensors through strided views, and per
     chunk of query-region rows gathers the routed K/V tokens and runs fused SDPA; on small grids (routed
-    keys >= 1/4 of all tokens, e.g. stage 3 at 224) one SDPA call with the routing as a token mask
+    keys >= 2/7 of all tokens, e.g. stage 3 at 224 and 448) one SDPA call with the routing as a token mask
     instead; recomputing backward. Extra memory is a few MiB per chunk whatever ``topk`` (see
     :mod:`._chunked`).
 ``triton``

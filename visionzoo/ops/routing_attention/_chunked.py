@@ -17,9 +17,9 @@ regions:
 The chunk is sized so its gathered K/V stays within ``CHUNK_ELEMENTS`` (at least one region row): the
 extra memory is a few MiB, instead of ``topk`` copies of K/V plus the scores (the official code).
 
-Small grids (the routed keys are at least a quarter of all tokens, :func:`use_dense`) skip the gather:
+Small grids (the routed keys are more than ~2/7 of all tokens, :func:`use_dense`) skip the gather:
 one SDPA call over all tokens with the routing as a boolean token mask, which is exact (masked keys
-get zero weight) and, on CPU, about 3x faster than gathering at BiFormer's stage 3 at 224.
+get zero weight) and, on CPU, 2-3x faster than gathering at BiFormer's stage 3 at 224 and 448.
 
 The backward recomputes each chunk's attention (flash-style: only Q/K/V and the routing are kept from
 the forward), differentiates it with SDPA's backward, writes the Q gradient of the chunk's rows and
@@ -38,9 +38,10 @@ from torch import Tensor
 # chunks); a chunk is at least one row of regions.
 CHUNK_ELEMENTS = 1 << 21
 # Dense masked attention instead of the gather when every query would see at least 1/DENSE_MAX_RATIO
-# of all tokens anyway (H*W <= DENSE_MAX_RATIO * topk * w2): BiFormer's stage 3 at 224 (196 tokens,
-# 64 routed keys; 3x the gathered FLOPs but no gather, ~3x faster on CPU), not 448 (784 tokens: 12x).
-DENSE_MAX_RATIO = 4
+# of all tokens anyway (H*W <= DENSE_MAX_RATIO * topk * w2). Measured on CPU (1 thread, batch 4): at
+# ratio 3.06 (BiFormer's stage 3 at 224 and at 448 with n_win 7: 196 / 784 tokens, 64 / 256 routed keys)
+# dense is 2-3x faster than the gather; at ratio 4 (stage 3 at 600x500 with n_win 8) 1.9x slower.
+DENSE_MAX_RATIO = 3.5
 
 
 def use_dense(H: int, W: int, topk: int, w2: int) -> bool:
