@@ -50,7 +50,7 @@ def _run(attn, value, K, backend):
 def one_program_per_map(monkeypatch):
     """256-pixel blocks: one program per (image, group) for these maps (the interpreter's cost is per program)."""
     blocks = _triton._blocks
-    monkeypatch.setattr(_triton, "_blocks", lambda c, bp, bc: blocks(c, bp or 256, bc))
+    monkeypatch.setattr(_triton, "_blocks", lambda hw, c, bp, bc: blocks(hw, c, bp or 256, bc))
 
 
 @pytest.fixture(autouse=True)
@@ -163,6 +163,13 @@ def test_env_override_dtype_fallback_and_errors(monkeypatch):
         na2d_av(attn, value, 3, backend="triton")
     with pytest.raises(ValueError, match="power of two"):
         _triton.triton_forward(attn.float(), value.float(), 3, block_p=24)
+
+
+def test_block_sizes():
+    assert _triton._blocks(14 * 14, 16, None, None) == (128, 16)
+    assert _triton._blocks(7 * 7, 14, None, None) == (64, 16)  # no 128-pixel block for a 49-pixel map
+    assert _triton._blocks(50 * 84, 70, None, None) == (32, 64)  # channel blocks of 64
+    assert _triton._blocks(5 * 5, 2, None, None) == (32, 2)
 
 
 def test_unavailable_without_interpreter_or_triton(monkeypatch):

@@ -88,9 +88,11 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _blocks(channels: int, block_p: int | None, block_c: int | None) -> tuple[int, int]:
+def _blocks(pixels: int, channels: int, block_p: int | None, block_c: int | None) -> tuple[int, int]:
+    """``(BLOCK_P, BLOCK_C)``: up to 2048 fp32 accumulators per program, no block much larger than the map
+    (a 7x7 map gets 64-pixel blocks, not 128)."""
     bc = block_c or min(_pow2(channels), MAX_BLOCK_C)
-    bp = block_p or max(16, min(128, 2048 // bc))
+    bp = block_p or min(max(16, min(128, 2048 // bc)), max(16, _pow2(pixels)))
     for name, v in (("block_p", bp), ("block_c", bc)):
         if v & (v - 1):
             raise ValueError(f"na2d_av triton: {name} must be a power of two, got {v}")
@@ -115,7 +117,7 @@ def triton_forward(attn: Tensor, value: Tensor, kernel_size: int, *, block_p: in
     _check(attn, value)
     B, G, H, W, C = value.shape
     out = torch.empty((B, G, H, W, C), dtype=value.dtype, device=value.device)
-    bp, bc = _blocks(C, block_p, block_c)
+    bp, bc = _blocks(H * W, C, block_p, block_c)
     grid = (B * G, _cdiv(H * W, bp), _cdiv(C, bc))
     _kernel("na2d_av_fwd_kernel", value.device.type)[grid](
         attn, value, out, G, H, W, C, *attn.stride(), *value.stride(), *out.stride(),
@@ -130,7 +132,7 @@ def triton_backward(attn: Tensor, value: Tensor, kernel_size: int, grad_out: Ten
     """``(d attn, d value)`` (each None unless ``needs`` asks for it), contiguous, in the inputs' dtype."""
     _check(attn, value)
     B, G, H, W, C = value.shape
-    bp, bc = _blocks(C, block_p, block_c)
+    bp, bc = _blocks(H * W, C, block_p, block_c)
     dev = value.device.type
     grad_attn = grad_value = None
     if needs[0]:
