@@ -24,8 +24,8 @@ echo "## BiFormer BRA op, reference (official gather) vs auto, fp32, batch 64, t
 timeout 120 python benchmarks/bench_biformer_cpu.py --op --device cuda --batch 64 --rounds 10 || status=1
 echo "## Sparsifiner: sparse_attention backends vs reference (pytest -m cuda above), attention block + DeiT-S model, batch 64"
 timeout 150 python benchmarks/bench_sparsifiner_cpu.py --device cuda --threads 16 --batch 64 --sizes 224 384 --parts block model --rounds 5 || status=1
-echo "## OverLoCK na2d_av on CUDA: dense / taps vs reference (fwd + grads), overlock_xt forward"
-timeout 120 python -c "import torch,timm,visionzoo; from visionzoo.ops.neighborhood_aggregation import na2d_av; a=torch.randn(2,8,14,20,169,device='cuda').softmax(-1).requires_grad_(); v=torch.randn(2,8,14,20,16,device='cuda',requires_grad=True); r=[na2d_av(a,v,13,backend='reference')]; r+=list(torch.autograd.grad(r[0].square().sum(),(a,v))); [print(b,max((x-y).abs().max().item() for x,y in zip(r,[o]+list(torch.autograd.grad(o.square().sum(),(a,v)))))) for b in ('dense','taps') for o in [na2d_av(a,v,13,backend=b)]]; m=timm.create_model('overlock_xt').cuda().eval(); print('xt', m(torch.randn(2,3,224,224,device='cuda')).shape)" || status=1
+echo "## OverLoCK na2d_av on CUDA: triton / dense / taps vs reference (fwd, fwd+bwd, error), overlock_t ContMix shapes batch 64, overlock_xt model"
+timeout 120 python benchmarks/bench_neighborhood_aggregation_cuda.py --reps 10 || status=1
 echo "## selective scan, Vim-S (64 x 768/direction x 197, N 16): triton fwd+bwd vs mamba_ssm selective_scan_fn vs chunked; fused bidirectional vs official two-call"
 timeout 90 python benchmarks/bench_selective_scan_cuda.py --batch 64 --dim 768 --length 197 --dstate 16 --reps 20 || status=1
 exit $status
