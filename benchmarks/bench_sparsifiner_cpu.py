@@ -14,7 +14,8 @@ each size with ``dynamic_img_size=True`` (K = 32, token rows resampled), i.e. a 
 * ``block``: one ``SparsifinerAttention`` (qkv, predictor, attention, proj) on ``(B, N, 384)`` tokens.
 * ``model``: ``sparsifiner_deit_small`` end to end.
 * Backends: ``reference`` (official: dense scores, ``-inf`` mask, softmax, ``nan_to_num``, ``@ v``),
-  ``masked`` (fused SDPA with the boolean mask; ``auto`` on CPU), ``gather`` (kept entries only).
+  ``masked`` (fused SDPA with an additive mask; ``auto`` on CPU), ``gather`` (kept entries only),
+  ``triton`` (fused kernel, CUDA only; ``auto`` there; in the default list with ``--device cuda``).
   The official code additionally computes an unmasked softmax copy of every score matrix for its
   losses; ``reference`` leaves that out, so it is a slightly *faster* baseline than the official code.
 * GMACs by ``visionzoo.utils.count_macs`` (FlopCounterMode, custom-op formulas), batch 1: total as
@@ -40,7 +41,7 @@ import timm  # noqa: E402
 import visionzoo  # noqa: E402,F401
 from visionzoo.utils import count_macs  # noqa: E402
 
-BACKENDS = ("reference", "masked", "gather")
+BACKENDS = ("reference", "masked", "gather", "triton")
 
 
 def _sync(device):
@@ -104,11 +105,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--parts", nargs="+", default=["flops", "block", "model"])
-    ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    ap.add_argument("--backends", nargs="+", default=None, choices=BACKENDS,
+                    help="default: reference masked gather, plus triton on CUDA")
     ap.add_argument("--dynamic", action="store_true",
                     help="build at 224 with dynamic_img_size=True (predictor rank K=32 resampled to each size)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.backends is None:
+        args.backends = [b for b in BACKENDS if b != "triton" or args.device.startswith("cuda")]
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ import math
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import visionzoo  # noqa: F401
 from visionzoo.models.sparsifiner import SparsifinerDistillLoss
@@ -195,3 +196,33 @@ def test_deit_small_at_384_matches_official_forward(tmp_path):
     with torch.no_grad():
         ref = official_sparsifiner_deit_forward(sd, x)
         torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_key_selection_kernel():
+    """The C kernel's kept keys equal topk's on random scores (also with a per-sample table), keep the
+    lowest indices on ties, and the model falls back to embedding_bag + topk without it."""
+    from visionzoo.models.sparsifiner import MaskPredictor
+    from visionzoo.ops.sparse_attention import _keys_cpu
+
+    if _keys_cpu.load() is None:
+        pytest.skip("no C compiler: the kernel is unavailable (the fallback is covered by the other tests)")
+    g = torch.Generator().manual_seed(0)
+    table = torch.rand(2 * 16, 53, generator=g)  # two samples' tables of 16 basis rows, 53 keys
+    cols = torch.rand(2, 3, 52, 16, generator=g).argsort(-1)[..., :5].sort(-1).values
+    cols = cols + torch.tensor([0, 16]).view(2, 1, 1, 1)
+    weights = torch.rand(2, 3, 52, 5, generator=g)
+    idx = _keys_cpu.kept_keys_cpu(cols, weights, table, 14)
+    scores = F.embedding_bag(cols.reshape(-1, 5), table, per_sample_weights=weights.reshape(-1, 5), mode="sum")
+    ref = scores.view(2, 3, 52, 53).topk(14, dim=-1).indices.sort(-1).values
+    assert torch.equal(idx, ref)
+    ties = _keys_cpu.kept_keys_cpu(cols, weights, torch.zeros_like(table), 14)  # every score 0
+    assert torch.equal(ties, torch.arange(14).expand(2, 3, 52, 14))
+    mp = MaskPredictor(head_dim=8, num_heads=2, grid_size=(4, 4))
+    q, k = torch.randn(1, 2, 17, 8), torch.randn(1, 2, 17, 8)
+    with torch.no_grad():
+        for p in mp.parameters():  # (zero-initialised: every score would tie)
+            p.normal_(0, 0.3)
+        fast, _ = mp(q, k, (4, 4), official=False)
+        mp.cpu_kernel = False
+        fallback, _ = mp(q, k, (4, 4), official=False)
+    assert torch.equal(fast.sort(-1).values, fallback.sort(-1).values)

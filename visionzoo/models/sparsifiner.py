@@ -82,6 +82,7 @@ from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 from ..ops.sparse_attention import sparse_attention, sparse_attention_backend
+from ..ops.sparse_attention._keys_cpu import kept_keys_cpu
 from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
 from ._registry import ModelMeta, register_meta
 
@@ -220,6 +221,7 @@ class MaskPredictor(nn.Module):
         self.proj_c_k = nn.Linear(head_dim, self.reduced_c, **dd)
         self.proj_n = nn.Parameter(torch.zeros(num_tokens, self.reduced_n, **dd))
         self.proj_back_n = nn.Parameter(torch.zeros(num_tokens, self.reduced_n, **dd))
+        self.cpu_kernel = True  # CPU inference: select keys with the C kernel when it builds (see forward)
 
     def token_params(self, grid: Tuple[int, int], token_index: Optional[torch.Tensor]
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -255,6 +257,26 @@ class MaskPredictor(nn.Module):
         return coef @ basis
 
     @torch.no_grad()
+    def kept_coefficients(self, q: torch.Tensor, k: torch.Tensor, grid: Tuple[int, int],
+                          token_index: Optional[torch.Tensor] = None
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``coef_topk`` non-zero coefficients of every row of the inference-form ``coef``:
+        ``cols`` ``(B, H, N - 1, t)`` (ascending; rows of ``table``), ``weights`` (same shape) and
+        ``table`` ``(K, N)`` (``(B * K, N)`` after token pruning, ``cols`` offset per sample), the
+        thresholded basis. ``approx = sum_j weights[..., j] * table[cols[..., j]]``."""
+        proj_n, proj_back_n = self.token_params(grid, token_index)
+        q, k = self.proj_c_q(q), self.proj_c_k(k)  # (B, H, N, c)
+        k = k.transpose(-2, -1) @ proj_n  # (B, H, c, K)
+        coef = ((q @ k) * self.scale)[..., 1:, :].softmax(dim=-1)  # (B, H, N - 1, K)
+        B, K = coef.shape[0], coef.shape[-1]
+        cols = coef.topk(self.coef_topk, dim=-1, sorted=False).indices.sort(dim=-1).values
+        weights = coef.gather(-1, cols)
+        table = F.threshold(proj_back_n.abs(), self.basis_threshold, 0.0).transpose(-2, -1)  # (K, N) | (B, 1, K, N)
+        if table.dim() == 4:  # per-sample rows after token pruning: one table of B * K rows
+            cols = cols + (torch.arange(B, device=cols.device) * K).view(B, 1, 1, 1)
+        return cols, weights, table.reshape(-1, table.shape[-1]).contiguous()
+
+    @torch.no_grad()
     def approx_attention_kept_coef(self, q: torch.Tensor, k: torch.Tensor, grid: Tuple[int, int],
                                    token_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """:meth:`approx_attention` (inference form), without the dense ``coef @ basis`` product.
@@ -266,21 +288,10 @@ class MaskPredictor(nn.Module):
         them the ``topk`` keys, are the official ones: bitwise equal on the CPUs tested here (a BLAS that
         splits the ``K`` sum would differ in the last bit). No gradient (the mask carries none).
         """
-        proj_n, proj_back_n = self.token_params(grid, token_index)
-        q, k = self.proj_c_q(q), self.proj_c_k(k)  # (B, H, N, c)
-        k = k.transpose(-2, -1) @ proj_n  # (B, H, c, K)
-        coef = ((q @ k) * self.scale)[..., 1:, :].softmax(dim=-1)  # (B, H, N - 1, K)
-        B, H, M, K = coef.shape
-        t = self.coef_topk
-        cols = coef.topk(t, dim=-1, sorted=False).indices.sort(dim=-1).values  # kept coefficients, ascending
-        weights = coef.gather(-1, cols)
-        table = F.threshold(proj_back_n.abs(), self.basis_threshold, 0.0).transpose(-2, -1)  # (K, N) | (B, 1, K, N)
-        N = table.shape[-1]
-        if table.dim() == 4:  # per-sample rows after token pruning: one table of B * K rows
-            cols = cols + (torch.arange(B, device=cols.device) * K).view(B, 1, 1, 1)
-        approx = F.embedding_bag(cols.reshape(-1, t), table.reshape(-1, N).contiguous(),
-                                 per_sample_weights=weights.reshape(-1, t), mode="sum")
-        return approx.view(B, H, M, N)
+        cols, weights, table = self.kept_coefficients(q, k, grid, token_index)
+        B, H, M, t = cols.shape
+        approx = F.embedding_bag(cols.reshape(-1, t), table, per_sample_weights=weights.reshape(-1, t), mode="sum")
+        return approx.view(B, H, M, table.shape[-1])
 
     def key_budget(self, num_tokens: int, full_tokens: int, pruned: bool) -> int:
         budget = math.ceil(self.keep_rate * full_tokens)
@@ -292,8 +303,11 @@ class MaskPredictor(nn.Module):
         """Kept key indices ``(B, H, N - 1, budget)`` for every query row but the class token's, and (with
         ``with_grad``) the scores they come from, differentiable in the predictor's parameters only.
 
-        ``official=False`` computes the scores with :meth:`approx_attention_kept_coef` (same keys, less
-        work) on CPU (where it was measured); elsewhere (CUDA, and the meta device, so a FLOP counter sees
+        ``official=False`` computes the scores from the kept coefficients (same keys, less work) on CPU
+        (where it was measured): in one C pass per row that also selects the keys
+        (:mod:`visionzoo.ops.sparse_attention._keys_cpu`; ties at the budget's last score keep the lowest
+        indices) when the kernel builds and ``cpu_kernel`` is True, else :meth:`approx_attention_kept_coef`
+        and ``topk``; elsewhere (CUDA, and the meta device, so a FLOP counter sees
         the official dense product) the official dense product runs.
         """
         budget = self.key_budget(q.shape[2], 1 + grid[0] * grid[1], token_index is not None)
@@ -304,7 +318,13 @@ class MaskPredictor(nn.Module):
             if official or q.device.type != "cpu":
                 approx = self.approx_attention(q, k, grid, token_index)
             else:
-                approx = self.approx_attention_kept_coef(q, k, grid, token_index)
+                cols, weights, table = self.kept_coefficients(q, k, grid, token_index)
+                idx = kept_keys_cpu(cols, weights, table, budget) if self.cpu_kernel else None
+                if idx is not None:
+                    return idx, None
+                B, H, M, t = cols.shape
+                approx = F.embedding_bag(cols.reshape(-1, t), table, per_sample_weights=weights.reshape(-1, t),
+                                         mode="sum").view(B, H, M, table.shape[-1])
             return approx.topk(budget, dim=-1, sorted=False).indices, None
 
 
