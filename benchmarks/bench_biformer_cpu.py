@@ -23,7 +23,7 @@ Whole models, batch ``--batch`` (4), fp32, ``torch.set_num_threads(--threads)``,
 * Peak memory: each (model, size, variant, mode) runs once more in a fresh subprocess, after building
   the model and a one-image warm-up:
   - ``live``: peak bytes of tensors created during one step (:class:`visionzoo.utils.memory.PeakLiveBytes`;
-    what the ops allocate, not temporaries private to a kernel);
+    what the dispatched ops allocate, not temporaries private to a kernel or inside a custom op);
   - ``rss``: peak resident set growth over that step (``ru_maxrss`` minus the RSS before it) with
     ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment, so that glibc returns freed blocks at once and
     the RSS follows what is allocated, kernel-private buffers included.

@@ -230,3 +230,35 @@ def test_opcheck_custom_op():
     for backend in ("reference", "chunked"):
         torch.library.opcheck(torch.ops.visionzoo.bi_level_routing_attention, (q, k, v, 2, 2, 2, 2, 0.35, backend),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_chunked_memory_stays_within_its_chunk_budget(monkeypatch):
+    """Forward on channel slices of one qkv tensor (the model's layout): besides its output, ``chunked``
+    holds only chunk-sized temporaries (no region-major copy of Q/K/V, no topk-fold K/V); the reference
+    holds the topk-fold gathered K/V. (The backends are called directly: a dispatch mode does not see
+    inside a custom op.)"""
+    from visionzoo.ops.routing_attention._common import route
+    from visionzoo.utils.memory import PeakLiveBytes
+
+    B, H, W, C, heads, n, topk = 2, 32, 32, 16, 2, 8, 2
+    monkeypatch.setattr(_chunked, "DENSE_MAX_RATIO", 0)
+    monkeypatch.setattr(_chunked, "CHUNK_ELEMENTS", B * n * topk * 16 * 2 * C)  # one region row per chunk
+    base = torch.randn(B, H, W, 3 * C)
+    idx = route(*base.split(C, dim=-1)[:2], n, n, topk, C ** -0.5)
+    kv_bytes = 2 * B * H * W * C * 4
+    peaks = {}
+    for name, fn in (("chunked", _chunked.bra_chunked), ("reference", _op._reference_spatial)):
+        # The input is made inside the tracked region (views of an outside tensor would count as new
+        # storage) and subtracted.
+        with torch.no_grad(), PeakLiveBytes() as tracker:
+            q, k, v = base.clone().split(C, dim=-1)
+            fn(q, k, v, idx, heads, n, n, C ** -0.5)
+        peaks[name] = tracker.peak - base.numel() * 4
+    lean, ref = peaks["chunked"], peaks["reference"]
+    out_bytes = kv_bytes // 2
+    chunk_gather = kv_bytes * topk // n  # K/V of one region row's routed regions
+    # Output + the chunk's gathered K/V (1/4 of K/V here), its per-head copies and the chunk's query /
+    # output pieces: less than the region-major copies of Q, K and V alone (1.5x K/V) would take.
+    assert lean <= out_bytes + 4 * chunk_gather, (lean, kv_bytes)
+    assert lean < out_bytes + kv_bytes
+    assert ref >= topk * kv_bytes
