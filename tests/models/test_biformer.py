@@ -147,6 +147,26 @@ def test_training_step_runs_with_every_cpu_backend():
         assert all(p.grad is not None for p in model.parameters())
 
 
+def test_triton_backend_in_the_model_matches_chunked():
+    """A training step of test_biformer with the Triton BRA kernel (CPU: Triton's interpreter, ~10 s) on
+    the model's strided q/k/v slices: logits and every parameter gradient equal the chunked backend's."""
+    from visionzoo.ops.routing_attention import _triton
+
+    if not _triton.is_available("cpu"):
+        pytest.skip("needs Triton with TRITON_INTERPRET=1 set before Triton is imported")
+    x = torch.randn(1, 3, 64, 64)
+    res = {}
+    for backend in ("chunked", "triton"):
+        torch.manual_seed(0)
+        model = timm.create_model("test_biformer", num_classes=5, attn_backend=backend).train()
+        out = model(x)
+        out.sum().backward()
+        res[backend] = (out, [p.grad for p in model.parameters()])
+    torch.testing.assert_close(res["triton"][0], res["chunked"][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(res["triton"][1], res["chunked"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_meta_gmacs_count_bra():
     # BRA enters the count through its FLOP formula: tiny at 224 without it would be lower by exactly this.
     bra = 0
