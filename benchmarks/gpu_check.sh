@@ -20,8 +20,8 @@ for bs in 64 1; do
   python tools/benchmark.py --device cuda --models 'vim_*' deit_tiny_patch16_224 deit_small_patch16_224 \
     --batch-size "$bs" --warmup 5 --reps 20 --max-timed-params 1e9 --csv "$out/${stamp}_${gpu}_bs${bs}.csv" || status=1
 done
-echo "## BiFormer BRA op, reference (official gather) vs auto, fp32, batch 64, tiny's stage shapes"
-timeout 120 python benchmarks/bench_biformer_cpu.py --op --device cuda --batch 64 --rounds 10 || status=1
+echo "## BiFormer BRA: reference (official gather) / chunked / triton, fwd and fwd+bwd, tiny's stage shapes at 224, batch 64"
+timeout 120 python benchmarks/bench_routing_attention_cuda.py --batch 64 --reps 20 || status=1
 echo "## Sparsifiner: sparse_attention backends vs reference (pytest -m cuda above), attention block + DeiT-S model, batch 64"
 timeout 150 python benchmarks/bench_sparsifiner_cpu.py --device cuda --threads 16 --batch 64 --sizes 224 384 --parts block model --rounds 5 || status=1
 echo "## OverLoCK na2d_av on CUDA: triton / dense / taps vs reference (fwd, fwd+bwd, error), overlock_t ContMix shapes batch 64, overlock_xt model"
