@@ -178,3 +178,10 @@ def test_meta_gmacs_count_bra():
         meta = VISIONZOO_MODELS[name]
         assert abs(count_macs(name) / 1e9 - meta.gmacs) < 1e-3
     assert VISIONZOO_MODELS["biformer_small"].gmacs == pytest.approx(4.4636)
+
+
+def test_features_only_without_feature_norms():
+    """features_only prunes the final norm; rebuilding the (empty) head must not read its weight."""
+    model = timm.create_model("test_biformer", features_only=True, feature_norms=False)
+    feats = model(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == model.feature_info.channels()

@@ -377,7 +377,7 @@ class BiFormer(nn.Module):
             _check_pool(global_pool)
             self.global_pool_type = global_pool
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        ref = self.norm.weight
+        ref = next(self.parameters())  # the final norm may have been pruned (features_only)
         self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
                      if num_classes > 0 else nn.Identity())
 
