@@ -198,9 +198,10 @@ def test_deit_small_at_384_matches_official_forward(tmp_path):
         torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_cpu_key_selection_kernel():
+def test_cpu_key_selection_kernel(monkeypatch):
     """The C kernel's kept keys equal topk's on random scores (also with a per-sample table), keep the
     lowest indices on ties, and the model falls back to embedding_bag + topk without it."""
+    from visionzoo.models import sparsifiner as sparsifiner_module
     from visionzoo.models.sparsifiner import MaskPredictor
     from visionzoo.ops.sparse_attention import _keys_cpu
 
@@ -217,6 +218,7 @@ def test_cpu_key_selection_kernel():
     assert torch.equal(idx, ref)
     ties = _keys_cpu.kept_keys_cpu(cols, weights, torch.zeros_like(table), 14)  # every score 0
     assert torch.equal(ties, torch.arange(14).expand(2, 3, 52, 14))
+    monkeypatch.setattr(sparsifiner_module, "CPU_KERNEL_MIN_TOKENS", 0)  # the kernel for 17 tokens too
     mp = MaskPredictor(head_dim=8, num_heads=2, grid_size=(4, 4))
     q, k = torch.randn(1, 2, 17, 8), torch.randn(1, 2, 17, 8)
     with torch.no_grad():
