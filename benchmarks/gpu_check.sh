@@ -22,8 +22,10 @@ for bs in 64 1; do
 done
 echo "## BiFormer BRA: reference (official gather) / chunked / triton, fwd and fwd+bwd, tiny's stage shapes at 224, batch 64"
 timeout 120 python benchmarks/bench_routing_attention_cuda.py --batch 64 --reps 20 || status=1
-echo "## Sparsifiner: sparse_attention backends vs reference (pytest -m cuda above), attention block + DeiT-S model, batch 64"
-timeout 150 python benchmarks/bench_sparsifiner_cpu.py --device cuda --threads 16 --batch 64 --sizes 224 384 --parts block model --rounds 5 || status=1
+echo "## sparse_attention: triton / masked / gather / reference, fwd and fwd+bwd, DeiT-S shapes at 224 and 384, batch 64, fp32 and bf16"
+timeout 90 python benchmarks/bench_sparse_attention_cuda.py --json "$out/${stamp}_${gpu}_sparse_attention.json" || status=1
+echo "## Sparsifiner DeiT-S model, batch 64, 224 and 384: backends end to end"
+timeout 120 python benchmarks/bench_sparsifiner_cpu.py --device cuda --threads 16 --batch 64 --sizes 224 384 --parts model --rounds 3 || status=1
 echo "## OverLoCK na2d_av on CUDA: triton / dense / taps vs reference (fwd, fwd+bwd, error), overlock_t ContMix shapes batch 64, overlock_xt model"
 timeout 120 python benchmarks/bench_neighborhood_aggregation_cuda.py --reps 10 || status=1
 echo "## selective scan, Vim-S (64 x 768/direction x 197, N 16): triton fwd+bwd vs mamba_ssm selective_scan_fn vs chunked; fused bidirectional vs official two-call"
