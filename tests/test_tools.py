@@ -74,6 +74,15 @@ def test_benchmark_csv_path_flags_of_gpu_check(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run_bs1.csv", "run_bs1.json", "run_bs1.png"]
 
 
+def test_benchmark_fixed_size_model_gives_error_row_with_params():
+    bench = _load_tool("benchmark")
+    (row,) = bench.main(["--models", "test_vim", "--img-size", "32", "--fixed-size", "--warmup", "0",
+                         "--reps", "1", "--no-save"])
+    assert row["error"].startswith("ValueError: Vim: this model was built for 64x64 inputs, got 32x32")
+    assert row["params"] == sum(p.numel() for p in timm.create_model("test_vim").parameters())
+    assert row["img_per_s"] is None and row["gmacs"] is None
+
+
 def test_benchmark_halves_batch_on_out_of_memory():
     bench = _load_tool("benchmark")
     tried = []

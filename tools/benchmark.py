@@ -315,10 +315,12 @@ def measure_one(name, img_size, batch_size, mode, args, device):
             "img_per_s": batch_size / median, "peak_mem_mb": peak / 2**20, "memory_method": method}
 
 
-def count_model(name, img_size, fixed_size):
+def count_model(name, img_size, fixed_size, row):
+    """Fill ``row["params"]`` and ``row["gmacs"]`` (meta device); params stay when the forward fails."""
     with torch.device("meta"):
         model, _built = build_model(name, img_size, fixed_size, "meta")
-    return count_params(model), count_macs(model, (1, 3, img_size, img_size)) / 1e9
+    row["params"] = count_params(model)
+    row["gmacs"] = count_macs(model, (1, 3, img_size, img_size)) / 1e9
 
 
 def paper_top1(name):
@@ -356,7 +358,7 @@ def benchmark(names, args, device, log=print):
                     "step_ms_min": None, "img_per_s": None, "peak_mem_mb": None, "memory_method": None,
                     "paper_top1": paper_top1(name), "error": ""}
             try:
-                base["params"], base["gmacs"] = count_model(name, img_size, args.fixed_size)
+                count_model(name, img_size, args.fixed_size, base)
                 count_error = ""
             except Exception as exc:  # noqa: BLE001  (a size the model cannot take is a row, not a crash)
                 count_error = _error_text(exc)
