@@ -28,8 +28,8 @@ def _weights(meta) -> str:
 
 def markdown_table() -> str:
     rows = [
-        "| model | params | GMACs @224 | paper top-1 | official code | license | official weights |",
-        "|---|---:|---:|---:|---|---|---|",
+        "| model | params | GMACs @224 | paper GMACs | paper top-1 | official code | license | official weights |",
+        "|---|---:|---:|---:|---:|---|---|---|",
     ]
     for name in sorted(VISIONZOO_MODELS, key=lambda n: (VISIONZOO_MODELS[n].family, n)):
         meta = VISIONZOO_MODELS[name]
@@ -38,6 +38,7 @@ def markdown_table() -> str:
         origin = meta.origin_url.removeprefix("https://github.com/") if meta.origin_url else ""
         rows.append(
             f"| `{name}` | {meta.params:,} | {'–' if meta.gmacs is None else f'{meta.gmacs:.3f}'} | "
+            f"{'' if meta.paper_gmacs is None else f'{meta.paper_gmacs:g}'} | "
             f"{'' if meta.paper_top1 is None else f'{meta.paper_top1:.1f}'} | "
             f"[{origin}]({meta.origin_url}) | {meta.license or ''} | {_weights(meta)} |"
         )

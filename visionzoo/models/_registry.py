@@ -18,6 +18,7 @@ class ModelMeta:
     origin_url: str | None = None
     license: str | None = None
     weights: str | None = None  # where official weights live, or None when none were released
+    paper_gmacs: float | None = None  # GMACs ("GFLOPs") the paper reports at 224; None where it reports none
 
 
 VISIONZOO_MODELS: dict[str, ModelMeta] = {}
