@@ -85,6 +85,21 @@ def test_backward_every_parameter_gets_a_gradient(name):
 
 
 @pytest.mark.parametrize("name", TEST_MODELS)
+def test_bf16_autocast_inference_and_training(name):
+    """Mixed precision on CPU: custom ops get bf16 gradients for fp32 outputs and mixed-dtype inputs."""
+    model = timm.create_model(name).train()
+    x = _input(model, batch=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().pow(2).mean().backward()
+    assert torch.isfinite(out.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(x).float()).all()
+
+
+@pytest.mark.parametrize("name", TEST_MODELS)
 def test_head_api(name):
     model = _build(name)
     x = _input(model, batch=2)

@@ -275,8 +275,8 @@ class MaskPredictor(nn.Module):
         coef = ((q @ k) * self.scale)[..., 1:, :].softmax(dim=-1)  # (B, H, N - 1, K)
         B, K = coef.shape[0], coef.shape[-1]
         cols = coef.topk(self.coef_topk, dim=-1, sorted=False).indices.sort(dim=-1).values
-        weights = coef.gather(-1, cols)
         table = F.threshold(proj_back_n.abs(), self.basis_threshold, 0.0).transpose(-2, -1)  # (K, N) | (B, 1, K, N)
+        weights = coef.gather(-1, cols).to(table.dtype)  # autocast may have made coef bf16/fp16
         if table.dim() == 4:  # per-sample rows after token pruning: one table of B * K rows
             cols = cols + (torch.arange(B, device=cols.device) * K).view(B, 1, 1, 1)
         return cols, weights, table.reshape(-1, table.shape[-1]).contiguous()

@@ -30,6 +30,7 @@ No backend supports double backward.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ._common import check_inputs, rpb_index, window_starts
@@ -60,6 +61,9 @@ def na2d_av(attn: Tensor, value: Tensor, kernel_size: int, *, backend: str = "au
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"na2d_av: unknown backend {backend!r}; known backends: auto, {', '.join(BACKENDS)}")
     check_inputs("na2d_av", attn, value, kernel_size)
+    if attn.dtype != value.dtype:  # e.g. under autocast (fp32 softmax weights, bf16 values)
+        common = torch.promote_types(attn.dtype, value.dtype)
+        return na2d_av(attn.to(common), value.to(common), kernel_size, backend=backend).to(value.dtype)
     name = resolve(backend, value)
     if name == "reference":
         return na2d_av_reference(attn, value, kernel_size)

@@ -89,6 +89,8 @@ def _backward(ctx, grad_out):
     if grad_out is None or not any(needs):
         return None, None, None, None
     K = ctx.kernel_size
+    # Under autocast the incoming gradient can be bf16/fp16 while the op ran in fp32.
+    grad_out = grad_out.to(value.dtype)
     name = _pick(resolve(ctx.backend, value), value.shape[2], value.shape[3], K)
     if name == "triton":  # reads grad_out through its strides
         grad_attn, grad_value = _triton.triton_backward(attn, value, K, grad_out, needs)
