@@ -1,5 +1,4 @@
 """The command-line tools run end to end on small inputs."""
-import argparse
 import csv
 import importlib.util
 import json
@@ -127,14 +126,3 @@ def test_benchmark_accepts_timm_globs_and_rejects_unknown_names():
         bench.resolve_models(["no_such_model"])
 
 
-def test_convert_official_vim_checkpoint(tmp_path):
-    convert = _load_tool("convert")
-    src = timm.create_model("vim_tiny")
-    official = {("layers." + k[7:] if k.startswith("blocks.") else "norm_f." + k[5:] if k.startswith("norm.") else k): v
-                for k, v in src.state_dict().items()}
-    torch.save({"model": official, "args": argparse.Namespace(lr=1.0)}, tmp_path / "official.pth")
-    convert.main(["vim_tiny", str(tmp_path / "official.pth"), str(tmp_path / "vim_tiny.safetensors")])
-    model = timm.create_model("vim_tiny", pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(tmp_path / "vim_tiny.safetensors")))
-    for k, v in src.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[k], v)
