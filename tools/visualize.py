@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import visionzoo  # noqa: F401
 from visionzoo.models import VISIONZOO_MODELS
+from visionzoo.layers import plain_feature_indices  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left")
 DEFAULT_POINT = (0.22, 0.45)  # (y, x) as fractions: the astronaut's face
@@ -373,7 +374,7 @@ def draw_overlock_kernels(model, photo, point, checkpoint, name):
 
 def draw_vim_erf(model, photo, point, checkpoint, name):
     depth = len(model.blocks)
-    blocks = sorted({max(depth * k // 4 - 1, 0) for k in range(1, 5)})
+    blocks = sorted(set(plain_feature_indices(depth)))
     from matplotlib.patches import Rectangle
 
     erfs = vim_erf(model, to_input(model, photo), blocks)

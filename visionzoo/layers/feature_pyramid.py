@@ -89,3 +89,10 @@ class SimpleFeaturePyramid(nn.Module):
         if self.projections is not None:
             outs = [proj(o) for proj, o in zip(self.projections, outs)]
         return outs
+
+
+def plain_feature_indices(depth: int) -> tuple[int, ...]:
+    """Default ``out_indices`` of a plain (single-stride) backbone: the last block of each quarter of the
+    depth, ViTDet's / the Vim segmentation backbone's taps ([5, 11, 17, 23] at depth 24); every block
+    when there are fewer than four."""
+    return tuple(range(depth)) if depth < 4 else tuple(depth * k // 4 - 1 for k in range(1, 5))

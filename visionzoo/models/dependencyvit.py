@@ -60,7 +60,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
-from ..layers import PatchEmbed
+from ..layers import PatchEmbed, plain_feature_indices
 from ..ops.reversed_attention import reversed_attention
 from ._registry import ModelMeta, register_meta
 
@@ -558,7 +558,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DependencyV
 
 def _create_dependencyvit(variant: str, pretrained: bool = False, **kwargs) -> DependencyViT:
     depth = kwargs.get("depth", 12)
-    out_indices = tuple(range(depth)) if depth < 4 else tuple(depth * k // 4 - 1 for k in range(1, 5))
+    out_indices = plain_feature_indices(depth)
     return build_model_with_cfg(
         DependencyViT,
         variant,

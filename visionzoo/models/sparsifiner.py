@@ -83,6 +83,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
+from ..layers import plain_feature_indices
 from ..ops.sparse_attention import sparse_attention, sparse_attention_backend
 from ..ops.sparse_attention._keys_cpu import kept_keys_cpu
 from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
@@ -893,7 +894,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Sparsifiner
 def _create_sparsifiner(variant: str, pretrained: bool = False, **kwargs) -> Sparsifiner:
     depth = kwargs.get("depth", 12)
     route_sources_to_load_pretrained(kwargs)
-    out_indices = tuple(range(depth)) if depth < 4 else tuple(depth * k // 4 - 1 for k in range(1, 5))
+    out_indices = plain_feature_indices(depth)
     return build_model_with_cfg(
         Sparsifiner,
         variant,

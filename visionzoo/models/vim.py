@@ -53,7 +53,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
-from ..layers import PatchEmbed, resample_pos_embed_with_inner_token
+from ..layers import PatchEmbed, plain_feature_indices, resample_pos_embed_with_inner_token
 from ..ops.causal_conv1d import causal_conv1d_bidirectional
 from ..ops.selective_scan import selective_scan_bidirectional
 from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
@@ -490,7 +490,7 @@ def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba
     depth = kwargs.get("depth", 24)
     # Official files are whole training states: local files / URLs go through load_pretrained too.
     route_sources_to_load_pretrained(kwargs)
-    out_indices = tuple(range(depth)) if depth < 4 else tuple(depth * k // 4 - 1 for k in range(1, 5))
+    out_indices = plain_feature_indices(depth)
     return build_model_with_cfg(
         VisionMamba,
         variant,
