@@ -50,6 +50,30 @@ def _seq(x: Optional[Tensor]) -> tuple:
     return (None, 0, 0, 0) if x is None else (ptr(x), *x.stride())
 
 
+def _library_for(dstate: int) -> ctypes.CDLL:
+    lib = load()
+    if lib is None:
+        raise RuntimeError("selective_scan: the 'cpu' backend is unavailable (no C compiler or the build failed)")
+    if dstate > NMAX:
+        raise RuntimeError(f"selective_scan: the 'cpu' backend supports N <= {NMAX}, got {dstate}")
+    return lib
+
+
+def _per_channel(A: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor]) -> tuple:
+    """``A * log2(e)`` (the kernel computes exp as exp2), ``D`` and ``delta_bias``: contiguous fp32."""
+    f32 = torch.float32
+    return ((A.to(f32) * LOG2E).contiguous(), D.to(f32).contiguous() if D is not None else None,
+            delta_bias.to(f32).contiguous() if delta_bias is not None else None)
+
+
+def _output(u: Tensor, channels: int) -> Tensor:
+    """``(batch, channels, L)`` fp32: time-major memory when ``u`` is a time-major view, else contiguous."""
+    batch, _, length = u.shape
+    if u.permute(2, 0, 1).is_contiguous():
+        return torch.empty(length, batch, channels, dtype=torch.float32).permute(1, 2, 0)
+    return torch.empty(batch, channels, length, dtype=torch.float32)
+
+
 def selective_scan_cpu(
     u: Tensor,
     delta: Tensor,
@@ -66,26 +90,15 @@ def selective_scan_cpu(
     Returns ``out`` ``(batch, dim, L)`` (time-major strides when ``u`` is a time-major view, else
     contiguous) and ``last_state`` ``(batch, dim, N)`` fp32.
     """
-    lib = load()
-    if lib is None:
-        raise RuntimeError("selective_scan: the 'cpu' backend is unavailable (no C compiler or the build failed)")
     batch, dim, length = u.shape
     groups, dstate = B.shape[1], B.shape[2]
-    if dstate > NMAX:
-        raise RuntimeError(f"selective_scan: the 'cpu' backend supports N <= {NMAX}, got {dstate}")
-    f32 = torch.float32
-    u, delta = u.to(f32), delta.to(f32)
-    z = z.to(f32) if z is not None else None
-    A2 = (A.to(f32) * LOG2E).contiguous()
-    Bt = B.to(f32).transpose(2, 3).contiguous()  # (batch, G, L, N)
-    Ct = C.to(f32).transpose(2, 3).contiguous()
-    D = D.to(f32).contiguous() if D is not None else None
-    bias = delta_bias.to(f32).contiguous() if delta_bias is not None else None
-    if u.permute(2, 0, 1).is_contiguous():  # time-major (L, batch, dim) in memory: keep it for out
-        out = torch.empty(length, batch, dim, dtype=f32).permute(1, 2, 0)
-    else:
-        out = torch.empty(batch, dim, length, dtype=f32)
-    last_state = torch.empty(batch, dim, dstate, dtype=f32)
+    lib = _library_for(dstate)
+    u, delta, z = (x.float() if x is not None else None for x in (u, delta, z))  # the kernel reads fp32 only
+    A2, D, bias = _per_channel(A, D, delta_bias)
+    Bt = B.float().transpose(2, 3).contiguous()  # (batch, G, L, N)
+    Ct = C.float().transpose(2, 3).contiguous()
+    out = _output(u, dim)
+    last_state = torch.empty(batch, dim, dstate, dtype=torch.float32)
     head = (batch, dim, length, dstate, groups, *_seq(u), *_seq(delta), ptr(A2), ptr(Bt), ptr(Ct),
             ptr(D), ptr(bias), *_seq(z), int(bool(delta_softplus)), *_seq(out), 1.0, 0, ptr(last_state))
     if any(_cpu_build.run_items(lib.vz_selective_scan_fwd, head, batch * ((dim + CB - 1) // CB))):
@@ -126,33 +139,21 @@ def selective_scan_bidirectional_cpu(
     Returns ``out`` (``(batch, E, L)``, or ``(batch, 2E, L)`` for ``"none"``; time-major when ``u`` is) and
     ``last_state`` ``(batch, 2E, N)`` (the backward direction's after its last step, ``t = 0``).
     """
-    lib = load()
-    if lib is None:
-        raise RuntimeError("selective_scan: the 'cpu' backend is unavailable (no C compiler or the build failed)")
     batch, dim2, length = u.shape
     E, G2, dstate = dim2 // 2, B.shape[1] // 2, B.shape[2]
-    if dstate > NMAX:
-        raise RuntimeError(f"selective_scan: the 'cpu' backend supports N <= {NMAX}, got {dstate}")
-    f32 = torch.float32
-    u, delta = u.to(f32), delta.to(f32)
-    z = z.to(f32) if z is not None else None
-    A2 = (A.to(f32) * LOG2E).contiguous()
-    D = D.to(f32).contiguous() if D is not None else None
-    bias = delta_bias.to(f32).contiguous() if delta_bias is not None else None
-    out_ch = dim2 if reduce == "none" else E
-    if u.permute(2, 0, 1).is_contiguous():
-        out = torch.empty(length, batch, out_ch, dtype=f32).permute(1, 2, 0)
-    else:
-        out = torch.empty(batch, out_ch, length, dtype=f32)
+    lib = _library_for(dstate)
+    u, delta, z = (x.float() if x is not None else None for x in (u, delta, z))  # the kernel reads fp32 only
+    A2, D, bias = _per_channel(A, D, delta_bias)
+    out = _output(u, dim2 if reduce == "none" else E)
     last_states = []
     scale = 0.5 if reduce == "mean" else 1.0
     items = batch * ((E + CB - 1) // CB)
     halves = (slice(0, E), slice(E, dim2))
     for direction, ch in enumerate(halves):
         grp = slice(direction * G2, (direction + 1) * G2)
-        Bt = B[:, grp].to(f32).transpose(2, 3).contiguous()  # (batch, G/2, L, N)
-        Ct = C[:, grp].to(f32).transpose(2, 3).contiguous()
-        last_states.append(torch.empty(batch, E, dstate, dtype=f32))
+        Bt = B[:, grp].float().transpose(2, 3).contiguous()  # (batch, G/2, L, N)
+        Ct = C[:, grp].float().transpose(2, 3).contiguous()
+        last_states.append(torch.empty(batch, E, dstate, dtype=torch.float32))
         backward = direction == 1
         if reduce == "none":
             o, accumulate = out[:, ch], 0
