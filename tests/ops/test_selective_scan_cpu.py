@@ -123,3 +123,34 @@ def test_broken_compiler_or_switch_off_is_logged_not_raised(monkeypatch, tmp_pat
     _cpu_build.forget(_cpu.OP)
     monkeypatch.setenv("VISIONZOO_CPU_KERNELS", "0")
     assert _cpu.load() is None and not list(tmp_path.glob("kernels/*.so"))
+
+
+@needs_kernel
+@pytest.mark.parametrize("reduce", ["mean", "sum", "none"])
+@pytest.mark.parametrize("with_z", [True, False])
+@pytest.mark.parametrize("time_major", [True, False])
+def test_bidirectional_in_place_path_matches_flipped_copies(reduce, with_z, time_major):
+    """Vim's layout on the cpu backend (z read and output written backwards, second direction accumulated)
+    against two reference scans on explicitly flipped tensors."""
+    from visionzoo.ops.selective_scan import selective_scan_bidirectional
+    from visionzoo.ops.selective_scan._reference import selective_scan_reference as ref
+
+    g = torch.Generator().manual_seed(5)
+    b, E, L, N = 2, 20, 13, 5  # 20 channels per direction: two blocks of 8 and a ragged one
+
+    def seq(channels):
+        x = torch.randn(b, L, channels, generator=g)
+        return x.transpose(1, 2) if time_major else x.transpose(1, 2).contiguous()
+
+    u, delta, z = seq(2 * E), seq(2 * E), seq(E) if with_z else None
+    A = -torch.rand(2 * E, N, generator=g) * 3
+    B, C = torch.randn(b, 2, N, L, generator=g), torch.randn(b, 2, N, L, generator=g)
+    D, bias = torch.randn(2 * E, generator=g), torch.randn(2 * E, generator=g)
+    out, last = selective_scan_bidirectional(u, delta, A, B, C, D, z, bias, True, True, reduce=reduce,
+                                             reversed_inputs=True, backend="cpu")
+    f, lf = ref(u[:, :E], delta[:, :E], A[:E], B[:, :1], C[:, :1], D[:E], z, bias[:E], True)
+    r, lb = ref(u[:, E:], delta[:, E:], A[E:], B[:, 1:], C[:, 1:], D[E:], None if z is None else z.flip(-1),
+                bias[E:], True)
+    expected = {"mean": (f + r.flip(-1)) / 2, "sum": f + r.flip(-1), "none": torch.cat([f, r.flip(-1)], 1)}[reduce]
+    assert_close(out, expected, 2e-6, "out")
+    assert_close(last, torch.cat([lf, lb], 1), 2e-6, "last_state")
