@@ -6,7 +6,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/bench_vim_cpu.py [--reps 10] [--out benchmarks/vim_cpu.md]
 
-Median of --reps timed forwards after warm-up, torch.inference_mode, fp32.
+Round-robin over the models, --reps rounds, process CPU time, torch.inference_mode, fp32.
 """
 from __future__ import annotations
 
@@ -26,17 +26,24 @@ import visionzoo  # noqa: E402,F401
 from tests.models.vim_official import official_vim_forward  # noqa: E402
 
 
-def median_ms(fn, reps, warmup=2):
-    """(median, best) of ``reps`` timed calls, in ms. On a shared machine the best is the steadier
-    figure; both are reported."""
-    times = []
+def interleaved_ms(fns, rounds, warmup=2, skip_after=None):
+    """{name: (median, best)} in ms of ``rounds`` calls of each function, taken round-robin so that every
+    model sees the same machine load, timed with process CPU time (with one thread it is the wall time a
+    quiet machine would show; on this shared VM it is far steadier). ``skip_after`` limits slow entries
+    to that many rounds."""
+    times = {k: [] for k in fns}
     with torch.inference_mode():
-        for i in range(warmup + reps):
-            t0 = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, min(times) * 1e3
+        for _ in range(warmup):
+            for f in fns.values():
+                f()
+        for r in range(rounds):
+            for name, f in fns.items():
+                if skip_after and name in skip_after and r >= skip_after[name]:
+                    continue
+                t0 = time.process_time()
+                f()
+                times[name].append(time.process_time() - t0)
+    return {k: (statistics.median(v) * 1e3, min(v) * 1e3) for k, v in times.items()}
 
 
 def main():
@@ -49,25 +56,30 @@ def main():
     torch.manual_seed(0)
     x = torch.randn(1, 3, 224, 224)
 
-    rows = []
+    fns, official = {}, {}
     for name in ("vim_tiny", "vim_small"):
         model = timm.create_model(name).eval()
         official_sd = {("layers." + k[7:] if k.startswith("blocks.") else "norm_f." + k[5:] if k.startswith("norm.") else k): v
                        for k, v in model.state_dict().items()}
-        ours = median_ms(lambda: model(x), args.reps)
-        official = median_ms(lambda: official_vim_forward(official_sd, x), args.official_reps, warmup=1)
-        rows.append((name, ours, official))
+        fns[name] = (lambda m: lambda: m(x))(model)
+        official[name] = f"{name} official"
+        fns[official[name]] = (lambda sd: lambda: official_vim_forward(sd, x))(official_sd)
     deit = timm.create_model("deit_tiny_patch16_224").eval()
-    deit_ms = median_ms(lambda: deit(x), args.reps)
+    fns["deit"] = lambda: deit(x)
+    res = interleaved_ms(fns, args.reps, skip_after={v: args.official_reps for v in official.values()})
+    rows = [(name, res[name], res[official[name]]) for name in ("vim_tiny", "vim_small")]
+    deit_ms = res["deit"]
 
     lines = [
         "# Vim CPU speed (forward, 224x224, batch 1, fp32, one thread)",
         "",
         f"Command: `OMP_NUM_THREADS=1 python benchmarks/bench_vim_cpu.py --reps {args.reps}`",
         f"Machine: {platform.platform()}, torch {torch.__version__}, timm {timm.__version__}; "
-        f"{args.reps} timed runs after 2 warm-up runs (official path: {args.official_reps} after 1).",
+        f"{args.reps} rounds after 2 warm-up rounds (official path: the first {args.official_reps} rounds); "
+        "every round runs each model once (round-robin), timed with process CPU time.",
         "",
-        "Times are median / best in ms; ratios use the best times (steadier on a shared machine).",
+        "Times are median / best in ms; ratios use the best times (steadier on a shared machine), and the",
+        "medians' ratio for vim_tiny vs DeiT-Ti is given below the table.",
         "",
         "| model | visionzoo (auto backend) | official CPU path | speed-up vs official | time vs deit_tiny |",
         "|---|---:|---:|---:|---:|",
@@ -76,6 +88,7 @@ def main():
         lines.append(f"| {name} | {ours[0]:.1f} / {ours[1]:.1f} | {official[0]:.0f} / {official[1]:.0f} | "
                      f"{official[1] / ours[1]:.1f}x | {ours[1] / deit_ms[1]:.2f}x |")
     lines.append(f"| deit_tiny_patch16_224 (timm) | {deit_ms[0]:.1f} / {deit_ms[1]:.1f} | | | 1.00x |")
+    lines += ["", f"vim_tiny / DeiT-Ti on medians: {rows[0][1][0] / deit_ms[0]:.2f}x"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

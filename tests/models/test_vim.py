@@ -205,3 +205,22 @@ def test_bf16_autocast_runs_close_to_fp32():
             out = model(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.1)
+
+
+def test_cpu_inference_path_matches_the_differentiable_one(monkeypatch):
+    """Under no_grad on CPU the mixers take bimamba_inner_cpu; its outputs equal the autograd path's."""
+    from visionzoo.ops.selective_scan import _cpu
+
+    if not _cpu.is_available("cpu"):
+        pytest.skip("no C compiler for the cpu kernels")
+    model = timm.create_model("vim_tiny", depth=3, img_size=(96, 128)).eval()
+    _randomise_ssm(model)
+    x = torch.randn(2, 3, 96, 128)
+    expected = model.forward_features(x)  # autograd on: the custom ops
+    calls = []
+    real = _cpu.bimamba_inner_cpu
+    monkeypatch.setattr("visionzoo.models.vim.bimamba_inner_cpu", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        out = model.forward_features(x)
+    assert len(calls) == 3
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-5)

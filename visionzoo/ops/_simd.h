@@ -38,60 +38,104 @@ static vz_fpmode vz_ftz_on(void) { return 0; }
 static void vz_ftz_restore(vz_fpmode old) { (void)old; }
 #endif
 
-/* 2^x, lane-wise; 0 below 2^-126 (the reference's exp underflows to 0 there too, up to denormals).
- * Round-to-nearest of x with the 1.5 * 2^23 trick (exact for |x| < 2^22), exp of the remainder
- * r = (x - k) ln 2 in [-ln2/2, ln2/2] as 1 + r + r^2 P(r) (Cephes expf coefficients), times 2^k. */
-static inline vf vz_exp2(vf x) {
-    const vf lo = (vf){0} - 126.0f, hi = (vf){0} + 127.0f;
-    vf xc = VSEL(x < lo, lo, x);
-    xc = VSEL(xc > hi, hi, xc);
-    vf k = (xc + 12582912.0f) - 12582912.0f;
-    vf r = (xc - k) * 0.69314718055994530942f;
-    vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    vi e = (__builtin_convertvector(k, vi) + 127) << 23;
-    return VSEL(x < lo, (vf){0}, p * (vf)e);
+/* Whether every lane of a comparison result is true. */
+#if defined(__AVX__) && VZ_CB == 8
+#include <immintrin.h>
+static inline int vz_all(vi mask) { return _mm256_movemask_ps((__m256)mask) == 0xff; }
+#else
+static inline int vz_all(vi mask) {
+    int all = 1;
+    for (int c = 0; c < VZ_CB; ++c) all &= mask[c] != 0;
+    return all;
+}
+#endif
+
+/* Lane-wise max / min that propagate a NaN in x (one instruction each on AVX; a select elsewhere). */
+#if defined(__AVX__) && VZ_CB == 8
+#include <immintrin.h>
+static inline vf vz_max(vf x, float lo) { return (vf)_mm256_max_ps(_mm256_set1_ps(lo), (__m256)x); }
+static inline vf vz_min(vf x, float hi) { return (vf)_mm256_min_ps(_mm256_set1_ps(hi), (__m256)x); }
+#else
+static inline vf vz_max(vf x, float lo) { return VSEL(x < lo, (vf){0} + lo, x); }
+static inline vf vz_min(vf x, float hi) { return VSEL(x > hi, (vf){0} + hi, x); }
+#endif
+
+/* 2^x, lane-wise, within 1.8e-7 relative (2-3 ulp) and exact at x = 0 (no bias near 1, where the scan
+ * multiplies thousands of factors exp(delta A) ~ 1 in a row); 0 below 2^-127 (the reference's exp
+ * underflows to 0 there too, up to denormals, which the kernels flush), 2^127 * 2^f above 127, NaN
+ * stays NaN. x is clamped to [-127, 127] and split as k + f, k = round(x), by adding M = 1.5 * 2^23 + 127:
+ * t = x + M holds k + 127 in its low mantissa bits, so (int)t << 23 is 2^k as a float's bits (k = -127
+ * gives the bits of 0.0). 2^f = 1 + f q(f) on [-1/2, 1/2], q of degree 4 fitted for minimax relative
+ * error. 12 vector instructions: the inner loop of the selective scan computes N of these per step. */
+#define VZ_INLINE static inline __attribute__((always_inline))
+#define VZ_NMAX_IL 8 /* most vectors one *_n call takes */
+
+/* The *_n functions apply a function to n vectors in place, step by step across the n (n is a constant
+ * at every call, so the loops unroll): each function is a chain of ~10-25 dependent instructions, and
+ * chains evaluated one after another leave an out-of-order core waiting on latency (its scheduler
+ * fills with instructions whose inputs are not ready); n interleaved chains keep its units busy. */
+VZ_INLINE void vz_exp2_n(vf *x, int n) {
+    vf t[VZ_NMAX_IL], q[VZ_NMAX_IL];
+    for (int j = 0; j < n; ++j) x[j] = vz_min(vz_max(x[j], -127.0f), 127.0f);
+    for (int j = 0; j < n; ++j) t[j] = x[j] + 12583039.0f;
+    for (int j = 0; j < n; ++j) x[j] -= t[j] - 12583039.0f;
+    for (int j = 0; j < n; ++j) q[j] = x[j] * 1.330221421e-3f + 9.672933258e-3f;
+    for (int j = 0; j < n; ++j) q[j] = q[j] * x[j] + 5.550615117e-2f;
+    for (int j = 0; j < n; ++j) q[j] = q[j] * x[j] + 2.402221709e-1f;
+    for (int j = 0; j < n; ++j) q[j] = q[j] * x[j] + 6.931470633e-1f;
+    for (int j = 0; j < n; ++j) x[j] = (q[j] * x[j] + 1.0f) * (vf)((vi)t[j] << 23);
 }
 
-/* natural log for finite x > 0, lane-wise: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
- * log(m) = f - f^2/2 + f^3 P(f), f = m - 1 (Cephes logf coefficients). */
-static inline vf vz_log(vf x) {
-    vi bits = (vi)x;
-    vi e = ((bits >> 23) & 0xff) - 127;
-    vf m = (vf)((bits & 0x007fffff) | 0x3f800000); /* in [1, 2) */
-    vi big = m > 1.41421356237f;
-    m = VSEL(big, m * 0.5f, m);
-    vf ef = __builtin_convertvector(e - big, vf); /* big is -1 where true */
-    vf f = m - 1.0f;
-    vf z = f * f;
-    vf p = f * 7.0376836292e-2f - 1.1514610310e-1f;
-    p = p * f + 1.1676998740e-1f;
-    p = p * f - 1.2420140846e-1f;
-    p = p * f + 1.4249322787e-1f;
-    p = p * f - 1.6668057665e-1f;
-    p = p * f + 2.0000714765e-1f;
-    p = p * f - 2.4999993993e-1f;
-    p = p * f + 3.3333331174e-1f;
-    return f + (f * z * p - 0.5f * z) + ef * 0.69314718055994530942f;
+VZ_INLINE vf vz_exp2(vf x) {
+    vz_exp2_n(&x, 1);
+    return x;
 }
 
-/* softplus with torch's threshold: x for x > 20, else log(1 + e^x), accurate for very negative x too:
- * log1p(t) = log(u) * t / (u - 1) with u = 1 + t (rounding-error compensation; u == 1 means t). */
-static inline vf vz_softplus(vf x) {
-    vi large = x > 20.0f;
-    vf t = vz_exp2(VSEL(large, (vf){0}, x) * 1.44269504088896340736f);
-    vf u = 1.0f + t;
-    vi exact = u == 1.0f;
-    vf l = VSEL(exact, t, vz_log(u) * (t / VSEL(exact, (vf){0} + 1.0f, u - 1.0f)));
-    return VSEL(large, x, l);
+/* vz_exp2 for |x| <= 126 only (no clamps; NaN is not handled): the scan's inner loop, after it has
+ * checked the whole step's arguments. 2^k is applied by adding k to the exponent field of 2^f
+ * (an integer add, leaving the multiply units to the polynomial): t = x + 1.5 * 2^23 holds k in its low
+ * mantissa bits, and (int)t << 23 is k << 23 modulo 2^32. A result below 2^-126 comes out as a
+ * denormal's bits, which the kernels' denormals-are-zero mode reads as 0, as vz_exp2 gives. */
+static inline vf vz_exp2_small(vf x) {
+    const vf t = x + 12582912.0f;
+    const vf f = x - (t - 12582912.0f);
+    vf q = f * 1.330221421e-3f + 9.672933258e-3f;
+    q = q * f + 5.550615117e-2f;
+    q = q * f + 2.402221709e-1f;
+    q = q * f + 6.931470633e-1f;
+    return (vf)((vi)(q * f + 1.0f) + ((vi)t << 23));
 }
 
-static inline vf vz_silu(vf x) {
-    return x / (1.0f + vz_exp2(x * -1.44269504088896340736f));
+/* softplus with torch's threshold (x for x > 20, else log(1 + e^x)), as max(x, 0) + log1p(e^-|x|):
+ * t = e^-|x| is in (0, 1], and log1p(t) = t q(t) with q of degree 8 fitted for minimax relative error
+ * (2e-7 in fp32; exact relative behaviour as t -> 0, so softplus of very negative x keeps its digits).
+ * No log and no division: above 20 the log1p term is below half an ulp of x, which gives torch's x. */
+VZ_INLINE void vz_softplus_n(vf *x, int n) {
+    vf t[VZ_NMAX_IL], q[VZ_NMAX_IL];
+    for (int j = 0; j < n; ++j) t[j] = (vf)((vi)x[j] & 0x7fffffff) * -1.44269504088896340736f;
+    vz_exp2_n(t, n);
+    for (int j = 0; j < n; ++j) q[j] = t[j] * 5.287728738e-03f - 2.975706384e-02f;
+    for (int j = 0; j < n; ++j) q[j] = q[j] * t[j] + 7.869488746e-02f;
+    for (int j = 0; j < n; ++j) q[j] = q[j] * t[j] - 1.370894164e-01f;
+    for (int j = 0; j < n; ++j) q[j] = q[j] * t[j] + 1.913091093e-01f;
+    for (int j = 0; j < n; ++j) q[j] = q[j] * t[j] - 2.485048026e-01f;
+    for (int j = 0; j < n; ++j) q[j] = q[j] * t[j] + 3.332024217e-01f;
+    for (int j = 0; j < n; ++j) q[j] = q[j] * t[j] - 4.999956489e-01f;
+    for (int j = 0; j < n; ++j) q[j] = q[j] * t[j] + 1.0f;
+    for (int j = 0; j < n; ++j) x[j] = vz_max(x[j], 0.0f) + t[j] * q[j];
+}
+
+/* x * sigmoid(x) = x / (1 + 2^(-x log2 e)) */
+VZ_INLINE void vz_silu_n(vf *x, int n) {
+    vf e[VZ_NMAX_IL];
+    for (int j = 0; j < n; ++j) e[j] = x[j] * -1.44269504088896340736f;
+    vz_exp2_n(e, n);
+    for (int j = 0; j < n; ++j) x[j] /= 1.0f + e[j];
+}
+
+VZ_INLINE vf vz_silu(vf x) {
+    vz_silu_n(&x, 1);
+    return x;
 }
 
 #endif

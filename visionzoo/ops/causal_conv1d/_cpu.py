@@ -37,23 +37,44 @@ def supports(x: Tensor, weight: Tensor) -> bool:
     return x.dtype == torch.float32 and weight.shape[1] <= KMAX
 
 
-def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str) -> Tensor:
+def _check(x: Tensor, weight: Tensor) -> ctypes.CDLL:
     lib = load()
     if lib is None:
         raise RuntimeError("causal_conv1d: the 'cpu' backend is unavailable (no C compiler or the build failed)")
     if not supports(x, weight):
         raise RuntimeError(f"causal_conv1d: the 'cpu' backend takes fp32 inputs and K <= {KMAX}, got "
                            f"{x.dtype} and K={weight.shape[1]}")
+    return lib
+
+
+def causal_conv1d_cpu_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str],
+                           out: Tensor, reverse: bool = False) -> Tensor:
+    """The conv of ``x`` ``(batch, dim, L)`` written into ``out`` ``(batch, dim, L)`` fp32 (any strides).
+
+    ``reverse=True`` convolves the time-reversed sequence (read from ``t = L - 1`` down with a negative
+    time stride, no flipped copy); ``out`` is then in that reversed order. ``out`` may be ``x`` itself
+    (forward order only): each step reads its input before it writes its output, channel by channel.
+    """
+    lib = _check(x, weight)
     batch, dim, length = x.shape
     K = weight.shape[1]
     w = weight.to(torch.float32).contiguous()
     b = bias.to(torch.float32).contiguous() if bias is not None else None
-    out = torch.empty_like(x)  # x's strides when dense (time-major in, time-major out), else contiguous
-    head = (batch, dim, length, K, ptr(x), *x.stride(), ptr(w), ptr(b), int(activation == "silu"),
-            ptr(out), *out.stride())
+    sb, sd, sl = x.stride()
+    xp = ptr(x)
+    if reverse:
+        xp, sl = ctypes.c_void_p(x.data_ptr() + (length - 1) * sl * x.element_size()), -sl
+    head = (batch, dim, length, K, xp, sb, sd, sl, ptr(w), ptr(b), int(activation == "silu"), ptr(out),
+            *out.stride())
     if any(_cpu_build.run_items(lib.vz_causal_conv1d_fwd, head, batch * ((dim + CB - 1) // CB))):
         raise RuntimeError(f"causal_conv1d: the 'cpu' kernel rejected K={K}")
     return out
+
+
+def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str) -> Tensor:
+    _check(x, weight)
+    # x's strides when dense (time-major in, time-major out), else contiguous
+    return causal_conv1d_cpu_into(x, weight, bias, activation, torch.empty_like(x))
 
 
 def causal_conv1d_bidirectional_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
@@ -61,24 +82,12 @@ def causal_conv1d_bidirectional_cpu(x: Tensor, weight: Tensor, bias: Optional[Te
     """``cat([conv(x, w[:E]), conv(flip(x), w[E:])], channels)`` with no flipped or concatenated copies.
 
     ``x``: ``(batch, E, L)``; ``weight``: ``(2E, K)``. The second half of the output is in the flipped time
-    order (the order the backward direction of a Vim mixer works in); the kernel reads ``x`` from
-    ``t = L - 1`` down with a negative time stride. Writes into ``out`` ``(batch, 2E, L)`` fp32 (any
-    strides) and returns it.
+    order (the order the backward direction of a Vim mixer works in). Writes into ``out``
+    ``(batch, 2E, L)`` fp32 (any strides) and returns it.
     """
-    lib = load()
-    if lib is None or not supports(x, weight):
-        raise RuntimeError("causal_conv1d: the 'cpu' backend is unavailable or cannot take these inputs")
-    batch, E, length = x.shape
-    K = weight.shape[1]
-    w = weight.to(torch.float32).contiguous()
-    b = bias.to(torch.float32).contiguous() if bias is not None else None
-    sb, sd, sl = x.stride()
-    for half, (xp, xs) in enumerate(((ptr(x), (sb, sd, sl)),
-                                     (ctypes.c_void_p(x.data_ptr() + (length - 1) * sl * 4), (sb, sd, -sl)))):
+    E = x.shape[1]
+    for half in range(2):
         ch = slice(half * E, (half + 1) * E)
-        o = out[:, ch]
-        head = (batch, E, length, K, xp, *xs, ptr(w[ch]), ptr(b[ch] if b is not None else None),
-                int(activation == "silu"), ptr(o), *o.stride())
-        if any(_cpu_build.run_items(lib.vz_causal_conv1d_fwd, head, batch * ((E + CB - 1) // CB))):
-            raise RuntimeError(f"causal_conv1d: the 'cpu' kernel rejected K={K}")
+        causal_conv1d_cpu_into(x, weight[ch], bias[ch] if bias is not None else None, activation, out[:, ch],
+                               reverse=bool(half))
     return out

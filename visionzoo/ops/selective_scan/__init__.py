@@ -59,10 +59,32 @@ from typing import Optional, Union
 
 from torch import Tensor
 
-from ._bidirectional import selective_scan_bidirectional
-from ._op import BACKENDS, flops as _flops, selective_scan_op
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["selective_scan", "selective_scan_bidirectional", "selective_scan_flops", "BACKENDS"]
+from .._backend import resolve_backend
+from ._bidirectional import selective_scan_bidirectional
+from ._cpu import MixerDirection, bimamba_inner_cpu
+from ._op import AUTO_ORDER, BACKENDS, flops as _flops, is_available as _is_available, selective_scan_op
+
+__all__ = ["selective_scan", "selective_scan_bidirectional", "selective_scan_flops", "BACKENDS",
+           "MixerDirection", "bimamba_inner_cpu", "bimamba_inner_cpu_applies"]
+
+
+def bimamba_inner_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
+    """Whether :func:`bimamba_inner_cpu` may run a Vim mixer on ``x`` in place of the differentiable ops.
+
+    It does for inference (autograd off, no autocast) on fp32 CPU tensors when ``backend`` (the mixer's scan backend)
+    resolves to ``cpu``, and the causal conv's ``auto`` does too. It does not while ``torch.compile``
+    traces or a dispatch mode (``FlopCounterMode``, ...) is active: those see the custom ops instead.
+    """
+    if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+            or _get_current_dispatch_mode() is not None):
+        return False
+    from ..causal_conv1d import AUTO_ORDER as CONV_AUTO, BACKENDS as CONV_BACKENDS, _is_available as conv_ok
+    return (resolve_backend("selective_scan", backend, "cpu", BACKENDS, AUTO_ORDER, _is_available) == "cpu"
+            and resolve_backend("causal_conv1d", "auto", "cpu", CONV_BACKENDS, CONV_AUTO, conv_ok) == "cpu")
 
 
 def selective_scan_flops(batch: int, dim: int, L: int, N: int, with_D: bool = True, with_z: bool = False) -> int:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _cpu_build
@@ -31,9 +32,10 @@ SUPPORTED_DTYPES = (torch.float32,)
 def _declare(lib: ctypes.CDLL) -> None:
     i64, fp = ctypes.c_int64, ctypes.c_void_p
     seq = [fp, i64, i64, i64]  # pointer + (batch, dim, L) strides
+    bc = [fp, i64, i64, i64, i64]  # pointer + (batch, G, N, L) strides
     fn = lib.vz_selective_scan_fwd
-    fn.argtypes = ([i64] * 5 + seq * 2 + [fp] * 5 + seq + [ctypes.c_int32] + seq + [ctypes.c_float, ctypes.c_int32]
-                   + [fp, i64, i64])
+    fn.argtypes = ([i64] * 5 + seq * 2 + [fp, i64] + [fp] + bc * 2 + [fp] * 2 + seq + [ctypes.c_int32] + seq
+                   + [ctypes.c_float, ctypes.c_int32] + [fp, i64, i64])
     fn.restype = ctypes.c_int
 
 
@@ -43,6 +45,11 @@ def load() -> Optional[ctypes.CDLL]:
 
 def is_available(device_type: str) -> bool:
     return device_type == "cpu" and load() is not None
+
+
+def _bc(x: Tensor) -> tuple:
+    """Pointer and strides of a ``(batch, G, N, L)`` fp32 tensor (any strides)."""
+    return (ptr(x), *x.stride())
 
 
 def _seq(x: Optional[Tensor]) -> tuple:
@@ -95,11 +102,10 @@ def selective_scan_cpu(
     lib = _library_for(dstate)
     u, delta, z = (x.float() if x is not None else None for x in (u, delta, z))  # the kernel reads fp32 only
     A2, D, bias = _per_channel(A, D, delta_bias)
-    Bt = B.float().transpose(2, 3).contiguous()  # (batch, G, L, N)
-    Ct = C.float().transpose(2, 3).contiguous()
+    B, C = B.float(), C.float()
     out = _output(u, dim)
     last_state = torch.empty(batch, dim, dstate, dtype=torch.float32)
-    head = (batch, dim, length, dstate, groups, *_seq(u), *_seq(delta), ptr(A2), ptr(Bt), ptr(Ct),
+    head = (batch, dim, length, dstate, groups, *_seq(u), *_seq(delta), None, 0, ptr(A2), *_bc(B), *_bc(C),
             ptr(D), ptr(bias), *_seq(z), int(bool(delta_softplus)), *_seq(out), 1.0, 0, ptr(last_state))
     if any(_cpu_build.run_items(lib.vz_selective_scan_fwd, head, batch * ((dim + CB - 1) // CB))):
         raise RuntimeError(f"selective_scan: the 'cpu' kernel rejected the inputs (N={dstate}, dim={dim}, "
@@ -151,16 +157,15 @@ def selective_scan_bidirectional_cpu(
     halves = (slice(0, E), slice(E, dim2))
     for direction, ch in enumerate(halves):
         grp = slice(direction * G2, (direction + 1) * G2)
-        Bt = B[:, grp].float().transpose(2, 3).contiguous()  # (batch, G/2, L, N)
-        Ct = C[:, grp].float().transpose(2, 3).contiguous()
+        Bd, Cd = B[:, grp].float(), C[:, grp].float()  # (batch, G/2, N, L)
         last_states.append(torch.empty(batch, E, dstate, dtype=torch.float32))
         backward = direction == 1
         if reduce == "none":
             o, accumulate = out[:, ch], 0
         else:
             o, accumulate = out, int(backward)
-        head = (batch, E, length, dstate, G2, *_seq(u[:, ch]), *_seq(delta[:, ch]), ptr(A2[ch]), ptr(Bt),
-                ptr(Ct), ptr(D[ch] if D is not None else None),
+        head = (batch, E, length, dstate, G2, *_seq(u[:, ch]), *_seq(delta[:, ch]), None, 0, ptr(A2[ch]),
+                *_bc(Bd), *_bc(Cd), ptr(D[ch] if D is not None else None),
                 ptr(bias[ch] if bias is not None else None),
                 *(_seq_reversed(z) if backward else _seq(z)), int(bool(delta_softplus)),
                 *(_seq_reversed(o) if backward else _seq(o)), scale, accumulate, ptr(last_states[-1]))
@@ -168,3 +173,51 @@ def selective_scan_bidirectional_cpu(
             raise RuntimeError(f"selective_scan: the 'cpu' kernel rejected the inputs (N={dstate}, dim={E}, "
                                f"groups={G2})")
     return out, torch.cat(last_states, dim=1)
+
+
+class MixerDirection(NamedTuple):
+    """One direction's weights of a (bi)Mamba mixer, as its modules hold them (fp32)."""
+
+    conv_weight: Tensor  # (E, K)
+    conv_bias: Optional[Tensor]  # (E,)
+    x_proj_weight: Tensor  # (R + 2N, E)
+    dt_proj_weight: Tensor  # (E, R)
+    dt_proj_bias: Tensor  # (E,)
+    A: Tensor  # (E, N), negative
+    D: Tensor  # (E,)
+
+
+def bimamba_inner_cpu(xz: Tensor, forward: MixerDirection, backward: MixerDirection) -> Tensor:
+    """Inference (no autograd) of a Vim mixer between its in- and out-projections, on fp32 CPU tensors.
+
+    ``xz``: the in-projection ``(batch, L, 2E)`` (x, then the gate z). Returns
+    ``(y_f + flip(y_b)) / 2 * silu(z)`` ``(batch, L, E)``, written over the x half of ``xz`` (a view of
+    it; ``xz`` is consumed).
+
+    Same arithmetic as the differentiable path, in far less memory and with one C call per stage: the
+    backward direction's conv reads x time-reversed into the only new ``(batch, L, E)`` buffer; the
+    forward direction's conv, then its scan, run in place over x; ``dt_proj`` is folded into the scans
+    (no ``(L, E)`` delta); B and C are read in place from the x-projection output. At Vim-Tiny 1024x1024
+    the mixer holds ~19 MiB instead of ~55 MiB, and at 224 it saves the dispatch of ~25 small ops.
+    """
+    from ..causal_conv1d._cpu import causal_conv1d_cpu_into
+
+    batch, length, E2 = xz.shape
+    E, N, R = E2 // 2, forward.A.shape[-1], forward.dt_proj_weight.shape[-1]
+    lib = _library_for(N)
+    xs, z = xz[..., :E].transpose(1, 2), xz[..., E:].transpose(1, 2)  # (batch, E, L) views
+    u_b = torch.empty(batch, length, E, dtype=torch.float32).transpose(1, 2)
+    causal_conv1d_cpu_into(xs, backward.conv_weight, backward.conv_bias, "silu", u_b, reverse=True)
+    causal_conv1d_cpu_into(xs, forward.conv_weight, forward.conv_bias, "silu", xs)
+    items = batch * ((E + CB - 1) // CB)
+    for k, (u, w) in enumerate(((xs, forward), (u_b, backward))):
+        x_dbl = F.linear(u.transpose(1, 2), w.x_proj_weight).transpose(1, 2)  # (batch, R + 2N, L)
+        dt, Bk, Ck = x_dbl[:, :R], x_dbl[:, None, R:R + N], x_dbl[:, None, R + N:]
+        A2, D, dt_b = _per_channel(w.A, w.D, w.dt_proj_bias)
+        dt_w = w.dt_proj_weight.float().contiguous()
+        rev = _seq_reversed if k else _seq
+        head = (batch, E, length, N, 1, *_seq(u), *_seq(dt), ptr(dt_w), R, ptr(A2), *_bc(Bk), *_bc(Ck),
+                ptr(D), ptr(dt_b), *rev(z), 1, *rev(xs), 0.5, k, None)
+        if any(_cpu_build.run_items(lib.vz_selective_scan_fwd, head, items)):
+            raise RuntimeError(f"bimamba_inner_cpu: the 'cpu' kernel rejected the inputs (N={N}, R={R})")
+    return xs.transpose(1, 2)

@@ -19,30 +19,40 @@
 
 #define VZ_CB 8
 #define VZ_NMAX 256
+#define VZ_RMAX 256
+#define VZ_TT 64 /* steps per tile */
+#define VZ_IL 4  /* steps per group in passes 1 and 3 */
 #include "../_simd.h"
 
-/* Strides are in elements. u, delta, z: (batch, dim, L) with strides (s_b, s_d, s_l) each;
- * out: (batch, dim, L) with strides o_*; A2: (dim, N) = A * log2(e), contiguous;
- * Bt, Ct: (batch, G, L, N) contiguous; D, bias: (dim,) or NULL; z may be NULL;
- * last_state: (batch, dim, N) contiguous.  Items [item_begin, item_end) of batch * ceil(dim / VZ_CB).
+/* Strides are in elements. u, z: (batch, dim, L) with strides (s_b, s_d, s_l) each; out: (batch, dim, L)
+ * with strides o_*; A2: (dim, N) = A * log2(e), contiguous; B, C: (batch, G, N, L), any strides;
+ * D, bias: (dim,) or NULL; z may be NULL; last_state: (batch, dim, N) contiguous, or NULL.
+ * delta: (batch, dim, L) with strides d_*, or, with rank > 0, the low-rank factor dt (batch, rank, L)
+ * (d_sd is then its rank stride) of delta[b, c, t] = sum_r dt_w[c, r] dt[b, r, t], dt_w (dim, rank)
+ * contiguous: Mamba's dt_proj folded into the scan, so the (L, dim) delta is never written to memory.
+ * Items [item_begin, item_end) of batch * ceil(dim / VZ_CB).
  * out = out_scale * result, or out += out_scale * result with accumulate (the bidirectional scan adds
- * its second direction into the first's output). Time strides may be negative: a pointer to the last
- * step with a negative stride reads or writes a sequence time-reversed without a flipped copy.
- * Returns 0, or -1 when N > VZ_NMAX or dim is not a multiple of G. */
+ * its second direction into the first's output). out may be u itself (each step reads u before it
+ * writes out). Time strides may be negative: a pointer to the last step with a negative stride reads or
+ * writes a sequence time-reversed without a flipped copy.
+ * Returns 0, or -1 when N > VZ_NMAX, rank > VZ_RMAX or dim is not a multiple of G. */
 int vz_selective_scan_fwd(
     int64_t batch, int64_t dim, int64_t length, int64_t dstate, int64_t groups,
     const float *u, int64_t u_sb, int64_t u_sd, int64_t u_sl,
-    const float *delta, int64_t d_sb, int64_t d_sd, int64_t d_sl,
-    const float *A2, const float *Bt, const float *Ct, const float *D, const float *bias,
+    const float *delta, int64_t d_sb, int64_t d_sd, int64_t d_sl, const float *dt_w, int64_t rank,
+    const float *A2,
+    const float *B, int64_t B_sb, int64_t B_sg, int64_t B_sn, int64_t B_sl,
+    const float *C, int64_t C_sb, int64_t C_sg, int64_t C_sn, int64_t C_sl,
+    const float *D, const float *bias,
     const float *z, int64_t z_sb, int64_t z_sd, int64_t z_sl,
     int32_t softplus,
     float *out, int64_t o_sb, int64_t o_sd, int64_t o_sl, float out_scale, int32_t accumulate,
     float *last_state, int64_t item_begin, int64_t item_end)
 {
-    if (dstate > VZ_NMAX || groups < 1 || dim % groups) return -1;
+    if (dstate > VZ_NMAX || rank > VZ_RMAX || groups < 1 || dim % groups) return -1;
     const int64_t N = dstate, dg = dim / groups;
     const int64_t blocks = (dim + VZ_CB - 1) / VZ_CB;
-    vf h[VZ_NMAX], a2[VZ_NMAX];
+    vf h[VZ_NMAX], a2[VZ_NMAX], wdt[VZ_RMAX];
     int64_t ch[VZ_CB], grp[VZ_CB];
     const vz_fpmode fpmode = vz_ftz_on();
 
@@ -57,79 +67,142 @@ int vz_selective_scan_fwd(
             dd[c] = D ? D[ch[c]] : 0.0f;
             bs[c] = bias ? bias[ch[c]] : 0.0f;
         }
+        vf a2max = {0};  /* max over n of a2[n]^2, per lane */
         for (int64_t n = 0; n < N; ++n) {
             for (int c = 0; c < VZ_CB; ++c) a2[n][c] = A2[ch[c] * N + n];
+            const vf sq = a2[n] * a2[n];
+            a2max = VSEL(sq > a2max, sq, a2max);
             h[n] = (vf){0};
         }
+        for (int64_t r = 0; r < rank; ++r)
+            for (int c = 0; c < VZ_CB; ++c) wdt[r][c] = dt_w[ch[c] * rank + r];
         /* The fast path: the 8 channels of one group (B, C shared by all lanes) stored contiguously along
          * the channel axis (Vim's time-major views). Otherwise lanes are gathered one by one. */
         const int one_group = grp[0] == grp[nc - 1];
-        const int dense = nc == VZ_CB && u_sd == 1 && d_sd == 1 && o_sd == 1 && (!z || z_sd == 1);
+        const int dense = nc == VZ_CB && u_sd == 1 && (rank || d_sd == 1) && o_sd == 1 && (!z || z_sd == 1);
         const float *ub = u + b * u_sb, *db = delta + b * d_sb, *zb = z ? z + b * z_sb : 0;
         float *ob = out + b * o_sb;
-        for (int64_t l = 0; l < length; ++l) {
-            vf uv, dv, y = {0};
-            if (dense) {
-                memcpy(&uv, ub + d0 + l * u_sl, sizeof uv);
-                memcpy(&dv, db + d0 + l * d_sl, sizeof dv);
-            } else {
-                for (int c = 0; c < VZ_CB; ++c) {
-                    uv[c] = ub[ch[c] * u_sd + l * u_sl];
-                    dv[c] = db[ch[c] * d_sd + l * d_sl];
+        /* Steps go in tiles of VZ_TT, in three passes: (1) delta' = softplus(delta + bias), delta' u and
+         * D u for every step of the tile; (2) the recurrence; (3) the gate and the store. Passes 1 and 3
+         * have no dependence between steps, so the core overlaps their long exp/log/divide chains across
+         * steps; interleaved with the recurrence (one step's work exceeds the reorder window) those
+         * chains were paid in full at every step, which was half of the kernel's time. */
+        vf dvt[VZ_TT], dut[VZ_TT], yt[VZ_TT];
+        int small[VZ_TT];
+        for (int64_t l0 = 0; l0 < length; l0 += VZ_TT) {
+            const int tl = length - l0 < VZ_TT ? (int)(length - l0) : VZ_TT;
+            /* Pass 1 in groups of VZ_IL steps whose chains interleave (vz_*_n); a short last group
+             * repeats its last step, which only rewrites the same values. */
+            for (int t0 = 0; t0 < tl; t0 += VZ_IL) {
+                int64_t l[VZ_IL];
+                int ti[VZ_IL];
+                vf uv[VZ_IL], dv[VZ_IL];
+                for (int j = 0; j < VZ_IL; ++j) {
+                    ti[j] = t0 + j < tl ? t0 + j : tl - 1;
+                    l[j] = l0 + ti[j];
+                    dv[j] = bs;
+                    if (dense)
+                        memcpy(&uv[j], ub + d0 + l[j] * u_sl, sizeof uv[j]);
+                    else
+                        for (int c = 0; c < VZ_CB; ++c) uv[j][c] = ub[ch[c] * u_sd + l[j] * u_sl];
                 }
-            }
-            dv += bs;
-            if (softplus) dv = vz_softplus(dv);
-            const vf du = dv * uv;
-            if (one_group) {
-                const float *Bl = Bt + ((b * groups + grp[0]) * length + l) * N;
-                const float *Cl = Ct + ((b * groups + grp[0]) * length + l) * N;
-                for (int64_t n = 0; n < N; ++n) {
-                    const vf hn = vz_exp2(dv * a2[n]) * h[n] + du * Bl[n];
-                    h[n] = hn;
-                    y += Cl[n] * hn;
-                }
-            } else {
-                for (int64_t n = 0; n < N; ++n) {
-                    vf bn, cn;
-                    for (int c = 0; c < VZ_CB; ++c) {
-                        const int64_t off = ((b * groups + grp[c]) * length + l) * N + n;
-                        bn[c] = Bt[off];
-                        cn[c] = Ct[off];
+                if (rank) {
+                    for (int64_t r = 0; r < rank; ++r)
+                        for (int j = 0; j < VZ_IL; ++j) dv[j] += db[r * d_sd + l[j] * d_sl] * wdt[r];
+                } else {
+                    for (int j = 0; j < VZ_IL; ++j) {
+                        if (dense) {
+                            vf dl;
+                            memcpy(&dl, db + d0 + l[j] * d_sl, sizeof dl);
+                            dv[j] += dl;
+                        } else {
+                            for (int c = 0; c < VZ_CB; ++c) dv[j][c] += db[ch[c] * d_sd + l[j] * d_sl];
+                        }
                     }
-                    const vf hn = vz_exp2(dv * a2[n]) * h[n] + du * bn;
-                    h[n] = hn;
-                    y += cn * hn;
+                }
+                if (softplus) vz_softplus_n(dv, VZ_IL);
+                for (int j = 0; j < VZ_IL; ++j) {
+                    const int t = ti[j];
+                    dvt[t] = dv[j];
+                    dut[t] = dv[j] * uv[j];
+                    yt[t] = dd * uv[j];
+                    /* Every |delta' A log2(e)| of the step within 126 (false for NaN): the unclamped exp2. */
+                    small[t] = vz_all(dv[j] * dv[j] * a2max <= 126.0f * 126.0f);
                 }
             }
-            y += dd * uv;
-            if (dense) {
+            for (int t = 0; t < tl; ++t) {
+                const int64_t l = l0 + t;
+                const vf dv = dvt[t], du = dut[t];
+                vf y = yt[t];
+                if (one_group && small[t]) {
+                    const float *Bl = B + b * B_sb + grp[0] * B_sg + l * B_sl;
+                    const float *Cl = C + b * C_sb + grp[0] * C_sg + l * C_sl;
+                    /* y in two accumulators: one chain of N dependent adds per step was the loop's
+                     * critical path. */
+                    for (int64_t n = 0; n < N; ++n) {
+                        const vf hn = vz_exp2_small(dv * a2[n]) * h[n] + du * Bl[n * B_sn];
+                        h[n] = hn;
+                        y += Cl[n * C_sn] * hn;
+                    }
+                } else if (one_group) {
+                    const float *Bl = B + b * B_sb + grp[0] * B_sg + l * B_sl;
+                    const float *Cl = C + b * C_sb + grp[0] * C_sg + l * C_sl;
+                    for (int64_t n = 0; n < N; ++n) {
+                        const vf hn = vz_exp2(dv * a2[n]) * h[n] + du * Bl[n * B_sn];
+                        h[n] = hn;
+                        y += Cl[n * C_sn] * hn;
+                    }
+                } else {
+                    for (int64_t n = 0; n < N; ++n) {
+                        vf bn, cn;
+                        for (int c = 0; c < VZ_CB; ++c) {
+                            bn[c] = B[b * B_sb + grp[c] * B_sg + n * B_sn + l * B_sl];
+                            cn[c] = C[b * C_sb + grp[c] * C_sg + n * C_sn + l * C_sl];
+                        }
+                        const vf hn = vz_exp2(dv * a2[n]) * h[n] + du * bn;
+                        h[n] = hn;
+                        y += cn * hn;
+                    }
+                }
+                yt[t] = y;
+            }
+            /* Pass 3, in groups of VZ_IL steps like pass 1 (the gate's exp and divide interleave). */
+            for (int t0 = 0; t0 < tl; t0 += VZ_IL) {
+                const int cnt = tl - t0 < VZ_IL ? tl - t0 : VZ_IL;
+                vf y[VZ_IL], g[VZ_IL];
+                for (int j = 0; j < VZ_IL; ++j) {
+                    const int t = t0 + j < tl ? t0 + j : tl - 1;
+                    const int64_t l = l0 + t;
+                    y[j] = yt[t] * out_scale;
+                    g[j] = (vf){0};
+                    if (zb && dense)
+                        memcpy(&g[j], zb + d0 + l * z_sl, sizeof g[j]);
+                    else if (zb)
+                        for (int c = 0; c < VZ_CB; ++c) g[j][c] = zb[ch[c] * z_sd + l * z_sl];
+                }
                 if (zb) {
-                    vf zv;
-                    memcpy(&zv, zb + d0 + l * z_sl, sizeof zv);
-                    y *= vz_silu(zv);
+                    vz_silu_n(g, VZ_IL);
+                    for (int j = 0; j < VZ_IL; ++j) y[j] *= g[j];
                 }
-                y *= out_scale;
-                if (accumulate) {
-                    vf prev;
-                    memcpy(&prev, ob + d0 + l * o_sl, sizeof prev);
-                    y += prev;
-                }
-                memcpy(ob + d0 + l * o_sl, &y, sizeof y);
-            } else {
-                if (zb) {
-                    vf zv;
-                    for (int c = 0; c < VZ_CB; ++c) zv[c] = zb[ch[c] * z_sd + l * z_sl];
-                    y *= vz_silu(zv);
-                }
-                y *= out_scale;
-                for (int c = 0; c < nc; ++c) {
-                    float *o = ob + ch[c] * o_sd + l * o_sl;
-                    *o = accumulate ? *o + y[c] : y[c];
+                for (int j = 0; j < cnt; ++j) {
+                    const int64_t l = l0 + t0 + j;
+                    if (dense) {
+                        if (accumulate) {
+                            vf prev;
+                            memcpy(&prev, ob + d0 + l * o_sl, sizeof prev);
+                            y[j] += prev;
+                        }
+                        memcpy(ob + d0 + l * o_sl, &y[j], sizeof y[j]);
+                    } else {
+                        for (int c = 0; c < nc; ++c) {
+                            float *o = ob + ch[c] * o_sd + l * o_sl;
+                            *o = accumulate ? *o + y[j][c] : y[j][c];
+                        }
+                    }
                 }
             }
         }
-        for (int c = 0; c < nc; ++c)
+        for (int c = 0; c < nc && last_state; ++c)
             for (int64_t n = 0; n < N; ++n)
                 last_state[(b * dim + ch[c]) * N + n] = h[n][c];
     }
