@@ -204,8 +204,7 @@ class BiMambaMixer(nn.Module):
         """CPU inference between in_proj and out_proj: the same arithmetic as below, with one C call per
         stage, dt_proj folded into the scan and ~1/3 of the activation memory (see bimamba_inner_cpu)."""
         return bimamba_inner_cpu(xz, *(
-            MixerDirection(conv.weight[:, 0], conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias,
-                           -torch.exp(A_log), D)
+            MixerDirection(conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias, A_log, D)
             for conv, x_proj, dt_proj, A_log, D in (
                 (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
                 (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b))))

@@ -109,6 +109,13 @@ def forget(op: str) -> None:
     _libs.pop(op, None)
 
 
+def f32c(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``x`` as contiguous fp32 for a kernel; ``x`` itself (no op dispatched) when it already is."""
+    if x is None or (x.dtype == torch.float32 and x.is_contiguous()):
+        return x
+    return x.float().contiguous()
+
+
 def ptr(x: Optional[torch.Tensor]) -> Optional[ctypes.c_void_p]:
     return ctypes.c_void_p(x.data_ptr()) if x is not None else None
 

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 
 from .. import _cpu_build
-from .._cpu_build import ptr
+from .._cpu_build import f32c
 
 OP = "causal_conv1d"
+SOURCE = Path(__file__).with_name("_cpu_kernel.c")
 CB = 8  # channels per work item; must equal VZ_CB in the C source
 KMAX = 16  # longest filter; must equal VZ_KMAX
 
@@ -29,7 +30,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def load() -> Optional[ctypes.CDLL]:
-    return _cpu_build.load_kernel(OP, Path(__file__).with_name("_cpu_kernel.c"), _declare)
+    return _cpu_build.load_kernel(OP, SOURCE, _declare)
 
 
 def supports(x: Tensor, weight: Tensor) -> bool:
@@ -57,18 +58,24 @@ def causal_conv1d_cpu_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], ac
     """
     lib = _check(x, weight)
     batch, dim, length = x.shape
-    K = weight.shape[1]
-    w = weight.to(torch.float32).contiguous()
-    b = bias.to(torch.float32).contiguous() if bias is not None else None
     sb, sd, sl = x.stride()
-    xp = ptr(x)
+    xp = x.data_ptr()
     if reverse:
-        xp, sl = ctypes.c_void_p(x.data_ptr() + (length - 1) * sl * x.element_size()), -sl
-    head = (batch, dim, length, K, xp, sb, sd, sl, ptr(w), ptr(b), int(activation == "silu"), ptr(out),
-            *out.stride())
+        xp, sl = xp + (length - 1) * sl * x.element_size(), -sl
+    run(lib, batch, dim, length, (xp, sb, sd, sl), weight, bias, activation == "silu", (out.data_ptr(), *out.stride()))
+    return out
+
+
+def run(lib: ctypes.CDLL, batch: int, dim: int, length: int, x: tuple, weight: Tensor, bias: Optional[Tensor],
+        silu: bool, out: tuple) -> None:
+    """The kernel on raw ``(pointer, batch stride, channel stride, time stride)`` views ``x`` and ``out``
+    (fp32; element strides; a negative time stride from the last step reads or writes reversed);
+    ``weight`` ``(dim, K)`` or ``(dim, 1, K)``."""
+    K = weight.shape[-1]
+    head = (batch, dim, length, K, *x, f32c(weight).data_ptr(), None if bias is None else f32c(bias).data_ptr(),
+            int(silu), *out)
     if any(_cpu_build.run_items(lib.vz_causal_conv1d_fwd, head, batch * ((dim + CB - 1) // CB))):
         raise RuntimeError(f"causal_conv1d: the 'cpu' kernel rejected K={K}")
-    return out
 
 
 def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str) -> Tensor:

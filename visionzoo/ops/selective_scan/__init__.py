@@ -60,7 +60,8 @@ from typing import Optional, Union
 from torch import Tensor
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+from torch.utils.flop_counter import FlopCounterMode
 
 from .._backend import resolve_backend
 from ._bidirectional import selective_scan_bidirectional
@@ -71,16 +72,22 @@ __all__ = ["selective_scan", "selective_scan_bidirectional", "selective_scan_flo
            "MixerDirection", "bimamba_inner_cpu", "bimamba_inner_cpu_applies"]
 
 
+# FlopCounterMode pushes a private mode class in recent torch versions, itself in older ones.
+_FLOP_COUNTER_MODES = tuple(c for c in (FlopCounterMode, getattr(torch.utils.flop_counter, "_FlopCounterMode", None))
+                            if isinstance(c, type))
+
+
 def bimamba_inner_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
     """Whether :func:`bimamba_inner_cpu` may run a Vim mixer on ``x`` in place of the differentiable ops.
 
-    It does for inference (autograd off, no autocast) on fp32 CPU tensors when ``backend`` (the mixer's scan backend)
-    resolves to ``cpu``, and the causal conv's ``auto`` does too. It does not while ``torch.compile``
-    traces or a dispatch mode (``FlopCounterMode``, ...) is active: those see the custom ops instead.
+    It does for inference (autograd off, no autocast) on plain fp32 CPU tensors (not fake or other
+    subclasses) when ``backend`` (the mixer's scan backend) resolves to ``cpu``, and the causal conv's
+    ``auto`` does too. It does not while ``torch.compile`` traces or ``FlopCounterMode`` counts: those
+    see the custom ops instead. Other dispatch modes (e.g. a memory tracker) see its torch ops.
     """
-    if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
-            or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
-            or _get_current_dispatch_mode() is not None):
+    if (torch.is_grad_enabled() or type(x) is not torch.Tensor or x.device.type != "cpu"
+            or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+            or any(isinstance(m, _FLOP_COUNTER_MODES) for m in _get_current_dispatch_mode_stack())):
         return False
     from ..causal_conv1d import AUTO_ORDER as CONV_AUTO, BACKENDS as CONV_BACKENDS, _is_available as conv_ok
     return (resolve_backend("selective_scan", backend, "cpu", BACKENDS, AUTO_ORDER, _is_available) == "cpu"

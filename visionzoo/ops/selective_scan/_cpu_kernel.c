@@ -25,7 +25,8 @@
 #include "../_simd.h"
 
 /* Strides are in elements. u, z: (batch, dim, L) with strides (s_b, s_d, s_l) each; out: (batch, dim, L)
- * with strides o_*; A2: (dim, N) = A * log2(e), contiguous; B, C: (batch, G, N, L), any strides;
+ * with strides o_*; A2: (dim, N) = A * log2(e), contiguous, or with a_log A_log (dim, N), A = -exp(A_log)
+ * (Mamba's parameterisation, turned into A log2(e) here); B, C: (batch, G, N, L), any strides;
  * D, bias: (dim,) or NULL; z may be NULL; last_state: (batch, dim, N) contiguous, or NULL.
  * delta: (batch, dim, L) with strides d_*, or, with rank > 0, the low-rank factor dt (batch, rank, L)
  * (d_sd is then its rank stride) of delta[b, c, t] = sum_r dt_w[c, r] dt[b, r, t], dt_w (dim, rank)
@@ -40,7 +41,7 @@ int vz_selective_scan_fwd(
     int64_t batch, int64_t dim, int64_t length, int64_t dstate, int64_t groups,
     const float *u, int64_t u_sb, int64_t u_sd, int64_t u_sl,
     const float *delta, int64_t d_sb, int64_t d_sd, int64_t d_sl, const float *dt_w, int64_t rank,
-    const float *A2,
+    const float *A2, int32_t a_log,
     const float *B, int64_t B_sb, int64_t B_sg, int64_t B_sn, int64_t B_sl,
     const float *C, int64_t C_sb, int64_t C_sg, int64_t C_sn, int64_t C_sl,
     const float *D, const float *bias,
@@ -70,6 +71,7 @@ int vz_selective_scan_fwd(
         vf a2max = {0};  /* max over n of a2[n]^2, per lane */
         for (int64_t n = 0; n < N; ++n) {
             for (int c = 0; c < VZ_CB; ++c) a2[n][c] = A2[ch[c] * N + n];
+            if (a_log) a2[n] = -1.44269504088896340736f * vz_exp2(a2[n] * 1.44269504088896340736f);
             const vf sq = a2[n] * a2[n];
             a2max = VSEL(sq > a2max, sq, a2max);
             h[n] = (vf){0};

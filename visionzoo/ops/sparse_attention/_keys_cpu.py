@@ -26,6 +26,7 @@ from .. import _cpu_build
 from .._cpu_build import ptr
 
 OP = "sparsifiner_keys"
+SOURCE = Path(__file__).with_name("_keys_cpu_kernel.c")
 NMAX = 8192  # must equal VZ_NMAX in the C source
 
 
@@ -37,7 +38,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def load() -> Optional[ctypes.CDLL]:
-    return _cpu_build.load_kernel(OP, Path(__file__).with_name("_keys_cpu_kernel.c"), _declare)
+    return _cpu_build.load_kernel(OP, SOURCE, _declare)
 
 
 def supports(table: Tensor) -> bool:
