@@ -221,7 +221,7 @@ def bimamba_inner_cpu(xz: Tensor, forward: MixerDirection, backward: MixerDirect
     items = batch * ((E + CB - 1) // CB)
     xs = xz[..., :E]
     for k, (u, u_view, w) in enumerate(((xs, x_fwd, forward), (u_b, ub_view, backward))):
-        x_dbl = w.x_proj_weight @ u.transpose(1, 2)  # (batch, R + 2N, L) contiguous; ~10% faster than a Linear
+        x_dbl = f32c(w.x_proj_weight @ u.transpose(1, 2))  # (batch, R + 2N, L); ~10% faster than a Linear
         p, sb = x_dbl.data_ptr(), (R + 2 * N) * length
         head = (batch, E, length, N, 1, *u_view, p, sb, length, 1, f32c(w.dt_proj_weight).data_ptr(), R,
                 f32c(w.A_log).data_ptr(), 1, p + 4 * R * length, sb, 0, length, 1,
