@@ -3,7 +3,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/bench_causal_conv1d_cpu.py
 
-Compares the `reference` backend (F.conv1d) and the `shifted` backend on a contiguous (B, C, L)
+Compares the `reference` backend (F.conv1d), the `shifted` backend and the `cpu` C kernel on a contiguous (B, C, L)
 input and on a time-major one (a (B, C, L) view of (B, L, C) memory, as nn.Linear produces it).
 Best of 200 calls after warm-up, in microseconds.
 """
@@ -33,13 +33,14 @@ def main():
     w, b = torch.randn(768, 4), torch.randn(768)
     inputs = {"contiguous (B, C, L)": torch.randn(1, 768, 197),
               "time-major view": torch.randn(1, 197, 768).transpose(1, 2)}
-    print("| input | reference (F.conv1d) us | shifted us |")
-    print("|---|---:|---:|")
+    print("| input | reference (F.conv1d) us | shifted us | cpu (C kernel) us |")
+    print("|---|---:|---:|---:|")
     with torch.inference_mode():
         for label, x in inputs.items():
             ref = best_us(lambda: causal_conv1d(x, w, b, "silu", backend="reference"))
             sh = best_us(lambda: causal_conv1d(x, w, b, "silu", backend="shifted"))
-            print(f"| {label} | {ref:.0f} | {sh:.0f} |")
+            c = best_us(lambda: causal_conv1d(x, w, b, "silu", backend="cpu"))
+            print(f"| {label} | {ref:.0f} | {sh:.0f} | {c:.0f} |")
 
 
 if __name__ == "__main__":
