@@ -30,4 +30,12 @@ echo "## OverLoCK na2d_av on CUDA: triton / dense / taps vs reference (fwd, fwd+
 timeout 120 python benchmarks/bench_neighborhood_aggregation_cuda.py --reps 10 || status=1
 echo "## selective scan, Vim-S (64 x 768/direction x 197, N 16): triton fwd+bwd vs mamba_ssm selective_scan_fn vs chunked; fused bidirectional vs official two-call"
 timeout 90 python benchmarks/bench_selective_scan_cuda.py --batch 64 --dim 768 --length 197 --dstate 16 --reps 20 || status=1
+echo "## vim_tiny vs DeiT-Ti against resolution (issue #3: the paper's 2.8x speed / -86.8% memory at 1248), bf16, batch 16"
+for scan in auto triton; do
+  VISIONZOO_BACKEND_SELECTIVE_SCAN=$([ "$scan" = triton ] && echo triton) timeout 150 python tools/benchmark.py \
+    --device cuda --precision bf16 --models vim_tiny deit_tiny_patch16_224 --img-size 512 1024 1248 --batch-size 16 \
+    --warmup 3 --reps 10 --tag "gpu_resolution_scan_$scan" --out-dir "$out" || status=1
+done
+TIMM_FUSED_ATTN=0 timeout 90 python tools/benchmark.py --device cuda --precision bf16 --models deit_tiny_patch16_224 \
+  --img-size 512 1024 1248 --batch-size 16 --warmup 3 --reps 10 --tag gpu_deit_plain_attention --out-dir "$out" || status=1
 exit $status
