@@ -199,7 +199,6 @@ class BiMambaMixer(nn.Module):
         ).transpose(1, 2)  # (B, L, E)
         return self.out_proj(y)
 
-
     def _inner_cpu_inference(self, xz: torch.Tensor) -> torch.Tensor:
         """CPU inference between in_proj and out_proj: the same arithmetic as below, with one C call per
         stage, dt_proj folded into the scan and ~1/3 of the activation memory (see bimamba_inner_cpu)."""

@@ -45,6 +45,10 @@ variable ``VISIONZOO_BACKEND_SELECTIVE_SCAN``, see :mod:`visionzoo.ops._backend`
 ``auto`` prefers ``mamba``, then ``cpu``, then ``chunked``. ``triton`` is opt-in (``backend="triton"`` or the
 environment variable) until it has been measured on a GPU (``benchmarks/gpu_check.sh``).
 
+:func:`bimamba_inner_cpu` is the CPU inference path of a whole Vim mixer between its projections (convs,
+x-projections, both scans with ``dt_proj`` folded in, gate; in place, no autograd); models take it when
+:func:`bimamba_inner_cpu_applies` says so, and the differentiable ops otherwise.
+
 The scan is the custom op ``torch.ops.visionzoo.selective_scan``: it runs on the meta device, works
 under ``torch.compile``, is counted by ``FlopCounterMode`` (mamba-ssm's formula,
 :func:`selective_scan_flops`) and is differentiable (``u, delta, A, B, C, D, z, delta_bias``).
@@ -57,9 +61,8 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-from torch import Tensor
-
 import torch
+from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -4,9 +4,9 @@
  * a block of VZ_CB consecutive channels; the state h (N x VZ_CB floats) stays in a local array while the
  * item walks along the sequence, so nothing of size (L, N) is ever written to memory. All arithmetic is
  * on vectors of the VZ_CB = 8 channels (GCC/Clang vector extensions; one AVX2 register: vectors
- * wider than the hardware's make GCC scalarise the comparisons), with exp and log written here as
- * range reduction plus polynomial (a few ulp in fp32) so that no libm call breaks the SIMD code and
- * no -ffast-math is needed.
+ * wider than the hardware's make GCC scalarise the comparisons), with exp2, softplus and SiLU written
+ * (in _simd.h) as range reduction plus polynomials (a few ulp in fp32) so that no libm call breaks the
+ * SIMD code and no -ffast-math is needed.
  *
  * Semantics are those of the reference backend (mamba-ssm's selective_scan_ref):
  *   delta' = softplus(delta + bias)            (softplus optional; bias optional)
@@ -86,7 +86,7 @@ int vz_selective_scan_fwd(
         float *ob = out + b * o_sb;
         /* Steps go in tiles of VZ_TT, in three passes: (1) delta' = softplus(delta + bias), delta' u and
          * D u for every step of the tile; (2) the recurrence; (3) the gate and the store. Passes 1 and 3
-         * have no dependence between steps, so the core overlaps their long exp/log/divide chains across
+         * have no dependence between steps, so the core overlaps their long exp/softplus/divide chains across
          * steps; interleaved with the recurrence (one step's work exceeds the reorder window) those
          * chains were paid in full at every step, which was half of the kernel's time. */
         vf dvt[VZ_TT], dut[VZ_TT], yt[VZ_TT];
