@@ -1,5 +1,5 @@
 /* Shared by the C kernels of visionzoo.ops (included by each op's _cpu_kernel.c, which defines VZ_CB,
- * the lanes of one vector, before including it): a float vector type, lane-wise exp2 / log / softplus
+ * the lanes of one vector, before including it): a float vector type, lane-wise exp2 / softplus
  * / SiLU written as range reduction plus polynomial (no libm calls, so the code stays SIMD without
  * -ffast-math), and a flush-to-zero guard. */
 #ifndef VZ_SIMD_H
@@ -123,6 +123,11 @@ VZ_INLINE void vz_softplus_n(vf *x, int n) {
     for (int j = 0; j < n; ++j) q[j] = q[j] * t[j] - 4.999956489e-01f;
     for (int j = 0; j < n; ++j) q[j] = q[j] * t[j] + 1.0f;
     for (int j = 0; j < n; ++j) x[j] = vz_max(x[j], 0.0f) + t[j] * q[j];
+}
+
+VZ_INLINE vf vz_softplus(vf x) {
+    vz_softplus_n(&x, 1);
+    return x;
 }
 
 /* x * sigmoid(x) = x / (1 + 2^(-x log2 e)) */

@@ -21,7 +21,6 @@
 #define VZ_NMAX 256
 #define VZ_RMAX 256
 #define VZ_TT 64 /* steps per tile */
-#define VZ_IL 4  /* steps per group in passes 1 and 3 */
 #include "../_simd.h"
 
 /* Strides are in elements. u, z: (batch, dim, L) with strides (s_b, s_d, s_l) each; out: (batch, dim, L)
@@ -86,51 +85,54 @@ int vz_selective_scan_fwd(
         float *ob = out + b * o_sb;
         /* Steps go in tiles of VZ_TT, in three passes: (1) delta' = softplus(delta + bias), delta' u and
          * D u for every step of the tile; (2) the recurrence; (3) the gate and the store. Passes 1 and 3
-         * have no dependence between steps, so the core overlaps their long exp/softplus/divide chains across
-         * steps; interleaved with the recurrence (one step's work exceeds the reorder window) those
+         * have no dependence between steps, so the core overlaps their long dt/softplus/exp/divide chains
+         * across steps; interleaved with the recurrence (one step's work exceeds the reorder window) those
          * chains were paid in full at every step, which was half of the kernel's time. */
         vf dvt[VZ_TT], dut[VZ_TT], yt[VZ_TT];
         int small[VZ_TT];
         for (int64_t l0 = 0; l0 < length; l0 += VZ_TT) {
             const int tl = length - l0 < VZ_TT ? (int)(length - l0) : VZ_TT;
-            /* Pass 1 in groups of VZ_IL steps whose chains interleave (vz_*_n); a short last group
-             * repeats its last step, which only rewrites the same values. */
-            for (int t0 = 0; t0 < tl; t0 += VZ_IL) {
-                int64_t l[VZ_IL];
-                int ti[VZ_IL];
-                vf uv[VZ_IL], dv[VZ_IL];
-                for (int j = 0; j < VZ_IL; ++j) {
-                    ti[j] = t0 + j < tl ? t0 + j : tl - 1;
-                    l[j] = l0 + ti[j];
-                    dv[j] = bs;
-                    if (dense)
-                        memcpy(&uv[j], ub + d0 + l[j] * u_sl, sizeof uv[j]);
-                    else
-                        for (int c = 0; c < VZ_CB; ++c) uv[j][c] = ub[ch[c] * u_sd + l[j] * u_sl];
-                }
+            /* Pass 1 as short loops over the tile's steps (loop fission): every iteration is small and
+             * independent of the others, so the core keeps many of them, and their dependency chains
+             * (dt_proj sum, softplus), in flight at once. */
+            for (int t = 0; t < tl; ++t) {
+                const int64_t l = l0 + t;
+                vf uv, dv = bs;
+                if (dense)
+                    memcpy(&uv, ub + d0 + l * u_sl, sizeof uv);
+                else
+                    for (int c = 0; c < VZ_CB; ++c) uv[c] = ub[ch[c] * u_sd + l * u_sl];
                 if (rank) {
-                    for (int64_t r = 0; r < rank; ++r)
-                        for (int j = 0; j < VZ_IL; ++j) dv[j] += db[r * d_sd + l[j] * d_sl] * wdt[r];
-                } else {
-                    for (int j = 0; j < VZ_IL; ++j) {
-                        if (dense) {
-                            vf dl;
-                            memcpy(&dl, db + d0 + l[j] * d_sl, sizeof dl);
-                            dv[j] += dl;
-                        } else {
-                            for (int c = 0; c < VZ_CB; ++c) dv[j][c] += db[ch[c] * d_sd + l[j] * d_sl];
-                        }
+                    /* four partial sums: one chain of rank dependent FMAs per step was the bound */
+                    vf p1 = {0}, p2 = {0}, p3 = {0};
+                    int64_t r = 0;
+                    const float *dl = db + l * d_sl;
+                    for (; r + 3 < rank; r += 4) {
+                        dv += dl[r * d_sd] * wdt[r];
+                        p1 += dl[(r + 1) * d_sd] * wdt[r + 1];
+                        p2 += dl[(r + 2) * d_sd] * wdt[r + 2];
+                        p3 += dl[(r + 3) * d_sd] * wdt[r + 3];
                     }
+                    for (; r < rank; ++r) dv += dl[r * d_sd] * wdt[r];
+                    dv += (p1 + p2) + p3;
+                } else if (dense) {
+                    vf dl;
+                    memcpy(&dl, db + d0 + l * d_sl, sizeof dl);
+                    dv += dl;
+                } else {
+                    for (int c = 0; c < VZ_CB; ++c) dv[c] += db[ch[c] * d_sd + l * d_sl];
                 }
-                if (softplus) vz_softplus_n(dv, VZ_IL);
-                for (int j = 0; j < VZ_IL; ++j) {
-                    const int t = ti[j];
-                    dvt[t] = dv[j];
-                    dut[t] = dv[j] * uv[j];
-                    yt[t] = dd * uv[j];
-                    /* Every |delta' A log2(e)| of the step within 126 (false for NaN): the unclamped exp2. */
-                    small[t] = vz_all(dv[j] * dv[j] * a2max <= 126.0f * 126.0f);
-                }
+                dvt[t] = dv;
+                dut[t] = uv;
+                yt[t] = dd * uv;
+            }
+            if (softplus)
+                for (int t = 0; t < tl; ++t) dvt[t] = vz_softplus(dvt[t]);
+            for (int t = 0; t < tl; ++t) {
+                const vf dv = dvt[t];
+                dut[t] *= dv;
+                /* Every |delta' A log2(e)| of the step within 126 (false for NaN): the unclamped exp2. */
+                small[t] = vz_all(dv * dv * a2max <= 126.0f * 126.0f);
             }
             for (int t = 0; t < tl; ++t) {
                 const int64_t l = l0 + t;
@@ -139,8 +141,6 @@ int vz_selective_scan_fwd(
                 if (one_group && small[t]) {
                     const float *Bl = B + b * B_sb + grp[0] * B_sg + l * B_sl;
                     const float *Cl = C + b * C_sb + grp[0] * C_sg + l * C_sl;
-                    /* y in two accumulators: one chain of N dependent adds per step was the loop's
-                     * critical path. */
                     for (int64_t n = 0; n < N; ++n) {
                         const vf hn = vz_exp2_small(dv * a2[n]) * h[n] + du * Bl[n * B_sn];
                         h[n] = hn;
@@ -168,38 +168,31 @@ int vz_selective_scan_fwd(
                 }
                 yt[t] = y;
             }
-            /* Pass 3, in groups of VZ_IL steps like pass 1 (the gate's exp and divide interleave). */
-            for (int t0 = 0; t0 < tl; t0 += VZ_IL) {
-                const int cnt = tl - t0 < VZ_IL ? tl - t0 : VZ_IL;
-                vf y[VZ_IL], g[VZ_IL];
-                for (int j = 0; j < VZ_IL; ++j) {
-                    const int t = t0 + j < tl ? t0 + j : tl - 1;
+            /* Pass 3 likewise: the gates' SiLU over the tile (into dvt, free now), then the stores. */
+            if (zb) {
+                for (int t = 0; t < tl; ++t) {
                     const int64_t l = l0 + t;
-                    y[j] = yt[t] * out_scale;
-                    g[j] = (vf){0};
-                    if (zb && dense)
-                        memcpy(&g[j], zb + d0 + l * z_sl, sizeof g[j]);
-                    else if (zb)
-                        for (int c = 0; c < VZ_CB; ++c) g[j][c] = zb[ch[c] * z_sd + l * z_sl];
+                    if (dense)
+                        memcpy(&dvt[t], zb + d0 + l * z_sl, sizeof dvt[t]);
+                    else
+                        for (int c = 0; c < VZ_CB; ++c) dvt[t][c] = zb[ch[c] * z_sd + l * z_sl];
                 }
-                if (zb) {
-                    vz_silu_n(g, VZ_IL);
-                    for (int j = 0; j < VZ_IL; ++j) y[j] *= g[j];
-                }
-                for (int j = 0; j < cnt; ++j) {
-                    const int64_t l = l0 + t0 + j;
-                    if (dense) {
-                        if (accumulate) {
-                            vf prev;
-                            memcpy(&prev, ob + d0 + l * o_sl, sizeof prev);
-                            y[j] += prev;
-                        }
-                        memcpy(ob + d0 + l * o_sl, &y[j], sizeof y[j]);
-                    } else {
-                        for (int c = 0; c < nc; ++c) {
-                            float *o = ob + ch[c] * o_sd + l * o_sl;
-                            *o = accumulate ? *o + y[j][c] : y[j][c];
-                        }
+                for (int t = 0; t < tl; ++t) yt[t] *= vz_silu(dvt[t]);
+            }
+            for (int t = 0; t < tl; ++t) {
+                const int64_t l = l0 + t;
+                vf y = yt[t] * out_scale;
+                if (dense) {
+                    if (accumulate) {
+                        vf prev;
+                        memcpy(&prev, ob + d0 + l * o_sl, sizeof prev);
+                        y += prev;
+                    }
+                    memcpy(ob + d0 + l * o_sl, &y, sizeof y);
+                } else {
+                    for (int c = 0; c < nc; ++c) {
+                        float *o = ob + ch[c] * o_sd + l * o_sl;
+                        *o = accumulate ? *o + y[c] : y[c];
                     }
                 }
             }
