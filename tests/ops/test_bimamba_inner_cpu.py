@@ -94,3 +94,20 @@ def test_applies_only_to_plain_fp32_cpu_inference():
             assert not bimamba_inner_cpu_applies(x)
         with FlopCounterMode(display=False):  # counts the custom ops, so it must see them
             assert not bimamba_inner_cpu_applies(x)
+
+
+@needs_kernel
+def test_work_split_across_threads_matches():
+    """With several intra-op threads the channel blocks run concurrently (each in place on its own channels)."""
+    g = torch.Generator().manual_seed(2)
+    fwd, bwd = (make_direction(40, 16, 3, 4, True, g) for _ in range(2))
+    xz = torch.randn(3, 33, 80, generator=g)
+    expected = mixer_inner_reference(xz, fwd, bwd)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with torch.no_grad():
+            out = bimamba_inner_cpu(xz.clone(), fwd, bwd)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
