@@ -138,19 +138,13 @@ int vz_selective_scan_fwd(
                 const int64_t l = l0 + t;
                 const vf dv = dvt[t], du = dut[t];
                 vf y = yt[t];
-                if (one_group && small[t]) {
+                if (one_group) {
                     const float *Bl = B + b * B_sb + grp[0] * B_sg + l * B_sl;
                     const float *Cl = C + b * C_sb + grp[0] * C_sg + l * C_sl;
+                    const int in_range = small[t];  /* the compiler unswitches the loop on it */
                     for (int64_t n = 0; n < N; ++n) {
-                        const vf hn = vz_exp2_small(dv * a2[n]) * h[n] + du * Bl[n * B_sn];
-                        h[n] = hn;
-                        y += Cl[n * C_sn] * hn;
-                    }
-                } else if (one_group) {
-                    const float *Bl = B + b * B_sb + grp[0] * B_sg + l * B_sl;
-                    const float *Cl = C + b * C_sb + grp[0] * C_sg + l * C_sl;
-                    for (int64_t n = 0; n < N; ++n) {
-                        const vf hn = vz_exp2(dv * a2[n]) * h[n] + du * Bl[n * B_sn];
+                        const vf x = dv * a2[n];
+                        const vf hn = (in_range ? vz_exp2_small(x) : vz_exp2(x)) * h[n] + du * Bl[n * B_sn];
                         h[n] = hn;
                         y += Cl[n * C_sn] * hn;
                     }
