@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .._backend import resolve_backend
-from . import _cpu, _mamba, _triton
+from . import _cpu, _cpu_bwd, _mamba, _triton
 from ._chunked import selective_scan_chunked, selective_scan_chunked_backward
 from ._reference import compute_dtype, selective_scan_reference
 
@@ -168,8 +168,10 @@ def backend_backward(name, inputs, delta_softplus, grad_out, grad_last_state, ne
         return _mamba.selective_scan_mamba_backward(inputs, delta_softplus, grad_out, needs)
     if name == "triton":  # Triton reverse-scan kernel (states recomputed from chunk checkpoints)
         return _triton.selective_scan_triton_backward(*inputs, delta_softplus, grad_out, grad_last_state)
-    # chunked and cpu (the chunked analytic backward recomputes the states); also mamba when
-    # last_state is differentiated (mamba-ssm ignores that gradient).
+    if name == "cpu":  # C reverse scan (falls back to chunked's where the kernel is unavailable)
+        return _cpu_bwd.selective_scan_cpu_backward(*inputs, delta_softplus, grad_out, grad_last_state)
+    # chunked (the analytic backward recomputes the states); also mamba when last_state is
+    # differentiated (mamba-ssm ignores that gradient).
     return selective_scan_chunked_backward(*inputs, delta_softplus, grad_out, grad_last_state)
 
 

@@ -1,0 +1,203 @@
+"""The ``cpu`` backend's C backward (``_cpu_bwd``) against the ``reference`` backend's autograd."""
+import itertools
+
+import pytest
+import torch
+
+from visionzoo.ops import _cpu_build
+from visionzoo.ops.selective_scan import _cpu_bwd, selective_scan
+from visionzoo.ops.selective_scan._chunked import selective_scan_chunked_backward
+from visionzoo.ops.selective_scan._reference import selective_scan_reference
+
+needs_kernel = pytest.mark.skipif(_cpu_bwd.load() is None, reason="no C compiler on this machine")
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+RTOL, ATOL = 6e-4, 2e-3
+
+
+def make(batch=2, dim=12, length=7, dstate=5, groups=2, *, D=True, z=True, bias=True, last=True,
+         grad_out=True, layout="contiguous", softplus=True, seed=0):
+    """fp32 inputs, output / last-state gradients, in one of the layouts the op sees.
+
+    ``layout``: ``"contiguous"``; ``"time_major"``: ``u, delta, z, grad_out`` as ``(b, d, L)`` views of
+    ``(L, b, d)`` memory and ``B, C`` as views of ``(L, b, G, N)`` memory; ``"channels_last"``: views of
+    ``(b, L, d)`` memory (Vim's tokens) and ``B, C`` slices of a larger ``(b, L, G * 2N)`` tensor.
+    Without ``softplus``, delta is made positive (a negative step makes the state grow exponentially).
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    x = {
+        "u": rand(batch, dim, length),
+        "delta": rand(batch, dim, length) * 0.5 - 0.5 if softplus else rand(batch, dim, length).abs() * 0.5,
+        "A": -torch.exp(rand(dim, dstate) * 0.5),
+        "B": rand(batch, groups, dstate, length),
+        "C": rand(batch, groups, dstate, length),
+        "D": rand(dim) if D else None,
+        "z": rand(batch, dim, length) if z else None,
+        "delta_bias": rand(dim) * 0.1 if bias else None,
+    }
+    gout = rand(batch, dim, length) if grad_out else None
+    glast = rand(batch, dim, dstate) if last else None
+    seq = ["u", "delta", "z"]
+    if layout == "time_major":
+        for k in seq:
+            if x[k] is not None:
+                x[k] = x[k].permute(2, 0, 1).contiguous().permute(1, 2, 0)
+        for k in ("B", "C"):
+            x[k] = x[k].permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)
+        if gout is not None:
+            gout = gout.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    elif layout == "channels_last":
+        for k in seq:
+            if x[k] is not None:
+                x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
+        big = rand(batch, length, groups, 2 * dstate)  # B, C interleaved in one tensor, as from x_proj
+        big[..., :dstate] = x["B"].permute(0, 3, 1, 2)
+        big[..., dstate:] = x["C"].permute(0, 3, 1, 2)
+        x["B"], x["C"] = big[..., :dstate].permute(0, 2, 3, 1), big[..., dstate:].permute(0, 2, 3, 1)
+        if gout is not None:
+            gout = gout.transpose(1, 2).contiguous().transpose(1, 2)
+    return x, gout, glast
+
+
+def reference_grads(x, softplus, gout, glast):
+    """Autograd through the reference scan (fp32); None for absent inputs, zeros for unused ones."""
+    leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+    out, last = selective_scan_reference(*(leaves[k] for k in NAMES), delta_softplus=softplus)
+    outputs, weights = [], []
+    for o, w in ((out, gout), (last, glast)):
+        if w is not None:
+            outputs.append(o)
+            weights.append(w)
+    present = [leaves[k] for k in NAMES if leaves[k] is not None]
+    grads = iter(torch.autograd.grad(outputs, present, weights, materialize_grads=True))
+    return [next(grads) if leaves[k] is not None else None for k in NAMES]
+
+
+def cpu_grads(x, softplus, gout, glast):
+    return _cpu_bwd.selective_scan_cpu_backward(*(x[k] for k in NAMES), softplus, gout, glast)
+
+
+def check(actual, expected, what=""):
+    for name, a, e in zip(NAMES, actual, expected):
+        if e is None:
+            assert a is None, f"{what} {name}: expected None"
+            continue
+        assert a is not None, f"{what} {name}: got None"
+        assert a.shape == e.shape and a.dtype == e.dtype, f"{what} {name}: {a.shape} {a.dtype}"
+        torch.testing.assert_close(a, e, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what} grad {name}: {m}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("opts", list(itertools.product([False, True], repeat=5)))
+def test_all_option_combinations(opts):
+    """D, z, delta_bias, softplus and grad_last_state on and off; layouts alternate across the cases."""
+    D, z, bias, softplus, last = opts
+    layout = ("contiguous", "time_major", "channels_last")[sum(opts) % 3]
+    x, gout, glast = make(dim=12, length=9, groups=2, D=D, z=z, bias=bias, last=last, layout=layout,
+                          softplus=softplus, seed=sum(2 ** i * o for i, o in enumerate(opts)))
+    check(cpu_grads(x, softplus, gout, glast), reference_grads(x, softplus, gout, glast), f"{opts} {layout}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("length", [1, 7, 67, 130])
+@pytest.mark.parametrize("dim,groups,dstate", [(20, 1, 16), (36, 2, 5), (9, 1, 3)])
+@pytest.mark.parametrize("layout", ["contiguous", "time_major"])
+def test_lengths_groups_layouts(length, dim, groups, dstate, layout):
+    """Odd lengths (130 spans several of the kernel's 32-step chunks), ragged channel blocks, G = 1, 2."""
+    x, gout, glast = make(dim=dim, length=length, dstate=dstate, groups=groups, layout=layout, seed=length + dim)
+    check(cpu_grads(x, True, gout, glast), reference_grads(x, True, gout, glast), f"L={length} {layout}")
+
+
+@needs_kernel
+def test_only_one_output_differentiated():
+    """grad_out None (only the last state is used), and grad_last_state None with z but no D."""
+    x, _, glast = make(length=40, grad_out=False)
+    check(cpu_grads(x, True, None, glast), reference_grads(x, True, None, glast), "last only")
+    x, gout, _ = make(length=40, D=False, last=False, softplus=False)
+    check(cpu_grads(x, False, gout, None), reference_grads(x, False, gout, None), "out only")
+
+
+@needs_kernel
+def test_several_threads_agree():
+    """Work split over threads: one item per (batch, group) pair, or slices of a group's channel blocks
+    (with their dB, dC partial sums) when there are fewer pairs than threads."""
+    cases = [(make(batch=2, dim=36, length=70, groups=2, seed=1), 1),  # 4 pairs over 3 threads
+             (make(batch=1, dim=40, length=70, groups=1, seed=2), 3),  # 1 pair of 5 blocks: 3 slices
+             (make(batch=1, dim=36, length=33, groups=2, layout="time_major", seed=3), 2)]  # 3 blocks, 2 slices
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        for (x, gout, glast), splits in cases:
+            batch, dim, groups = x["u"].shape[0], x["u"].shape[1], x["B"].shape[1]
+            assert _cpu_bwd._splits(batch, groups, dim // groups) == splits
+            check(cpu_grads(x, True, gout, glast), reference_grads(x, True, gout, glast), f"3 threads {splits}")
+        x, gout, glast = cases[1][0]
+        three = cpu_grads(x, True, gout, glast)
+        torch.set_num_threads(1)
+        for a, b in zip(cpu_grads(x, True, gout, glast), three):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_more_slices_than_blocks(monkeypatch):
+    """Slices with no channel block still write (zero) dB, dC partial sums."""
+    monkeypatch.setattr(_cpu_bwd, "_splits", lambda batch, groups, dg: 5)
+    x, gout, glast = make(batch=2, dim=36, length=40, groups=2)  # 3 blocks per group
+    check(cpu_grads(x, True, gout, glast), reference_grads(x, True, gout, glast), "5 slices")
+
+
+@needs_kernel
+def test_op_backward_runs_the_kernel(monkeypatch):
+    """selective_scan(..., backend="cpu").backward() reaches the C backward kernel (not a fallback)."""
+    calls = []
+    real = _cpu_build.run_items
+
+    def counting(fn, head, items):
+        calls.append(getattr(fn, "__name__", ""))
+        return real(fn, head, items)
+
+    monkeypatch.setattr(_cpu_build, "run_items", counting)
+    x, gout, _ = make(batch=2, dim=12, length=21, groups=2)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+    selective_scan(**leaves, delta_softplus=True, backend="cpu").backward(gout)
+    assert calls.count("vz_selective_scan_bwd") == 1, calls
+    expected = reference_grads(x, True, gout, None)
+    check([leaves[k].grad for k in NAMES], expected, "through the op")
+
+
+@needs_kernel
+def test_fallbacks_give_the_chunked_backward(monkeypatch):
+    x, gout, glast = make(length=15)
+    args = (*(x[k] for k in NAMES), True, gout, glast)
+    want = selective_scan_chunked_backward(*args)
+    monkeypatch.setattr(_cpu_bwd, "load", lambda: None)  # no compiler / failed build
+    for a, b in zip(_cpu_bwd.selective_scan_cpu_backward(*args), want):
+        torch.testing.assert_close(a, b)
+    monkeypatch.undo()
+    x64 = {k: v.double() for k, v in x.items()}  # fp64: not the kernel's dtype
+    got = _cpu_bwd.selective_scan_cpu_backward(*(x64[k] for k in NAMES), True, gout.double(), glast.double())
+    assert all(g.dtype == torch.float64 for g in got)
+    check([g.float() for g in got], want, "fp64")
+
+
+@needs_kernel
+def test_opcheck():
+    """The kernel's opaque custom op: schema, fake kernel (shapes, strides), aot dispatch."""
+    for layout in ("contiguous", "time_major"):
+        for D, z, bias in ((True, True, True), (False, False, False)):
+            x, gout, glast = make(length=10, D=D, z=z, bias=bias, layout=layout)
+            args = (*(x[k] for k in NAMES), True, gout, glast)
+            torch.library.opcheck(torch.ops.visionzoo.selective_scan_cpu_backward.default, args)
+
+
+@needs_kernel
+def test_vim_tiny_size_against_chunked():
+    """One Vim-Tiny-sized call (batch 1, dim 768, L 197, N 16, G 2, time-major) against chunked's backward."""
+    x, gout, _ = make(batch=1, dim=768, length=197, dstate=16, groups=2, last=False, layout="time_major")
+    args = (*(x[k] for k in NAMES), True, gout, None)
+    check(_cpu_bwd.selective_scan_cpu_backward(*args), selective_scan_chunked_backward(*args), "vim-tiny")

@@ -1,0 +1,320 @@
+/* Selective-scan backward for the CPU, compiled on first use by visionzoo/ops/selective_scan/_cpu_bwd.py.
+ *
+ * Plain C called through ctypes, in the style of _cpu_kernel.c (vectors of VZ_CB = 8 channels, exp2 /
+ * softplus / SiLU from _simd.h, flush-to-zero while it runs). Semantics (the reference backend's):
+ *   delta' = softplus(delta + bias)                (softplus optional; bias optional)
+ *   h_t    = exp(delta'_t A) h_{t-1} + delta'_t u_t B_t,     h_{-1} = 0
+ *   y_t    = C_t . h_t,  out_t = (y_t + D u_t) * silu(z_t)   (D, z optional)
+ * and the loss gradient arrives as dout (batch, dim, L) and dlast (the last state's, batch, dim, N).
+ *
+ * Reverse mode, with dy = dout * silu(z) (or dout) and the adjoint g_t = dL/dh_t:
+ *   g_t = dy_t C_t + exp(delta'_{t+1} A) g_{t+1},   g_{L-1} also gets dlast
+ *   dC_t += dy_t h_t,  dB_t += g_t delta'_t u_t         (summed over the channels of the group)
+ *   d(delta' u)_t = sum_n g_t B_t
+ *   X_t = g_t h_{t-1} exp(delta'_t A):  d delta'_t += sum_n X_t A,  dA += sum_t X_t delta'_t
+ *   dz = dout (y + D u) silu'(z),  dD = sum_t dy u,  du = dy D + d(delta' u) delta'
+ *   d delta = (d delta' + d(delta' u) u) * sigmoid(delta + bias)  (the factor only with softplus)
+ *
+ * Work items: one batch element, one group, and one slice of that group's channel blocks (the Python side
+ * uses one slice per group unless there are fewer (batch, group) pairs than threads). An item writes its
+ * own slice of the dB, dC partial sums (batch, G, N, L per slice; summed over slices in Python), so no two
+ * threads write the same memory. The sequence is cut into chunks of VZ_BT steps: a forward pass per
+ * channel block stores the state at the start of every chunk; then the chunks are visited last to first,
+ * and within a chunk every channel block of the item in turn recomputes its states (kept for the chunk
+ * only, with their exp factors) from its checkpoint, then walks the chunk backwards. dB and dC of the
+ * chunk are accumulated lane-wise over the blocks and summed across lanes once per chunk. Memory per
+ * item: N vectors per (block, chunk) for the checkpoints, plus O(VZ_BT N) vectors, never (L, N) per
+ * channel. dA, dD and d bias are per (batch element, channel) partial sums, summed over the batch in
+ * Python.
+ */
+#define _POSIX_C_SOURCE 200112L
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define VZ_CB 8
+#define VZ_NMAX 256
+#define VZ_BT 32 /* steps per chunk */
+#include "../_simd.h"
+
+#define VZ_LOG2E 1.44269504088896340736f
+
+/* 1 / (1 + e^-x) */
+static inline vf vz_sigmoid(vf x) { return 1.0f / (1.0f + vz_exp2(x * -VZ_LOG2E)); }
+
+/* The lanes of channels ch[0..nc) of one step, at base + ch[c] * sd; lanes past nc are 0. */
+static inline vf vz_load(const float *base, int64_t sd, const int64_t *ch, int nc) {
+    vf v = {0};
+    if (nc == VZ_CB && sd == 1) {
+        memcpy(&v, base + ch[0], sizeof v);
+    } else {
+        for (int c = 0; c < nc; ++c) v[c] = base[ch[c] * sd];
+    }
+    return v;
+}
+
+static inline void vz_store(float *base, int64_t sd, const int64_t *ch, int nc, vf v) {
+    if (nc == VZ_CB && sd == 1) {
+        memcpy(base + ch[0], &v, sizeof v);
+    } else {
+        for (int c = 0; c < nc; ++c) base[ch[c] * sd] = v[c];
+    }
+}
+
+static inline float vz_hsum(vf v) {
+    float s = 0.0f;
+    for (int c = 0; c < VZ_CB; ++c) s += v[c];
+    return s;
+}
+
+/* The channels of one block and the per-channel constants. */
+typedef struct {
+    int64_t ch[VZ_CB];
+    int nc;
+} vz_block;
+
+static void vz_block_at(vz_block *k, int64_t d0, int64_t end) {
+    k->nc = end - d0 < VZ_CB ? (int)(end - d0) : VZ_CB;
+    for (int c = 0; c < VZ_CB; ++c) k->ch[c] = d0 + (c < k->nc ? c : 0); /* spare lanes repeat d0 */
+}
+
+static inline vf vz_gather(const float *p, const vz_block *k) {
+    vf v;
+    for (int c = 0; c < VZ_CB; ++c) v[c] = p[k->ch[c]];
+    return v;
+}
+
+/* Strides are in elements. u, delta, z, dout: (batch, dim, L), strides (s_b, s_d, s_l) each; A: (dim, N)
+ * contiguous; B, C: (batch, G, N, L), any strides; D, bias: (dim,) or NULL; z, dout, dlast may be NULL
+ * (dout NULL: zero gradient of out; dlast: (batch, dim, N) contiguous).
+ * Outputs: du, ddelta, dz (dz only with z): (batch, dim, L), strides *_s*; dB, dC: (splits, batch, G, N, L)
+ * partial sums with strides (s_s, s_b, s_g, s_n, s_l), every element written; dA: (batch, dim, N)
+ * contiguous, dD, dbias: (batch, dim) contiguous (NULL when D, bias are NULL), per batch element, every
+ * element written. Items [item_begin, item_end) of batch * groups * splits.
+ * Returns 0, -1 when N > VZ_NMAX or dim is not a multiple of groups, -2 when out of memory. */
+int vz_selective_scan_bwd(
+    int64_t batch, int64_t dim, int64_t length, int64_t dstate, int64_t groups, int64_t splits,
+    const float *u, int64_t u_sb, int64_t u_sd, int64_t u_sl,
+    const float *delta, int64_t d_sb, int64_t d_sd, int64_t d_sl,
+    const float *A,
+    const float *B, int64_t B_sb, int64_t B_sg, int64_t B_sn, int64_t B_sl,
+    const float *C, int64_t C_sb, int64_t C_sg, int64_t C_sn, int64_t C_sl,
+    const float *D, const float *bias,
+    const float *z, int64_t z_sb, int64_t z_sd, int64_t z_sl,
+    int32_t softplus,
+    const float *dout, int64_t g_sb, int64_t g_sd, int64_t g_sl,
+    const float *dlast,
+    float *du, int64_t du_sb, int64_t du_sd, int64_t du_sl,
+    float *ddelta, int64_t dd_sb, int64_t dd_sd, int64_t dd_sl,
+    float *dz, int64_t dz_sb, int64_t dz_sd, int64_t dz_sl,
+    float *dB, int64_t dB_ss, int64_t dB_sb, int64_t dB_sg, int64_t dB_sn, int64_t dB_sl,
+    float *dC, int64_t dC_ss, int64_t dC_sb, int64_t dC_sg, int64_t dC_sn, int64_t dC_sl,
+    float *dA, float *dD, float *dbias,
+    int64_t item_begin, int64_t item_end)
+{
+    if (dstate > VZ_NMAX || dstate < 1 || groups < 1 || splits < 1 || dim % groups) return -1;
+    (void)batch; /* items index it */
+    if (item_begin >= item_end) return 0;
+    const int64_t N = dstate, dg = dim / groups;
+    const int64_t gblocks = (dg + VZ_CB - 1) / VZ_CB;        /* channel blocks per group */
+    const int64_t most = (gblocks + splits - 1) / splits + 1; /* most blocks in one slice */
+    const int64_t chunks = (length + VZ_BT - 1) / VZ_BT;
+
+    /* Scratch: per block of the slice, the chunk checkpoints (chunks x N), the adjoint carried into the
+     * chunk being walked (N), the dA sums (N); per chunk, the states and exp factors of its steps and the
+     * lane-wise dB, dC sums (VZ_BT x N each). */
+    const size_t nv = (size_t)most * (size_t)(chunks * N + 2 * N + 2) + (size_t)(4 * VZ_BT) * (size_t)N;
+    vf *scratch = NULL;
+    if (posix_memalign((void **)&scratch, 64, nv * sizeof(vf) + 64)) return -2;
+    vf *ckpt = scratch;                         /* [most][chunks][N] */
+    vf *carry = ckpt + most * chunks * N;       /* [most][N] */
+    vf *dAacc = carry + most * N;               /* [most][N] */
+    vf *dDacc = dAacc + most * N;               /* [most]: dD sums */
+    vf *dbacc = dDacc + most;                   /* [most]: d bias sums */
+    vf *hs = dbacc + most;                      /* [VZ_BT][N]: state after step t */
+    vf *eA = hs + VZ_BT * N;                    /* [VZ_BT][N]: exp(delta'_t A) */
+    vf *dBacc = eA + VZ_BT * N;                 /* [VZ_BT][N] */
+    vf *dCacc = dBacc + VZ_BT * N;              /* [VZ_BT][N] */
+    vf a[VZ_NMAX], a2[VZ_NMAX];
+    const vz_fpmode fpmode = vz_ftz_on();
+
+    for (int64_t item = item_begin; item < item_end; ++item) {
+        const int64_t b = item / (groups * splits), g = (item / splits) % groups, s = item % splits;
+        const int64_t j0 = s * gblocks / splits, nb = (s + 1) * gblocks / splits - j0;
+        const int64_t gend = (g + 1) * dg; /* first channel past the group */
+        const float *ub = u + b * u_sb, *db = delta + b * d_sb, *zb = z ? z + b * z_sb : 0;
+        const float *gb = dout ? dout + b * g_sb : 0;
+        const float *Bb = B + b * B_sb + g * B_sg, *Cb = C + b * C_sb + g * C_sg;
+        float *dBb = dB + s * dB_ss + b * dB_sb + g * dB_sg, *dCb = dC + s * dC_ss + b * dC_sb + g * dC_sg;
+        /* Forward: checkpoints, adjoint and sum initialisation. */
+        for (int64_t j = 0; j < nb; ++j) {
+            vz_block k;
+            vz_block_at(&k, g * dg + (j0 + j) * VZ_CB, gend);
+            const vf bs = bias ? vz_gather(bias, &k) : (vf){0};
+            vf h[VZ_NMAX];
+            for (int64_t n = 0; n < N; ++n) {
+                for (int c = 0; c < VZ_CB; ++c) a2[n][c] = A[k.ch[c] * N + n] * VZ_LOG2E;
+                h[n] = (vf){0};
+                dAacc[j * N + n] = (vf){0};
+                vf gl = {0};
+                for (int c = 0; c < k.nc && dlast; ++c) gl[c] = dlast[(b * dim + k.ch[c]) * N + n];
+                carry[j * N + n] = gl;
+            }
+            dDacc[j] = (vf){0};
+            dbacc[j] = (vf){0};
+            for (int64_t q = 0; q < chunks; ++q) {
+                memcpy(ckpt + (j * chunks + q) * N, h, N * sizeof(vf));
+                const int64_t l0 = q * VZ_BT;
+                const int tl = length - l0 < VZ_BT ? (int)(length - l0) : VZ_BT;
+                vf dtv[VZ_BT], duv[VZ_BT];
+                for (int t = 0; t < tl; ++t) {
+                    dtv[t] = vz_load(db + (l0 + t) * d_sl, d_sd, k.ch, k.nc) + bs;
+                    duv[t] = vz_load(ub + (l0 + t) * u_sl, u_sd, k.ch, k.nc);
+                }
+                if (softplus)
+                    for (int t = 0; t < tl; ++t) dtv[t] = vz_softplus(dtv[t]);
+                for (int t = 0; t < tl; ++t) {
+                    const vf dv = dtv[t], dub = duv[t] * dv;
+                    const float *Bl = Bb + (l0 + t) * B_sl;
+                    for (int64_t n = 0; n < N; ++n) h[n] = vz_exp2(dv * a2[n]) * h[n] + dub * Bl[n * B_sn];
+                }
+            }
+        }
+        /* Backward, chunk by chunk from the last. */
+        for (int64_t q = chunks - 1; q >= 0; --q) {
+            const int64_t l0 = q * VZ_BT;
+            const int tl = length - l0 < VZ_BT ? (int)(length - l0) : VZ_BT;
+            memset(dBacc, 0, (size_t)tl * N * sizeof(vf));
+            memset(dCacc, 0, (size_t)tl * N * sizeof(vf));
+            for (int64_t j = 0; j < nb; ++j) {
+                vz_block k;
+                vz_block_at(&k, g * dg + (j0 + j) * VZ_CB, gend);
+                const vf bs = bias ? vz_gather(bias, &k) : (vf){0};
+                const vf dd = D ? vz_gather(D, &k) : (vf){0};
+                for (int64_t n = 0; n < N; ++n) {
+                    for (int c = 0; c < VZ_CB; ++c) a[n][c] = A[k.ch[c] * N + n];
+                    a2[n] = a[n] * VZ_LOG2E;
+                }
+                /* Per step: u, delta + bias (pre), delta', delta' u, dout, z, y, and the gradients. */
+                vf uv[VZ_BT], pre[VZ_BT], dtv[VZ_BT], duv[VZ_BT], dyv[VZ_BT], yv[VZ_BT], gu[VZ_BT];
+                for (int t = 0; t < tl; ++t) {
+                    const int64_t l = l0 + t;
+                    uv[t] = vz_load(ub + l * u_sl, u_sd, k.ch, k.nc); /* 0 in spare lanes */
+                    pre[t] = vz_load(db + l * d_sl, d_sd, k.ch, k.nc) + bs;
+                    dyv[t] = gb ? vz_load(gb + l * g_sl, g_sd, k.ch, k.nc) : (vf){0};
+                }
+                for (int t = 0; t < tl; ++t) dtv[t] = softplus ? vz_softplus(pre[t]) : pre[t];
+                for (int t = 0; t < tl; ++t) duv[t] = dtv[t] * uv[t];
+                /* Recompute the chunk's states from the checkpoint, and y. */
+                const vf *h0 = ckpt + (j * chunks + q) * N;
+                for (int t = 0; t < tl; ++t) {
+                    const vf dv = dtv[t], dub = duv[t];
+                    const float *Bl = Bb + (l0 + t) * B_sl, *Cl = Cb + (l0 + t) * C_sl;
+                    const vf *hp = t ? hs + (t - 1) * N : h0;
+                    vf *ht = hs + t * N, *et = eA + t * N;
+                    vf y0 = {0}, y1 = {0};
+                    int64_t n = 0;
+                    for (; n + 1 < N; n += 2) {
+                        const vf e0 = vz_exp2(dv * a2[n]), e1 = vz_exp2(dv * a2[n + 1]);
+                        const vf h0n = e0 * hp[n] + dub * Bl[n * B_sn];
+                        const vf h1n = e1 * hp[n + 1] + dub * Bl[(n + 1) * B_sn];
+                        et[n] = e0, et[n + 1] = e1, ht[n] = h0n, ht[n + 1] = h1n;
+                        y0 += Cl[n * C_sn] * h0n;
+                        y1 += Cl[(n + 1) * C_sn] * h1n;
+                    }
+                    for (; n < N; ++n) {
+                        const vf e0 = vz_exp2(dv * a2[n]);
+                        const vf h0n = e0 * hp[n] + dub * Bl[n * B_sn];
+                        et[n] = e0, ht[n] = h0n;
+                        y0 += Cl[n * C_sn] * h0n;
+                    }
+                    yv[t] = y0 + y1;
+                }
+                /* Output stage: dy, dz, dD and the D part of du. */
+                if (z) {
+                    for (int t = 0; t < tl; ++t) {
+                        const int64_t l = l0 + t;
+                        const vf zv = vz_load(zb + l * z_sl, z_sd, k.ch, k.nc);
+                        const vf sg = vz_sigmoid(zv), ypre = yv[t] + dd * uv[t];
+                        vz_store(dz + b * dz_sb + l * dz_sl, dz_sd, k.ch, k.nc,
+                                 dyv[t] * ypre * sg * (1.0f + zv * (1.0f - sg)));
+                        dyv[t] *= zv * sg;
+                    }
+                }
+                vf dDs = dDacc[j];
+                for (int t = 0; t < tl; ++t) {
+                    dDs += dyv[t] * uv[t];
+                    gu[t] = dyv[t] * dd;
+                }
+                dDacc[j] = dDs;
+                /* The reverse walk. */
+                vf *cg = carry + j * N, *dAs = dAacc + j * N;
+                vf dbs = dbacc[j];
+                for (int t = tl - 1; t >= 0; --t) {
+                    const int64_t l = l0 + t;
+                    const vf dv = dtv[t], dub = duv[t], dy = dyv[t];
+                    const float *Bl = Bb + l * B_sl, *Cl = Cb + l * C_sl;
+                    const vf *hp = t ? hs + (t - 1) * N : h0, *ht = hs + t * N, *et = eA + t * N;
+                    vf *dBt = dBacc + t * N, *dCt = dCacc + t * N;
+                    vf ddu0 = {0}, ddu1 = {0}, ddt0 = {0}, ddt1 = {0};
+                    int64_t n = 0;
+                    for (; n + 1 < N; n += 2) {
+                        const float b0 = Bl[n * B_sn], b1 = Bl[(n + 1) * B_sn];
+                        const vf g0 = dy * Cl[n * C_sn] + cg[n], g1 = dy * Cl[(n + 1) * C_sn] + cg[n + 1];
+                        dCt[n] += dy * ht[n];
+                        dCt[n + 1] += dy * ht[n + 1];
+                        dBt[n] += g0 * dub;
+                        dBt[n + 1] += g1 * dub;
+                        ddu0 += g0 * b0;
+                        ddu1 += g1 * b1;
+                        const vf x0 = g0 * et[n] * hp[n], x1 = g1 * et[n + 1] * hp[n + 1];
+                        ddt0 += x0 * a[n];
+                        ddt1 += x1 * a[n + 1];
+                        dAs[n] += x0 * dv;
+                        dAs[n + 1] += x1 * dv;
+                        cg[n] = g0 * et[n];
+                        cg[n + 1] = g1 * et[n + 1];
+                    }
+                    for (; n < N; ++n) {
+                        const vf g0 = dy * Cl[n * C_sn] + cg[n];
+                        dCt[n] += dy * ht[n];
+                        dBt[n] += g0 * dub;
+                        ddu0 += g0 * Bl[n * B_sn];
+                        const vf x0 = g0 * et[n] * hp[n];
+                        ddt0 += x0 * a[n];
+                        dAs[n] += x0 * dv;
+                        cg[n] = g0 * et[n];
+                    }
+                    const vf ddu = ddu0 + ddu1;
+                    vf ddt = (ddt0 + ddt1) + ddu * uv[t];
+                    gu[t] += ddu * dv;
+                    if (softplus) ddt *= vz_sigmoid(pre[t]);
+                    dbs += ddt;
+                    vz_store(ddelta + b * dd_sb + l * dd_sl, dd_sd, k.ch, k.nc, ddt);
+                }
+                dbacc[j] = dbs;
+                for (int t = 0; t < tl; ++t)
+                    vz_store(du + b * du_sb + (l0 + t) * du_sl, du_sd, k.ch, k.nc, gu[t]);
+            }
+            for (int t = 0; t < tl; ++t)
+                for (int64_t n = 0; n < N; ++n) {
+                    dBb[n * dB_sn + (l0 + t) * dB_sl] = vz_hsum(dBacc[t * N + n]);
+                    dCb[n * dC_sn + (l0 + t) * dC_sl] = vz_hsum(dCacc[t * N + n]);
+                }
+        }
+        /* The per-channel sums. */
+        for (int64_t j = 0; j < nb; ++j) {
+            vz_block k;
+            vz_block_at(&k, g * dg + (j0 + j) * VZ_CB, gend);
+            for (int c = 0; c < k.nc; ++c) {
+                const int64_t o = b * dim + k.ch[c];
+                for (int64_t n = 0; n < N; ++n) dA[o * N + n] = dAacc[j * N + n][c];
+                if (dD) dD[o] = dDacc[j][c];
+                if (dbias) dbias[o] = dbacc[j][c];
+            }
+        }
+    }
+    vz_ftz_restore(fpmode);
+    free(scratch);
+    return 0;
+}
