@@ -61,10 +61,93 @@ static inline void vz_store(float *base, int64_t sd, const int64_t *ch, int nc, 
     }
 }
 
+/* Whether every |delta'_t A_n log2(e)| of a step is within 126 (false for NaN); a2max: max over n of
+ * (A_n log2(e))^2, per lane. */
+static inline int vz_in_range(vf dv, vf a2max) { return vz_all(dv * dv * a2max <= 126.0f * 126.0f); }
+
 static inline float vz_hsum(vf v) {
     float s = 0.0f;
     for (int c = 0; c < VZ_CB; ++c) s += v[c];
     return s;
+}
+
+/* The three scans over one chunk of one channel block, each for w = VZ_W states n .. n + w - 1 (or w = 1
+ * for the last N % VZ_W) at once, step after step: the w states (and adjoints, and dA sums) stay in
+ * registers along the chunk, and the w independent chains keep the core busy. In all three, Bn and Cn
+ * point at B, C of the chunk's first step and state n; in_range[t] says step t's exp2 arguments were
+ * checked within 126 (vz_exp2_small). */
+#define VZ_W 4
+
+/* h (N states) advanced over the chunk's steps, nothing stored (the checkpoint pass). */
+VZ_INLINE void vz_advance(int w, int tl, int64_t n, vf *h, const vf *a2, const vf *dtv, const vf *duv,
+                          const int *in_range, const float *Bn, int64_t B_sl, int64_t B_sn) {
+    vf hn[VZ_W], c[VZ_W];
+    for (int i = 0; i < w; ++i) hn[i] = h[n + i], c[i] = a2[n + i];
+    for (int t = 0; t < tl; ++t) {
+        vf e[VZ_W];
+        for (int i = 0; i < w; ++i) e[i] = dtv[t] * c[i];
+        if (in_range[t])
+            for (int i = 0; i < w; ++i) e[i] = vz_exp2_small(e[i]);
+        else
+            vz_exp2_n(e, w);
+        for (int i = 0; i < w; ++i) hn[i] = e[i] * hn[i] + duv[t] * Bn[t * B_sl + i * B_sn];
+    }
+    for (int i = 0; i < w; ++i) h[n + i] = hn[i];
+}
+
+/* The chunk's states from its checkpoint h0: hs[t][n] (after step t) and eA[t][n] = exp(delta'_t A_n)
+ * stored, C_t . h_t added into yv[t]. */
+VZ_INLINE void vz_recompute(int w, int tl, int64_t n, int64_t N, const vf *h0, const vf *a2, const vf *dtv,
+                            const vf *duv, const int *in_range, const float *Bn, int64_t B_sl, int64_t B_sn,
+                            const float *Cn, int64_t C_sl, int64_t C_sn, vf *hs, vf *eA, vf *yv) {
+    vf hn[VZ_W], c[VZ_W];
+    for (int i = 0; i < w; ++i) hn[i] = h0[n + i], c[i] = a2[n + i];
+    for (int t = 0; t < tl; ++t) {
+        vf e[VZ_W];
+        for (int i = 0; i < w; ++i) e[i] = dtv[t] * c[i];
+        if (in_range[t])
+            for (int i = 0; i < w; ++i) e[i] = vz_exp2_small(e[i]);
+        else
+            vz_exp2_n(e, w);
+        vf y = yv[t];
+        for (int i = 0; i < w; ++i) {
+            hn[i] = e[i] * hn[i] + duv[t] * Bn[t * B_sl + i * B_sn];
+            eA[t * N + n + i] = e[i];
+            hs[t * N + n + i] = hn[i];
+            y += Cn[t * C_sl + i * C_sn] * hn[i];
+        }
+        yv[t] = y;
+    }
+}
+
+/* The reverse walk: g_t = dy_t C_t + exp(delta'_{t+1} A) g_{t+1} from the adjoint cg carried in, with
+ * dC_t += dy_t h_t and dB_t += g_t delta'_t u_t (lane-wise, into dCacc, dBacc), the dA sums, and
+ * sum_n g_t B_t (into ddu[t]) and sum_n X_t A (into ddt[t]), X_t = g_t h_{t-1} exp(delta'_t A). */
+VZ_INLINE void vz_walk(int w, int tl, int64_t n, int64_t N, const vf *h0, const vf *a, const vf *hs,
+                       const vf *eA, const vf *dtv, const vf *duv, const vf *dyv, const float *Bn, int64_t B_sl,
+                       int64_t B_sn, const float *Cn, int64_t C_sl, int64_t C_sn, vf *cg, vf *dAs, vf *dBacc,
+                       vf *dCacc, vf *ddu, vf *ddt) {
+    vf g[VZ_W], da[VZ_W], an[VZ_W];
+    for (int i = 0; i < w; ++i) g[i] = cg[n + i], da[i] = dAs[n + i], an[i] = a[n + i];
+    for (int t = tl - 1; t >= 0; --t) {
+        const vf *hp = t ? hs + (t - 1) * N : h0;
+        const vf dy = dyv[t], dub = duv[t], dv = dtv[t];
+        vf su = {0}, st = {0};
+        for (int i = 0; i < w; ++i) {
+            const int64_t o = t * N + n + i;
+            const vf gi = dy * Cn[t * C_sl + i * C_sn] + g[i], e = eA[o];
+            dCacc[o] += dy * hs[o];
+            dBacc[o] += gi * dub;
+            su += gi * Bn[t * B_sl + i * B_sn];
+            const vf x = gi * e * hp[n + i];
+            st += x * an[i];
+            da[i] += x * dv;
+            g[i] = gi * e;
+        }
+        ddu[t] += su;
+        ddt[t] += st;
+    }
+    for (int i = 0; i < w; ++i) cg[n + i] = g[i], dAs[n + i] = da[i];
 }
 
 /* The channels of one block and the per-channel constants. */
@@ -151,9 +234,10 @@ int vz_selective_scan_bwd(
             vz_block k;
             vz_block_at(&k, g * dg + (j0 + j) * VZ_CB, gend);
             const vf bs = bias ? vz_gather(bias, &k) : (vf){0};
-            vf h[VZ_NMAX];
+            vf h[VZ_NMAX], a2max = {0};
             for (int64_t n = 0; n < N; ++n) {
                 for (int c = 0; c < VZ_CB; ++c) a2[n][c] = A[k.ch[c] * N + n] * VZ_LOG2E;
+                a2max = VSEL(a2[n] * a2[n] > a2max, a2[n] * a2[n], a2max);
                 h[n] = (vf){0};
                 dAacc[j * N + n] = (vf){0};
                 vf gl = {0};
@@ -173,11 +257,16 @@ int vz_selective_scan_bwd(
                 }
                 if (softplus)
                     for (int t = 0; t < tl; ++t) dtv[t] = vz_softplus(dtv[t]);
+                int in_range[VZ_BT];
                 for (int t = 0; t < tl; ++t) {
-                    const vf dv = dtv[t], dub = duv[t] * dv;
-                    const float *Bl = Bb + (l0 + t) * B_sl;
-                    for (int64_t n = 0; n < N; ++n) h[n] = vz_exp2(dv * a2[n]) * h[n] + dub * Bl[n * B_sn];
+                    duv[t] *= dtv[t];
+                    in_range[t] = vz_in_range(dtv[t], a2max);
                 }
+                const float *Bq = Bb + l0 * B_sl;
+                int64_t n = 0;
+                for (; n + VZ_W <= N; n += VZ_W)
+                    vz_advance(VZ_W, tl, n, h, a2, dtv, duv, in_range, Bq + n * B_sn, B_sl, B_sn);
+                for (; n < N; ++n) vz_advance(1, tl, n, h, a2, dtv, duv, in_range, Bq + n * B_sn, B_sl, B_sn);
             }
         }
         /* Backward, chunk by chunk from the last. */
@@ -191,9 +280,11 @@ int vz_selective_scan_bwd(
                 vz_block_at(&k, g * dg + (j0 + j) * VZ_CB, gend);
                 const vf bs = bias ? vz_gather(bias, &k) : (vf){0};
                 const vf dd = D ? vz_gather(D, &k) : (vf){0};
+                vf a2max = {0};
                 for (int64_t n = 0; n < N; ++n) {
                     for (int c = 0; c < VZ_CB; ++c) a[n][c] = A[k.ch[c] * N + n];
                     a2[n] = a[n] * VZ_LOG2E;
+                    a2max = VSEL(a2[n] * a2[n] > a2max, a2[n] * a2[n], a2max);
                 }
                 /* Per step: u, delta + bias (pre), delta', delta' u, dout, z, y, and the gradients. */
                 vf uv[VZ_BT], pre[VZ_BT], dtv[VZ_BT], duv[VZ_BT], dyv[VZ_BT], yv[VZ_BT], gu[VZ_BT];
@@ -207,29 +298,19 @@ int vz_selective_scan_bwd(
                 for (int t = 0; t < tl; ++t) duv[t] = dtv[t] * uv[t];
                 /* Recompute the chunk's states from the checkpoint, and y. */
                 const vf *h0 = ckpt + (j * chunks + q) * N;
+                const float *Bq = Bb + l0 * B_sl, *Cq = Cb + l0 * C_sl;
+                int in_range[VZ_BT];
                 for (int t = 0; t < tl; ++t) {
-                    const vf dv = dtv[t], dub = duv[t];
-                    const float *Bl = Bb + (l0 + t) * B_sl, *Cl = Cb + (l0 + t) * C_sl;
-                    const vf *hp = t ? hs + (t - 1) * N : h0;
-                    vf *ht = hs + t * N, *et = eA + t * N;
-                    vf y0 = {0}, y1 = {0};
-                    int64_t n = 0;
-                    for (; n + 1 < N; n += 2) {
-                        const vf e0 = vz_exp2(dv * a2[n]), e1 = vz_exp2(dv * a2[n + 1]);
-                        const vf h0n = e0 * hp[n] + dub * Bl[n * B_sn];
-                        const vf h1n = e1 * hp[n + 1] + dub * Bl[(n + 1) * B_sn];
-                        et[n] = e0, et[n + 1] = e1, ht[n] = h0n, ht[n + 1] = h1n;
-                        y0 += Cl[n * C_sn] * h0n;
-                        y1 += Cl[(n + 1) * C_sn] * h1n;
-                    }
-                    for (; n < N; ++n) {
-                        const vf e0 = vz_exp2(dv * a2[n]);
-                        const vf h0n = e0 * hp[n] + dub * Bl[n * B_sn];
-                        et[n] = e0, ht[n] = h0n;
-                        y0 += Cl[n * C_sn] * h0n;
-                    }
-                    yv[t] = y0 + y1;
+                    in_range[t] = vz_in_range(dtv[t], a2max);
+                    yv[t] = (vf){0};
                 }
+                int64_t n = 0;
+                for (; n + VZ_W <= N; n += VZ_W)
+                    vz_recompute(VZ_W, tl, n, N, h0, a2, dtv, duv, in_range, Bq + n * B_sn, B_sl, B_sn,
+                                 Cq + n * C_sn, C_sl, C_sn, hs, eA, yv);
+                for (; n < N; ++n)
+                    vz_recompute(1, tl, n, N, h0, a2, dtv, duv, in_range, Bq + n * B_sn, B_sl, B_sn,
+                                 Cq + n * C_sn, C_sl, C_sn, hs, eA, yv);
                 /* Output stage: dy, dz, dD and the D part of du. */
                 if (z) {
                     for (int t = 0; t < tl; ++t) {
@@ -249,48 +330,22 @@ int vz_selective_scan_bwd(
                 dDacc[j] = dDs;
                 /* The reverse walk. */
                 vf *cg = carry + j * N, *dAs = dAacc + j * N;
+                vf ddu[VZ_BT], ddt[VZ_BT];
+                for (int t = 0; t < tl; ++t) ddu[t] = ddt[t] = (vf){0};
+                for (n = 0; n + VZ_W <= N; n += VZ_W)
+                    vz_walk(VZ_W, tl, n, N, h0, a, hs, eA, dtv, duv, dyv, Bq + n * B_sn, B_sl, B_sn, Cq + n * C_sn,
+                            C_sl, C_sn, cg, dAs, dBacc, dCacc, ddu, ddt);
+                for (; n < N; ++n)
+                    vz_walk(1, tl, n, N, h0, a, hs, eA, dtv, duv, dyv, Bq + n * B_sn, B_sl, B_sn, Cq + n * C_sn,
+                            C_sl, C_sn, cg, dAs, dBacc, dCacc, ddu, ddt);
+                /* d delta' and the delta' u part of du, then d delta through the softplus. */
                 vf dbs = dbacc[j];
-                for (int t = tl - 1; t >= 0; --t) {
-                    const int64_t l = l0 + t;
-                    const vf dv = dtv[t], dub = duv[t], dy = dyv[t];
-                    const float *Bl = Bb + l * B_sl, *Cl = Cb + l * C_sl;
-                    const vf *hp = t ? hs + (t - 1) * N : h0, *ht = hs + t * N, *et = eA + t * N;
-                    vf *dBt = dBacc + t * N, *dCt = dCacc + t * N;
-                    vf ddu0 = {0}, ddu1 = {0}, ddt0 = {0}, ddt1 = {0};
-                    int64_t n = 0;
-                    for (; n + 1 < N; n += 2) {
-                        const float b0 = Bl[n * B_sn], b1 = Bl[(n + 1) * B_sn];
-                        const vf g0 = dy * Cl[n * C_sn] + cg[n], g1 = dy * Cl[(n + 1) * C_sn] + cg[n + 1];
-                        dCt[n] += dy * ht[n];
-                        dCt[n + 1] += dy * ht[n + 1];
-                        dBt[n] += g0 * dub;
-                        dBt[n + 1] += g1 * dub;
-                        ddu0 += g0 * b0;
-                        ddu1 += g1 * b1;
-                        const vf x0 = g0 * et[n] * hp[n], x1 = g1 * et[n + 1] * hp[n + 1];
-                        ddt0 += x0 * a[n];
-                        ddt1 += x1 * a[n + 1];
-                        dAs[n] += x0 * dv;
-                        dAs[n + 1] += x1 * dv;
-                        cg[n] = g0 * et[n];
-                        cg[n + 1] = g1 * et[n + 1];
-                    }
-                    for (; n < N; ++n) {
-                        const vf g0 = dy * Cl[n * C_sn] + cg[n];
-                        dCt[n] += dy * ht[n];
-                        dBt[n] += g0 * dub;
-                        ddu0 += g0 * Bl[n * B_sn];
-                        const vf x0 = g0 * et[n] * hp[n];
-                        ddt0 += x0 * a[n];
-                        dAs[n] += x0 * dv;
-                        cg[n] = g0 * et[n];
-                    }
-                    const vf ddu = ddu0 + ddu1;
-                    vf ddt = (ddt0 + ddt1) + ddu * uv[t];
-                    gu[t] += ddu * dv;
-                    if (softplus) ddt *= vz_sigmoid(pre[t]);
-                    dbs += ddt;
-                    vz_store(ddelta + b * dd_sb + l * dd_sl, dd_sd, k.ch, k.nc, ddt);
+                for (int t = 0; t < tl; ++t) {
+                    vf dt = ddt[t] + ddu[t] * uv[t];
+                    gu[t] += ddu[t] * dtv[t];
+                    if (softplus) dt *= vz_sigmoid(pre[t]);
+                    dbs += dt;
+                    vz_store(ddelta + b * dd_sb + (l0 + t) * dd_sl, dd_sd, k.ch, k.nc, dt);
                 }
                 dbacc[j] = dbs;
                 for (int t = 0; t < tl; ++t)
