@@ -20,7 +20,8 @@ def make(batch=2, dim=12, length=7, dstate=5, groups=2, *, D=True, z=True, bias=
 
     ``layout``: ``"contiguous"``; ``"time_major"``: ``u, delta, z, grad_out`` as ``(b, d, L)`` views of
     ``(L, b, d)`` memory and ``B, C`` as views of ``(L, b, G, N)`` memory; ``"channels_last"``: views of
-    ``(b, L, d)`` memory (Vim's tokens) and ``B, C`` slices of a larger ``(b, L, G * 2N)`` tensor.
+    ``(b, L, d)`` memory (Vim's tokens) and ``B, C`` slices of a larger ``(b, L, G * 2N)`` tensor;
+    ``"strided"``: every tensor a view of every other step of a twice-as-long one (no unit stride).
     Without ``softplus``, delta is made positive (a negative step makes the state grow exponentially).
     """
     g = torch.Generator().manual_seed(seed)
@@ -59,6 +60,11 @@ def make(batch=2, dim=12, length=7, dstate=5, groups=2, *, D=True, z=True, bias=
         x["B"], x["C"] = big[..., :dstate].permute(0, 2, 3, 1), big[..., dstate:].permute(0, 2, 3, 1)
         if gout is not None:
             gout = gout.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "strided":
+        def every_other_step(t):
+            return torch.stack([t, torch.zeros_like(t)], dim=-1).flatten(-2)[..., ::2]
+        x = {k: (every_other_step(v) if v is not None and v.dim() >= 3 else v) for k, v in x.items()}
+        gout = every_other_step(gout) if gout is not None else None
     return x, gout, glast
 
 
@@ -95,7 +101,7 @@ def check(actual, expected, what=""):
 def test_all_option_combinations(opts):
     """D, z, delta_bias, softplus and grad_last_state on and off; layouts alternate across the cases."""
     D, z, bias, softplus, last = opts
-    layout = ("contiguous", "time_major", "channels_last")[sum(opts) % 3]
+    layout = ("contiguous", "time_major", "channels_last", "strided")[sum(opts) % 4]
     x, gout, glast = make(dim=12, length=9, groups=2, D=D, z=z, bias=bias, last=last, layout=layout,
                           softplus=softplus, seed=sum(2 ** i * o for i, o in enumerate(opts)))
     check(cpu_grads(x, softplus, gout, glast), reference_grads(x, softplus, gout, glast), f"{opts} {layout}")
@@ -104,7 +110,7 @@ def test_all_option_combinations(opts):
 @needs_kernel
 @pytest.mark.parametrize("length", [1, 7, 67, 130])
 @pytest.mark.parametrize("dim,groups,dstate", [(20, 1, 16), (36, 2, 5), (9, 1, 3)])
-@pytest.mark.parametrize("layout", ["contiguous", "time_major"])
+@pytest.mark.parametrize("layout", ["contiguous", "time_major", "strided"])
 def test_lengths_groups_layouts(length, dim, groups, dstate, layout):
     """Odd lengths (130 spans several of the kernel's 32-step chunks), ragged channel blocks, G = 1, 2."""
     x, gout, glast = make(dim=dim, length=length, dstate=dstate, groups=groups, layout=layout, seed=length + dim)

@@ -42,23 +42,71 @@
 /* 1 / (1 + e^-x) */
 static inline vf vz_sigmoid(vf x) { return 1.0f / (1.0f + vz_exp2(x * -VZ_LOG2E)); }
 
-/* The lanes of channels ch[0..nc) of one step, at base + ch[c] * sd; lanes past nc are 0. */
-static inline vf vz_load(const float *base, int64_t sd, const int64_t *ch, int nc) {
-    vf v = {0};
-    if (nc == VZ_CB && sd == 1) {
-        memcpy(&v, base + ch[0], sizeof v);
-    } else {
-        for (int c = 0; c < nc; ++c) v[c] = base[ch[c] * sd];
+/* Two-input lane shuffle (GCC >= 12 and Clang have __builtin_shufflevector; older GCC __builtin_shuffle). */
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define VZ_SHUF(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
+#else
+#define VZ_SHUF(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shuffle(a, b, (vi){i0, i1, i2, i3, i4, i5, i6, i7})
+#endif
+
+/* 8 x 8 transpose in place: r[i][j] <-> r[j][i]. Three rounds of two-input shuffles, each one AVX
+ * instruction (unpack, shufps, vperm2f128): pairs of rows interleaved, then pairs of pairs, then halves. */
+static inline void vz_transpose8(vf *r) {
+    vf t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = VZ_SHUF(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = VZ_SHUF(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
     }
-    return v;
+    for (int i = 0; i < 8; i += 4)
+        for (int k = 0; k < 2; ++k) {
+            u[i + 2 * k] = VZ_SHUF(t[i + k], t[i + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            u[i + 2 * k + 1] = VZ_SHUF(t[i + k], t[i + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        }
+    for (int i = 0; i < 4; ++i) {
+        r[i] = VZ_SHUF(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        r[i + 4] = VZ_SHUF(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
 }
 
-static inline void vz_store(float *base, int64_t sd, const int64_t *ch, int nc, vf v) {
+/* One chunk of a (batch, dim, L) sequence for a block of channels: v[t] = the lanes ch[0..nc) at steps
+ * t < tl, base pointing at the chunk's first step (channel 0); lanes past nc are 0. Channel-contiguous
+ * memory (time-major views) is one vector per step; step-contiguous memory ((batch, dim, L) contiguous)
+ * goes in 8 x 8 tiles, 8 rows of 8 steps loaded and transposed; anything else lane by lane. */
+static inline void vz_load_chunk(vf *v, int tl, const float *base, int64_t sd, int64_t sl, const int64_t *ch,
+                                 int nc) {
+    int t = 0;
     if (nc == VZ_CB && sd == 1) {
-        memcpy(base + ch[0], &v, sizeof v);
-    } else {
-        for (int c = 0; c < nc; ++c) base[ch[c] * sd] = v[c];
+        for (; t < tl; ++t) memcpy(&v[t], base + ch[0] + t * sl, sizeof(vf));
+        return;
     }
+    if (nc == VZ_CB && sl == 1) {
+        for (; t + 8 <= tl; t += 8) {
+            for (int c = 0; c < 8; ++c) memcpy(&v[t + c], base + ch[c] * sd + t, sizeof(vf));
+            vz_transpose8(v + t);
+        }
+    }
+    for (; t < tl; ++t) {
+        vf x = {0};
+        for (int c = 0; c < nc; ++c) x[c] = base[ch[c] * sd + t * sl];
+        v[t] = x;
+    }
+}
+
+/* The inverse: lanes ch[0..nc) of v[t] stored at base + ch[c] * sd + t * sl (v is overwritten). */
+static inline void vz_store_chunk(vf *v, int tl, float *base, int64_t sd, int64_t sl, const int64_t *ch, int nc) {
+    int t = 0;
+    if (nc == VZ_CB && sd == 1) {
+        for (; t < tl; ++t) memcpy(base + ch[0] + t * sl, &v[t], sizeof(vf));
+        return;
+    }
+    if (nc == VZ_CB && sl == 1) {
+        for (; t + 8 <= tl; t += 8) {
+            vz_transpose8(v + t);
+            for (int c = 0; c < 8; ++c) memcpy(base + ch[c] * sd + t, &v[t + c], sizeof(vf));
+        }
+    }
+    for (; t < tl; ++t)
+        for (int c = 0; c < nc; ++c) base[ch[c] * sd + t * sl] = v[t][c];
 }
 
 /* Whether every |delta'_t A_n log2(e)| of a step is within 126 (false for NaN); a2max: max over n of
@@ -251,10 +299,9 @@ int vz_selective_scan_bwd(
                 const int64_t l0 = q * VZ_BT;
                 const int tl = length - l0 < VZ_BT ? (int)(length - l0) : VZ_BT;
                 vf dtv[VZ_BT], duv[VZ_BT];
-                for (int t = 0; t < tl; ++t) {
-                    dtv[t] = vz_load(db + (l0 + t) * d_sl, d_sd, k.ch, k.nc) + bs;
-                    duv[t] = vz_load(ub + (l0 + t) * u_sl, u_sd, k.ch, k.nc);
-                }
+                vz_load_chunk(dtv, tl, db + l0 * d_sl, d_sd, d_sl, k.ch, k.nc);
+                vz_load_chunk(duv, tl, ub + l0 * u_sl, u_sd, u_sl, k.ch, k.nc);
+                for (int t = 0; t < tl; ++t) dtv[t] += bs;
                 if (softplus)
                     for (int t = 0; t < tl; ++t) dtv[t] = vz_softplus(dtv[t]);
                 int in_range[VZ_BT];
@@ -288,12 +335,13 @@ int vz_selective_scan_bwd(
                 }
                 /* Per step: u, delta + bias (pre), delta', delta' u, dout, z, y, and the gradients. */
                 vf uv[VZ_BT], pre[VZ_BT], dtv[VZ_BT], duv[VZ_BT], dyv[VZ_BT], yv[VZ_BT], gu[VZ_BT];
-                for (int t = 0; t < tl; ++t) {
-                    const int64_t l = l0 + t;
-                    uv[t] = vz_load(ub + l * u_sl, u_sd, k.ch, k.nc); /* 0 in spare lanes */
-                    pre[t] = vz_load(db + l * d_sl, d_sd, k.ch, k.nc) + bs;
-                    dyv[t] = gb ? vz_load(gb + l * g_sl, g_sd, k.ch, k.nc) : (vf){0};
-                }
+                vz_load_chunk(uv, tl, ub + l0 * u_sl, u_sd, u_sl, k.ch, k.nc); /* 0 in spare lanes */
+                vz_load_chunk(pre, tl, db + l0 * d_sl, d_sd, d_sl, k.ch, k.nc);
+                for (int t = 0; t < tl; ++t) pre[t] += bs;
+                if (gb)
+                    vz_load_chunk(dyv, tl, gb + l0 * g_sl, g_sd, g_sl, k.ch, k.nc);
+                else
+                    for (int t = 0; t < tl; ++t) dyv[t] = (vf){0};
                 for (int t = 0; t < tl; ++t) dtv[t] = softplus ? vz_softplus(pre[t]) : pre[t];
                 for (int t = 0; t < tl; ++t) duv[t] = dtv[t] * uv[t];
                 /* Recompute the chunk's states from the checkpoint, and y. */
@@ -313,14 +361,14 @@ int vz_selective_scan_bwd(
                                  Cq + n * C_sn, C_sl, C_sn, hs, eA, yv);
                 /* Output stage: dy, dz, dD and the D part of du. */
                 if (z) {
+                    vf zt[VZ_BT]; /* z, then dz */
+                    vz_load_chunk(zt, tl, zb + l0 * z_sl, z_sd, z_sl, k.ch, k.nc);
                     for (int t = 0; t < tl; ++t) {
-                        const int64_t l = l0 + t;
-                        const vf zv = vz_load(zb + l * z_sl, z_sd, k.ch, k.nc);
-                        const vf sg = vz_sigmoid(zv), ypre = yv[t] + dd * uv[t];
-                        vz_store(dz + b * dz_sb + l * dz_sl, dz_sd, k.ch, k.nc,
-                                 dyv[t] * ypre * sg * (1.0f + zv * (1.0f - sg)));
+                        const vf zv = zt[t], sg = vz_sigmoid(zv), ypre = yv[t] + dd * uv[t];
+                        zt[t] = dyv[t] * ypre * sg * (1.0f + zv * (1.0f - sg));
                         dyv[t] *= zv * sg;
                     }
+                    vz_store_chunk(zt, tl, dz + b * dz_sb + l0 * dz_sl, dz_sd, dz_sl, k.ch, k.nc);
                 }
                 vf dDs = dDacc[j];
                 for (int t = 0; t < tl; ++t) {
@@ -345,11 +393,11 @@ int vz_selective_scan_bwd(
                     gu[t] += ddu[t] * dtv[t];
                     if (softplus) dt *= vz_sigmoid(pre[t]);
                     dbs += dt;
-                    vz_store(ddelta + b * dd_sb + (l0 + t) * dd_sl, dd_sd, k.ch, k.nc, dt);
+                    ddt[t] = dt;
                 }
                 dbacc[j] = dbs;
-                for (int t = 0; t < tl; ++t)
-                    vz_store(du + b * du_sb + (l0 + t) * du_sl, du_sd, k.ch, k.nc, gu[t]);
+                vz_store_chunk(ddt, tl, ddelta + b * dd_sb + l0 * dd_sl, dd_sd, dd_sl, k.ch, k.nc);
+                vz_store_chunk(gu, tl, du + b * du_sb + l0 * du_sl, du_sd, du_sl, k.ch, k.nc);
             }
             for (int t = 0; t < tl; ++t)
                 for (int64_t n = 0; n < N; ++n) {
