@@ -127,6 +127,14 @@ def test_only_one_output_differentiated():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dstate,groups,dim", [(1, 3, 18), (64, 2, 24)])
+def test_state_sizes(dstate, groups, dim):
+    """N = 1 (no group of four states) and N = 64; three groups."""
+    x, gout, glast = make(dim=dim, length=45, dstate=dstate, groups=groups, seed=dstate)
+    check(cpu_grads(x, True, gout, glast), reference_grads(x, True, gout, glast), f"N={dstate}")
+
+
+@needs_kernel
 def test_several_threads_agree():
     """Work split over threads: one item per (batch, group) pair, or slices of a group's channel blocks
     (with their dB, dC partial sums) when there are fewer pairs than threads."""

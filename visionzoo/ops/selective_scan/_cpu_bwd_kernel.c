@@ -187,10 +187,10 @@ VZ_INLINE void vz_walk(int w, int tl, int64_t n, int64_t N, const vf *h0, const 
             dCacc[o] += dy * hs[o];
             dBacc[o] += gi * dub;
             su += gi * Bn[t * B_sl + i * B_sn];
-            const vf x = gi * e * hp[n + i];
+            g[i] = gi * e;
+            const vf x = g[i] * hp[n + i];
             st += x * an[i];
             da[i] += x * dv;
-            g[i] = gi * e;
         }
         ddu[t] += su;
         ddt[t] += st;
