@@ -296,6 +296,7 @@ int vz_selective_scan_bwd(
             dbacc[j] = (vf){0};
             for (int64_t q = 0; q < chunks; ++q) {
                 memcpy(ckpt + (j * chunks + q) * N, h, N * sizeof(vf));
+                if (q == chunks - 1) break; /* the state after the last step is not needed */
                 const int64_t l0 = q * VZ_BT;
                 const int tl = length - l0 < VZ_BT ? (int)(length - l0) : VZ_BT;
                 vf dtv[VZ_BT], duv[VZ_BT];
