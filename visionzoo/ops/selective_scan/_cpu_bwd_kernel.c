@@ -144,10 +144,11 @@ VZ_INLINE void vz_advance(int w, int tl, int64_t n, vf *h, const vf *a2, const v
 }
 
 /* The chunk's states from its checkpoint h0: hs[t][n] (after step t) and eA[t][n] = exp(delta'_t A_n)
- * stored, C_t . h_t added into yv[t]. */
+ * stored, C_t . h_t added into yv[t], dC_t += dy_t h_t (lane-wise, into dCacc). */
 VZ_INLINE void vz_recompute(int w, int tl, int64_t n, int64_t N, const vf *h0, const vf *a2, const vf *dtv,
                             const vf *duv, const int *in_range, const float *Bn, int64_t B_sl, int64_t B_sn,
-                            const float *Cn, int64_t C_sl, int64_t C_sn, vf *hs, vf *eA, vf *yv) {
+                            const float *Cn, int64_t C_sl, int64_t C_sn, const vf *dyv, vf *hs, vf *eA, vf *yv,
+                            vf *dCacc) {
     vf hn[VZ_W], c[VZ_W];
     for (int i = 0; i < w; ++i) hn[i] = h0[n + i], c[i] = a2[n + i];
     for (int t = 0; t < tl; ++t) {
@@ -159,22 +160,24 @@ VZ_INLINE void vz_recompute(int w, int tl, int64_t n, int64_t N, const vf *h0, c
             vz_exp2_n(e, w);
         vf y = yv[t];
         for (int i = 0; i < w; ++i) {
+            const int64_t o = t * N + n + i;
             hn[i] = e[i] * hn[i] + duv[t] * Bn[t * B_sl + i * B_sn];
-            eA[t * N + n + i] = e[i];
-            hs[t * N + n + i] = hn[i];
+            eA[o] = e[i];
+            hs[o] = hn[i];
             y += Cn[t * C_sl + i * C_sn] * hn[i];
+            dCacc[o] += dyv[t] * hn[i];
         }
         yv[t] = y;
     }
 }
 
 /* The reverse walk: g_t = dy_t C_t + exp(delta'_{t+1} A) g_{t+1} from the adjoint cg carried in, with
- * dC_t += dy_t h_t and dB_t += g_t delta'_t u_t (lane-wise, into dCacc, dBacc), the dA sums, and
+ * dB_t += g_t delta'_t u_t (lane-wise, into dBacc), the dA sums, and
  * sum_n g_t B_t (into ddu[t]) and sum_n X_t A (into ddt[t]), X_t = g_t h_{t-1} exp(delta'_t A). */
 VZ_INLINE void vz_walk(int w, int tl, int64_t n, int64_t N, const vf *h0, const vf *a, const vf *hs,
                        const vf *eA, const vf *dtv, const vf *duv, const vf *dyv, const float *Bn, int64_t B_sl,
                        int64_t B_sn, const float *Cn, int64_t C_sl, int64_t C_sn, vf *cg, vf *dAs, vf *dBacc,
-                       vf *dCacc, vf *ddu, vf *ddt) {
+                       vf *ddu, vf *ddt) {
     vf g[VZ_W], da[VZ_W], an[VZ_W];
     for (int i = 0; i < w; ++i) g[i] = cg[n + i], da[i] = dAs[n + i], an[i] = a[n + i];
     for (int t = tl - 1; t >= 0; --t) {
@@ -184,7 +187,6 @@ VZ_INLINE void vz_walk(int w, int tl, int64_t n, int64_t N, const vf *h0, const 
         for (int i = 0; i < w; ++i) {
             const int64_t o = t * N + n + i;
             const vf gi = dy * Cn[t * C_sl + i * C_sn] + g[i], e = eA[o];
-            dCacc[o] += dy * hs[o];
             dBacc[o] += gi * dub;
             su += gi * Bn[t * B_sl + i * B_sn];
             g[i] = gi * e;
@@ -345,7 +347,17 @@ int vz_selective_scan_bwd(
                     for (int t = 0; t < tl; ++t) dyv[t] = (vf){0};
                 for (int t = 0; t < tl; ++t) dtv[t] = softplus ? vz_softplus(pre[t]) : pre[t];
                 for (int t = 0; t < tl; ++t) duv[t] = dtv[t] * uv[t];
-                /* Recompute the chunk's states from the checkpoint, and y. */
+                /* dy = dout silu(z) (the gradient of y + D u); z and dout kept for dz. */
+                vf zt[VZ_BT], sgt[VZ_BT], got[VZ_BT];
+                if (z) {
+                    vz_load_chunk(zt, tl, zb + l0 * z_sl, z_sd, z_sl, k.ch, k.nc);
+                    for (int t = 0; t < tl; ++t) {
+                        sgt[t] = vz_sigmoid(zt[t]);
+                        got[t] = dyv[t];
+                        dyv[t] *= zt[t] * sgt[t];
+                    }
+                }
+                /* Recompute the chunk's states from the checkpoint, y and dC. */
                 const vf *h0 = ckpt + (j * chunks + q) * N;
                 const float *Bq = Bb + l0 * B_sl, *Cq = Cb + l0 * C_sl;
                 int in_range[VZ_BT];
@@ -356,18 +368,15 @@ int vz_selective_scan_bwd(
                 int64_t n = 0;
                 for (; n + VZ_W <= N; n += VZ_W)
                     vz_recompute(VZ_W, tl, n, N, h0, a2, dtv, duv, in_range, Bq + n * B_sn, B_sl, B_sn,
-                                 Cq + n * C_sn, C_sl, C_sn, hs, eA, yv);
+                                 Cq + n * C_sn, C_sl, C_sn, dyv, hs, eA, yv, dCacc);
                 for (; n < N; ++n)
                     vz_recompute(1, tl, n, N, h0, a2, dtv, duv, in_range, Bq + n * B_sn, B_sl, B_sn,
-                                 Cq + n * C_sn, C_sl, C_sn, hs, eA, yv);
-                /* Output stage: dy, dz, dD and the D part of du. */
+                                 Cq + n * C_sn, C_sl, C_sn, dyv, hs, eA, yv, dCacc);
+                /* Output stage: dz, dD and the D part of du. */
                 if (z) {
-                    vf zt[VZ_BT]; /* z, then dz */
-                    vz_load_chunk(zt, tl, zb + l0 * z_sl, z_sd, z_sl, k.ch, k.nc);
                     for (int t = 0; t < tl; ++t) {
-                        const vf zv = zt[t], sg = vz_sigmoid(zv), ypre = yv[t] + dd * uv[t];
-                        zt[t] = dyv[t] * ypre * sg * (1.0f + zv * (1.0f - sg));
-                        dyv[t] *= zv * sg;
+                        const vf zv = zt[t], sg = sgt[t], ypre = yv[t] + dd * uv[t];
+                        zt[t] = got[t] * ypre * sg * (1.0f + zv * (1.0f - sg)); /* dz */
                     }
                     vz_store_chunk(zt, tl, dz + b * dz_sb + l0 * dz_sl, dz_sd, dz_sl, k.ch, k.nc);
                 }
@@ -383,10 +392,10 @@ int vz_selective_scan_bwd(
                 for (int t = 0; t < tl; ++t) ddu[t] = ddt[t] = (vf){0};
                 for (n = 0; n + VZ_W <= N; n += VZ_W)
                     vz_walk(VZ_W, tl, n, N, h0, a, hs, eA, dtv, duv, dyv, Bq + n * B_sn, B_sl, B_sn, Cq + n * C_sn,
-                            C_sl, C_sn, cg, dAs, dBacc, dCacc, ddu, ddt);
+                            C_sl, C_sn, cg, dAs, dBacc, ddu, ddt);
                 for (; n < N; ++n)
                     vz_walk(1, tl, n, N, h0, a, hs, eA, dtv, duv, dyv, Bq + n * B_sn, B_sl, B_sn, Cq + n * C_sn,
-                            C_sl, C_sn, cg, dAs, dBacc, dCacc, ddu, ddt);
+                            C_sl, C_sn, cg, dAs, dBacc, ddu, ddt);
                 /* d delta' and the delta' u part of du, then d delta through the softplus. */
                 vf dbs = dbacc[j];
                 for (int t = 0; t < tl; ++t) {
