@@ -138,9 +138,10 @@ def test_state_sizes(dstate, groups, dim):
 def test_several_threads_agree():
     """Work split over threads: one item per (batch, group) pair, or slices of a group's channel blocks
     (with their dB, dC partial sums) when there are fewer pairs than threads."""
-    cases = [(make(batch=2, dim=36, length=70, groups=2, seed=1), 1),  # 4 pairs over 3 threads
+    cases = [(make(batch=3, dim=36, length=70, groups=2, seed=1), 1),  # 6 pairs over 3 threads: whole
              (make(batch=1, dim=40, length=70, groups=1, seed=2), 3),  # 1 pair of 5 blocks: 3 slices
-             (make(batch=1, dim=36, length=33, groups=2, layout="time_major", seed=3), 2)]  # 3 blocks, 2 slices
+             (make(batch=2, dim=36, length=33, groups=2, layout="time_major", seed=3), 3),  # 4 pairs, 3 blocks
+             (make(batch=1, dim=12, length=20, groups=2, seed=4), 1)]  # 2 pairs of 1 block: cannot split
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(3)

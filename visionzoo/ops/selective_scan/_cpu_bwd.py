@@ -12,6 +12,7 @@ compiler, for non-fp32 or non-CPU inputs or ``N`` beyond the kernel's limit,
 from __future__ import annotations
 
 import ctypes
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -57,11 +58,17 @@ def _like(u: Tensor) -> Tensor:
 
 
 def _splits(batch: int, groups: int, dg: int) -> int:
-    """Slices of a group's channel blocks per item: 1 unless (batch, group) pairs are fewer than threads."""
+    """Slices of a group's channel blocks per item, so that the threads get equal shares.
+
+    An item is one (batch, group) pair (or a slice of its blocks); ``run_items`` gives each thread a
+    contiguous range of items. Pairs that the threads do not divide evenly (2 pairs on 3 threads) are cut
+    into ``threads / gcd(pairs, threads)`` slices each, which they do; beyond 4 pairs per thread the
+    imbalance is small and every pair stays whole. Slices cost one (batch, G, N, L) dB, dC partial sum each.
+    """
     pairs, threads = batch * groups, torch.get_num_threads()
-    if pairs >= threads:
+    if threads <= 1 or pairs % threads == 0 or pairs >= 4 * threads:
         return 1
-    return max(1, min((dg + CB - 1) // CB, -(-threads // pairs)))
+    return max(1, min((dg + CB - 1) // CB, threads // math.gcd(pairs, threads)))
 
 
 @torch.library.custom_op("visionzoo::selective_scan_cpu_backward", mutates_args=())
