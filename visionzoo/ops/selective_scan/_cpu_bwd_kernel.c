@@ -15,17 +15,19 @@
  *   dz = dout (y + D u) silu'(z),  dD = sum_t dy u,  du = dy D + d(delta' u) delta'
  *   d delta = (d delta' + d(delta' u) u) * sigmoid(delta + bias)  (the factor only with softplus)
  *
- * Work items: one batch element, one group, and one slice of that group's channel blocks (the Python side
- * uses one slice per group unless there are fewer (batch, group) pairs than threads). An item writes its
- * own slice of the dB, dC partial sums (batch, G, N, L per slice; summed over slices in Python), so no two
- * threads write the same memory. The sequence is cut into chunks of VZ_BT steps: a forward pass per
- * channel block stores the state at the start of every chunk; then the chunks are visited last to first,
- * and within a chunk every channel block of the item in turn recomputes its states (kept for the chunk
- * only, with their exp factors) from its checkpoint, then walks the chunk backwards. dB and dC of the
- * chunk are accumulated lane-wise over the blocks and summed across lanes once per chunk. Memory per
- * item: N vectors per (block, chunk) for the checkpoints, plus O(VZ_BT N) vectors, never (L, N) per
- * channel. dA, dD and d bias are per (batch element, channel) partial sums, summed over the batch in
- * Python.
+ * Work items: one batch element, one group, and one slice of that group's channel blocks (the Python
+ * side uses one slice per group unless the threads do not divide the (batch, group) pairs evenly). An
+ * item writes its own slice of the dB, dC partial sums (batch, G, N, L per slice; summed over slices in
+ * Python), so no two threads write the same memory. The sequence is cut into chunks of VZ_BT steps: a
+ * forward pass per channel block stores the state at the start of every chunk; then the chunks are
+ * visited last to first, and within a chunk every channel block of the item in turn recomputes its
+ * states (kept for the chunk only, with their exp factors) from its checkpoint, adding up dC on the way,
+ * then walks the chunk backwards. dB and dC of the chunk are accumulated lane-wise over the blocks and
+ * summed across lanes once per chunk. Per-channel sequences are read and written a chunk at a time
+ * (vz_load_chunk: one vector per step for time-major memory, 8 x 8 transposed tiles for
+ * (batch, dim, L)-contiguous memory). Memory per item: N vectors per (block, chunk) for the checkpoints,
+ * plus O(VZ_BT N) vectors, never (L, N) per channel. dA, dD and d bias are per (batch element, channel)
+ * partial sums, summed over the batch in Python.
  */
 #define _POSIX_C_SOURCE 200112L
 #include <stdint.h>
@@ -254,11 +256,11 @@ int vz_selective_scan_bwd(
     const int64_t chunks = (length + VZ_BT - 1) / VZ_BT;
 
     /* Scratch: per block of the slice, the chunk checkpoints (chunks x N), the adjoint carried into the
-     * chunk being walked (N), the dA sums (N); per chunk, the states and exp factors of its steps and the
-     * lane-wise dB, dC sums (VZ_BT x N each). */
+     * chunk being walked (N), the dA sums (N), the dD and d bias sums (1 each); per chunk, the states and
+     * exp factors of its steps and the lane-wise dB, dC sums (VZ_BT x N each). */
     const size_t nv = (size_t)most * (size_t)(chunks * N + 2 * N + 2) + (size_t)(4 * VZ_BT) * (size_t)N;
     vf *scratch = NULL;
-    if (posix_memalign((void **)&scratch, 64, nv * sizeof(vf) + 64)) return -2;
+    if (posix_memalign((void **)&scratch, 64, nv * sizeof(vf))) return -2;
     vf *ckpt = scratch;                         /* [most][chunks][N] */
     vf *carry = ckpt + most * chunks * N;       /* [most][N] */
     vf *dAacc = carry + most * N;               /* [most][N] */
