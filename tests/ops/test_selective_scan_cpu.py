@@ -23,7 +23,7 @@ def test_all_option_combinations(opts):
     assert out_c.dtype == torch.float32 and last_c.shape == last_r.shape
     assert_close(out_c, out_r, 2e-6, "out")
     assert_close(last_c, last_r, 2e-6, "last_state")
-    for name in g_r:  # the backward is chunked's; checked here through the op's autograd
+    for name in g_r:  # the backward is the C one (_cpu_bwd); checked here through the op's autograd
         assert_close(g_c[name], g_r[name], 1e-5, f"grad {name}")
 
 

@@ -29,8 +29,9 @@ variable ``VISIONZOO_BACKEND_SELECTIVE_SCAN``, see :mod:`visionzoo.ops._backend`
     A C kernel (:file:`_cpu_kernel.c`) compiled on first use with the system C compiler and called
     through ctypes: one pass over the sequence per block of 8 channels with the state in registers,
     SIMD over channels, no ``(L, N)`` temporaries. fp32 CPU tensors; the default on CPU. The backward
-    is ``chunked``'s analytic one. Unavailable (``auto`` falls back to ``chunked``) without a compiler
-    or with ``VISIONZOO_CPU_KERNELS=0``.
+    is a C reverse scan as well (:file:`_cpu_bwd_kernel.c`; states recomputed per 32-step chunk from
+    checkpoints, one work item per (batch, group) so that dB/dC need no atomics). Unavailable (``auto``
+    falls back to ``chunked``) without a compiler or with ``VISIONZOO_CPU_KERNELS=0``.
 ``mamba``
     mamba-ssm's fused CUDA kernel, imported lazily; available only for CUDA tensors when
     ``mamba_ssm`` imports.

@@ -6,8 +6,8 @@ a loop that keeps the state in registers and never leaves the core does the same
 of that. Built, cached and loaded by :mod:`visionzoo.ops._cpu_build` (compiled on first use with the
 system C compiler; unavailable without one, and ``auto`` then uses ``chunked``).
 
-The backward is the ``chunked`` analytic backward (states recomputed from block checkpoints), so
-training gives the same gradients as with ``chunked``.
+The backward is a C reverse scan too (:mod:`._cpu_bwd`: states recomputed per chunk from checkpoints);
+without its kernel it is the ``chunked`` analytic backward.
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from .. import _cpu_build
 from .._cpu_build import ptr
 from ._chunked import selective_scan_chunked_backward
+from ._cpu import _output, _seq
 
 OP = "selective_scan_bwd"
 SOURCE = Path(__file__).with_name("_cpu_bwd_kernel.c")
@@ -42,19 +43,6 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 def load() -> Optional[ctypes.CDLL]:
     return _cpu_build.load_kernel(OP, SOURCE, _declare)
-
-
-def _seq(x: Optional[Tensor]) -> tuple:
-    """Pointer and strides of a ``(batch, dim, L)`` fp32 tensor (any strides), or NULL."""
-    return (None, 0, 0, 0) if x is None else (ptr(x), *x.stride())
-
-
-def _like(u: Tensor) -> Tensor:
-    """An fp32 ``(batch, dim, L)`` buffer, time-major in memory when ``u`` is a time-major view."""
-    batch, dim, length = u.shape
-    if u.permute(2, 0, 1).is_contiguous():
-        return torch.empty(length, batch, dim, dtype=torch.float32).permute(1, 2, 0)
-    return torch.empty(batch, dim, length, dtype=torch.float32)
 
 
 def _splits(batch: int, groups: int, dg: int) -> int:
@@ -102,8 +90,8 @@ def _backward_op(
     glf = grad_last_state.to(f32).contiguous() if grad_last_state is not None else None
 
     splits = _splits(batch, groups, dim // groups)
-    du, ddelta = _like(u), _like(u)
-    dz = _like(u) if z is not None else None
+    du, ddelta = _output(u, dim), _output(u, dim)
+    dz = _output(u, dim) if z is not None else None
     # dB, dC partial sums per slice, (splits, batch, G, L, N) in memory: one step's N values are contiguous.
     dBp = torch.empty(splits, batch, groups, length, dstate, dtype=f32).transpose(3, 4)
     dCp = torch.empty(splits, batch, groups, length, dstate, dtype=f32).transpose(3, 4)

@@ -128,6 +128,16 @@ static inline float vz_hsum(vf v) {
  * checked within 126 (vz_exp2_small). */
 #define VZ_W 4
 
+/* e[i] = exp(delta'_t A_{n+i}) (as exp2 of a2 = A log2 e) for w states; the unclamped exp2 when the step
+ * was checked in range. */
+VZ_INLINE void vz_decay(int w, vf dt, const vf *c, int in_range, vf *e) {
+    for (int i = 0; i < w; ++i) e[i] = dt * c[i];
+    if (in_range)
+        for (int i = 0; i < w; ++i) e[i] = vz_exp2_small(e[i]);
+    else
+        vz_exp2_n(e, w);
+}
+
 /* h (N states) advanced over the chunk's steps, nothing stored (the checkpoint pass). */
 VZ_INLINE void vz_advance(int w, int tl, int64_t n, vf *h, const vf *a2, const vf *dtv, const vf *duv,
                           const int *in_range, const float *Bn, int64_t B_sl, int64_t B_sn) {
@@ -135,11 +145,7 @@ VZ_INLINE void vz_advance(int w, int tl, int64_t n, vf *h, const vf *a2, const v
     for (int i = 0; i < w; ++i) hn[i] = h[n + i], c[i] = a2[n + i];
     for (int t = 0; t < tl; ++t) {
         vf e[VZ_W];
-        for (int i = 0; i < w; ++i) e[i] = dtv[t] * c[i];
-        if (in_range[t])
-            for (int i = 0; i < w; ++i) e[i] = vz_exp2_small(e[i]);
-        else
-            vz_exp2_n(e, w);
+        vz_decay(w, dtv[t], c, in_range[t], e);
         for (int i = 0; i < w; ++i) hn[i] = e[i] * hn[i] + duv[t] * Bn[t * B_sl + i * B_sn];
     }
     for (int i = 0; i < w; ++i) h[n + i] = hn[i];
@@ -155,11 +161,7 @@ VZ_INLINE void vz_recompute(int w, int tl, int64_t n, int64_t N, const vf *h0, c
     for (int i = 0; i < w; ++i) hn[i] = h0[n + i], c[i] = a2[n + i];
     for (int t = 0; t < tl; ++t) {
         vf e[VZ_W];
-        for (int i = 0; i < w; ++i) e[i] = dtv[t] * c[i];
-        if (in_range[t])
-            for (int i = 0; i < w; ++i) e[i] = vz_exp2_small(e[i]);
-        else
-            vz_exp2_n(e, w);
+        vz_decay(w, dtv[t], c, in_range[t], e);
         vf y = yv[t];
         for (int i = 0; i < w; ++i) {
             const int64_t o = t * N + n + i;
