@@ -1,41 +1,12 @@
 """Semantic FPN, 80k iterations, 512x512 crops, with biformer_small on ADE20K (mmseg 1.x).
 
 BiFormer (CVPR 2023), ADE20K: n_win=8 routing regions, auto_pad.
-The PVT / BiFormer semantic-FPN recipe: AdamW lr 2e-4, weight decay 1e-4, poly decay (power 0.9),
-80k iterations at batch 2 x 8 GPUs.
-Data: data/ade/ADEChallengeData2016/{images,annotations}/{training,validation}.
+Recipe and data layout: _base_/fpn_visionzoo_80k_ade20k-512x512.py.
 """
-_base_ = [
-    "mmseg::_base_/models/fpn_r50.py",
-    "mmseg::_base_/datasets/ade20k.py",
-    "mmseg::_base_/schedules/schedule_80k.py",
-    "mmseg::_base_/default_runtime.py",
-]
-custom_imports = dict(imports=["visionzoo.mm"], allow_failed_imports=False)
+_base_ = ["./_base_/fpn_visionzoo_80k_ade20k-512x512.py"]
 
-crop_size = (512, 512)
-data_preprocessor = dict(size=crop_size)
 model = dict(
-    data_preprocessor=data_preprocessor,
-    pretrained=None,
-    backbone=dict(
-        _delete_=True,
-        type="visionzoo.Backbone",
-        model_name="biformer_small",
-        drop_path_rate=0.3,
-        model_kwargs=dict(n_win=8),
-        pretrained=True,
-    ),
+    backbone=dict(model_name="biformer_small", drop_path_rate=0.3, model_kwargs=dict(n_win=8)),
     neck=dict(in_channels=[64, 128, 256, 512]),
-    decode_head=dict(num_classes=150),
 )
-optim_wrapper = dict(
-    _delete_=True,
-    type="OptimWrapper",
-    optimizer=dict(type="AdamW", lr=2e-4, betas=(0.9, 0.999), weight_decay=1e-4),
-    paramwise_cfg=dict(norm_decay_mult=0.0, bias_decay_mult=0.0),
-)
-param_scheduler = [
-    dict(type="PolyLR", eta_min=0.0, power=0.9, begin=0, end=80000, by_epoch=False),
-]
-train_dataloader = dict(batch_size=2)
+optim_wrapper = dict(paramwise_cfg=dict(norm_decay_mult=0.0, bias_decay_mult=0.0))

@@ -1,42 +1,13 @@
 """Semantic FPN, 80k iterations, 512x512 crops, with dependencyvit_small on ADE20K (mmseg 1.x).
 
 DependencyViT (CVPR 2023), ADE20K: plain backbone, blocks 2/5/8/11 + simple feature pyramid.
-The PVT / BiFormer semantic-FPN recipe: AdamW lr 2e-4, weight decay 1e-4, poly decay (power 0.9),
-80k iterations at batch 2 x 8 GPUs, layer-wise lr decay 0.9 for the plain backbone.
-Data: data/ade/ADEChallengeData2016/{images,annotations}/{training,validation}.
+Recipe and data layout: _base_/fpn_visionzoo_80k_ade20k-512x512.py.
 """
-_base_ = [
-    "mmseg::_base_/models/fpn_r50.py",
-    "mmseg::_base_/datasets/ade20k.py",
-    "mmseg::_base_/schedules/schedule_80k.py",
-    "mmseg::_base_/default_runtime.py",
-]
-custom_imports = dict(imports=["visionzoo.mm"], allow_failed_imports=False)
+_base_ = ["./_base_/fpn_visionzoo_80k_ade20k-512x512.py"]
 
-crop_size = (512, 512)
-data_preprocessor = dict(size=crop_size)
 model = dict(
-    data_preprocessor=data_preprocessor,
-    pretrained=None,
-    backbone=dict(
-        _delete_=True,
-        type="visionzoo.Backbone",
-        model_name="dependencyvit_small",
-        drop_path_rate=0.1,
-        model_kwargs=dict(),
-        pretrained=True,
-    ),
+    backbone=dict(model_name="dependencyvit_small", drop_path_rate=0.1),
     neck=dict(in_channels=[384, 384, 384, 384]),
-    decode_head=dict(num_classes=150),
 )
-optim_wrapper = dict(
-    _delete_=True,
-    type="OptimWrapper",
-    optimizer=dict(type="AdamW", lr=2e-4, betas=(0.9, 0.999), weight_decay=1e-4),
-    constructor="visionzoo.LayerDecayOptimizerConstructor",
-    paramwise_cfg=dict(layer_decay_rate=0.9),
-)
-param_scheduler = [
-    dict(type="PolyLR", eta_min=0.0, power=0.9, begin=0, end=80000, by_epoch=False),
-]
-train_dataloader = dict(batch_size=2)
+optim_wrapper = dict(constructor="visionzoo.LayerDecayOptimizerConstructor",
+                     paramwise_cfg=dict(layer_decay_rate=0.9))  # plain backbone

@@ -1,44 +1,14 @@
 """UPerNet, 160k iterations, 512x512 crops, with dependencyvit_small on ADE20K (mmseg 1.x).
 
 DependencyViT (CVPR 2023), ADE20K: plain backbone, blocks 2/5/8/11 + simple feature pyramid.
-Data: mmseg's standard layout, data/ade/ADEChallengeData2016/{images,annotations}/{training,validation}.
-Schedule: mmseg's 160k with the Swin-style AdamW recipe (lr 6e-5, weight decay 0.01, 1500 warm-up
-iterations, poly decay), layer-wise lr decay 0.9 for the plain backbone; check it against the paper's
-official config before comparing numbers.
+Recipe and data layout: _base_/upernet_visionzoo_160k_ade20k-512x512.py.
 """
-_base_ = [
-    "mmseg::_base_/models/upernet_r50.py",
-    "mmseg::_base_/datasets/ade20k.py",
-    "mmseg::_base_/schedules/schedule_160k.py",
-    "mmseg::_base_/default_runtime.py",
-]
-custom_imports = dict(imports=["visionzoo.mm"], allow_failed_imports=False)
+_base_ = ["./_base_/upernet_visionzoo_160k_ade20k-512x512.py"]
 
-crop_size = (512, 512)
-data_preprocessor = dict(size=crop_size)
 model = dict(
-    data_preprocessor=data_preprocessor,
-    pretrained=None,
-    backbone=dict(
-        _delete_=True,
-        type="visionzoo.Backbone",
-        model_name="dependencyvit_small",
-        drop_path_rate=0.1,
-        model_kwargs=dict(),
-        pretrained=True,
-    ),
-    decode_head=dict(in_channels=[384, 384, 384, 384], num_classes=150),
-    auxiliary_head=dict(in_channels=384, num_classes=150),
+    backbone=dict(model_name="dependencyvit_small", drop_path_rate=0.1),
+    decode_head=dict(in_channels=[384, 384, 384, 384]),
+    auxiliary_head=dict(in_channels=384),
 )
-optim_wrapper = dict(
-    _delete_=True,
-    type="OptimWrapper",
-    optimizer=dict(type="AdamW", lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01),
-    constructor="visionzoo.LayerDecayOptimizerConstructor",
-    paramwise_cfg=dict(layer_decay_rate=0.9),
-)
-param_scheduler = [
-    dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=1500),
-    dict(type="PolyLR", eta_min=0.0, power=1.0, begin=1500, end=160000, by_epoch=False),
-]
-train_dataloader = dict(batch_size=2)
+optim_wrapper = dict(constructor="visionzoo.LayerDecayOptimizerConstructor",
+                     paramwise_cfg=dict(layer_decay_rate=0.9))  # plain backbone
