@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,8 @@ from typing import Any
 import timm
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import visionzoo  # noqa: F401
+from visionzoo.cli import REPO as ROOT
 from visionzoo.models import VISIONZOO_MODELS
 
 MANIFEST = ROOT / "checkpoints" / "manifest.yaml"

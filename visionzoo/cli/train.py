@@ -1,5 +1,7 @@
 """Train any visionzoo / timm backbone on classification, detection or segmentation (Hydra + Lightning).
 
+``visionzoo-train`` and ``python tools/train.py`` run this ``main``:
+
     python tools/train.py                                   # the CPU demo (synthetic shapes, minutes)
     python tools/train.py task=detection                    # detection demo (Faster R-CNN)
     python tools/train.py model=vim_small task=segmentation data=ade20k data.root=/data/ade trainer=gpu
@@ -12,12 +14,10 @@ channels, model name) stops with one line ``error: ...`` and exit status 2.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
+from visionzoo.cli import REPO
+
+CONFIGS = REPO / "configs"
 
 
 def _check_groups(argv) -> None:
@@ -36,7 +36,14 @@ def _check_groups(argv) -> None:
             sys.exit(2)
 
 
-def main(config_name: str = "train") -> None:
+def main(argv: list[str] | None = None, config_name: str = "train") -> None:
+    """Hydra reads its overrides from ``sys.argv``; ``argv`` (without the program name) replaces them."""
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    if not CONFIGS.is_dir():
+        print(f"error: no Hydra configs at {CONFIGS}; install visionzoo from its checkout (pip install -e .)",
+              file=sys.stderr)
+        sys.exit(2)
     _check_groups(sys.argv[1:])  # before the heavy imports: a typo answers at once
 
     import hydra
@@ -58,4 +65,4 @@ def main(config_name: str = "train") -> None:
 
 
 if __name__ == "__main__":
-    main("train")
+    main()

@@ -56,9 +56,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import visionzoo
+from visionzoo.cli import REPO as ROOT
 from visionzoo.models import VISIONZOO_MODELS
 from visionzoo.utils import count_macs, count_params
 from visionzoo.utils.memory import PeakLiveBytes

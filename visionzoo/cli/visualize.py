@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,11 +39,9 @@ import numpy as np
 import timm
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import visionzoo  # noqa: F401
+from visionzoo.layers import plain_feature_indices
 from visionzoo.models import VISIONZOO_MODELS
-from visionzoo.layers import plain_feature_indices  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left")
 DEFAULT_POINT = (0.22, 0.45)  # (y, x) as fractions: the astronaut's face

@@ -1,0 +1,17 @@
+"""Evaluate a visionzoo checkpoint: ``python tools/eval.py ckpt_path=<run>/checkpoints/best.ckpt [data=...]``.
+
+``visionzoo-eval`` runs the same ``main``. The model, task head and EMA settings are read from the
+checkpoint's stored config; data, trainer and everything else come from configs/eval.yaml and the
+command line (as in tools/train.py).
+"""
+from __future__ import annotations
+
+from visionzoo.cli import train
+
+
+def main(argv: list[str] | None = None) -> None:
+    train.main(argv, config_name="eval")
+
+
+if __name__ == "__main__":
+    main()
