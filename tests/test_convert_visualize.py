@@ -1,7 +1,6 @@
 """tools/convert.py (official files -> visionzoo safetensors, checksums, one-line errors), the checkpoint
 manifest, and tools/visualize.py (every picture renders to a valid PNG)."""
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 import yaml
 
 import visionzoo  # noqa: F401
+from visionzoo.cli import convert, visualize
 from visionzoo.models import VISIONZOO_MODELS
 
 from .models.overlock_official import OFFICIAL_CFGS, official_overlock_forward
@@ -21,16 +21,6 @@ from .models.vim_official import official_vim_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT / "checkpoints" / "manifest.yaml"
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert = _load_tool("convert")
 
 
 @torch.no_grad()
@@ -292,7 +282,6 @@ def test_manifest_entries_are_complete_and_consistent():
 
 
 # --- tools/visualize.py ---------------------------------------------------------------------------------
-visualize = _load_tool("visualize")
 TEST_MODELS = {what: f"test_{family}" for what, (family, _, _) in visualize.PICTURES.items()}
 
 

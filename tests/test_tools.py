@@ -1,26 +1,16 @@
 """The command-line tools run end to end on small inputs."""
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
 import matplotlib.image
 import pytest
 import timm
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from visionzoo.cli import benchmark as bench
 
 
 def test_benchmark_end_to_end_writes_csv_json_png(tmp_path):
-    bench = _load_tool("benchmark")
     rows = bench.main(["--model", "test_vim", "test_patnet", "--img-size", "48", "40", "--mode", "both",
                        "--batch-size", "2", "--warmup", "0", "--reps", "1", "--out-dir", str(tmp_path),
                        "--tag", "unit"])
@@ -65,7 +55,6 @@ def test_benchmark_end_to_end_writes_csv_json_png(tmp_path):
 
 def test_benchmark_csv_path_flags_of_gpu_check(tmp_path):
     """benchmarks/gpu_check.sh's flags (there with --device cuda): --csv names the files."""
-    bench = _load_tool("benchmark")
     out = tmp_path / "run_bs1.csv"
     rows = bench.main(["--device", "cpu", "--models", "test_vim", "--batch-size", "1", "--warmup", "0",
                        "--reps", "1", "--max-timed-params", "1e9", "--img-size", "32", "--csv", str(out)])
@@ -74,7 +63,6 @@ def test_benchmark_csv_path_flags_of_gpu_check(tmp_path):
 
 
 def test_benchmark_fixed_size_model_gives_error_row_with_params():
-    bench = _load_tool("benchmark")
     (row,) = bench.main(["--models", "test_vim", "--img-size", "32", "--fixed-size", "--warmup", "0",
                          "--reps", "1", "--no-save"])
     assert row["error"].startswith("ValueError: Vim: this model was built for 64x64 inputs, got 32x32")
@@ -83,7 +71,6 @@ def test_benchmark_fixed_size_model_gives_error_row_with_params():
 
 
 def test_benchmark_halves_batch_on_out_of_memory():
-    bench = _load_tool("benchmark")
     tried = []
 
     def measure(batch):
@@ -103,7 +90,6 @@ def test_benchmark_halves_batch_on_out_of_memory():
 
 
 def test_benchmark_cpu_peak_memory_counts_weights_once():
-    bench = _load_tool("benchmark")
     layer = torch.nn.Linear(64, 32)
     x = torch.randn(4, 64)
     resident = (64 * 32 + 32 + 4 * 64) * 4
@@ -118,7 +104,6 @@ def test_benchmark_cpu_peak_memory_counts_weights_once():
 
 
 def test_benchmark_accepts_timm_globs_and_rejects_unknown_names():
-    bench = _load_tool("benchmark")
     assert bench.resolve_models(["deit_tiny_patch16_224", "vim_ti*", "fasternet_t[01]"]) == [
         "deit_tiny_patch16_224", "vim_tiny", "vim_tiny_stride8", "fasternet_t0", "fasternet_t1"]
     assert "test_vim" not in bench.resolve_models(["*"])

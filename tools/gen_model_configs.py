@@ -12,12 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
+import visionzoo
+from visionzoo.models import VISIONZOO_MODELS
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import visionzoo  # noqa: E402
-from visionzoo.models import VISIONZOO_MODELS  # noqa: E402
-
 OUT = ROOT / "configs" / "model"
 
 

@@ -10,12 +10,11 @@ parameters and GMACs of every row.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from visionzoo.models import VISIONZOO_MODELS
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from visionzoo.models import VISIONZOO_MODELS  # noqa: E402
 
 BEGIN, END = "<!-- model-table -->", "<!-- /model-table -->"
 

@@ -585,5 +585,12 @@ def main(argv=None):
     return rows
 
 
+
+def cli() -> None:
+    """The ``visionzoo-benchmark`` console command: ``main`` without its return value (the rows), which a
+    console script would hand to ``sys.exit``."""
+    main()
+
+
 if __name__ == "__main__":
     main()

@@ -308,5 +308,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return info
 
 
+
+def cli() -> None:
+    """The ``visionzoo-convert`` console command: ``main`` without its return value (the conversion summary), which a
+    console script would hand to ``sys.exit``."""
+    main()
+
+
 if __name__ == "__main__":
     main()

@@ -459,5 +459,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     return paths
 
 
+
+def cli() -> None:
+    """The ``visionzoo-visualize`` console command: ``main`` without its return value (the written paths), which a
+    console script would hand to ``sys.exit``."""
+    main()
+
+
 if __name__ == "__main__":
     main()
