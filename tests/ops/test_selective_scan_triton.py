@@ -279,7 +279,7 @@ def test_unavailable_without_interpreter_or_triton(monkeypatch):
     with pytest.raises(RuntimeError, match="'triton' is not available on device type 'cpu'"):
         selective_scan(**x, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(_triton, "_kernel_module", None)  # as if `import triton` had failed
+    monkeypatch.setattr(_triton.KERNELS, "_module", None)  # as if `import triton` had failed
     assert not _op.is_available("triton", "cpu") and not _op.is_available("triton", "cuda")
     with pytest.raises(RuntimeError, match="not available"):
         selective_scan(**x, backend="triton")

@@ -16,83 +16,26 @@ in the environment before Triton was first imported (Triton's interpreter: slow,
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 from torch import Tensor
 
+from .._triton_build import TritonKernels, cdiv, interpret_enabled, next_pow2  # noqa: F401 - re-exported
+
+KERNELS = TritonKernels(__package__ + "._triton_kernel")
+load = KERNELS.load
+is_available = KERNELS.is_available
+unavailable_reason = KERNELS.unavailable_reason
+_kernel = KERNELS.jit  # (device_type, name)
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BLOCK_C = 64  # channels per program; more channels take more programs (d attn: an inner loop)
-
-_UNSET = object()
-_kernel_module: object = _UNSET
-_jitted: dict[tuple[str, str], object] = {}
-
-
-def load():
-    """The kernel module, or None when Triton cannot be imported (cached)."""
-    global _kernel_module
-    if _kernel_module is _UNSET:
-        mod = None
-        try:
-            if importlib.util.find_spec("triton") is not None:
-                from . import _triton_kernel as mod
-        except Exception:  # noqa: BLE001 - a broken install must not break visionzoo
-            mod = None
-        _kernel_module = mod
-    return _kernel_module
-
-
-def interpret_enabled() -> bool:
-    """``TRITON_INTERPRET=1`` is set and Triton was imported under it.
-
-    Triton wraps its ``triton.language`` helpers with ``triton.jit`` when it is imported, reading
-    ``TRITON_INTERPRET`` then; helpers wrapped in compiled mode cannot run in the interpreter. torch
-    imports Triton early (``torch.library``), so the variable must be set before ``visionzoo`` is
-    imported (``tests/conftest.py`` does this when there is no GPU).
-    """
-    if os.environ.get("TRITON_INTERPRET", "0").strip() != "1" or load() is None:
-        return False
-    try:
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return isinstance(tl.standard.zeros, InterpretedFunction)
-    except Exception:  # noqa: BLE001 - a Triton without these internals: no interpreter support
-        return False
-
-
-def is_available(device_type: str) -> bool:
-    if load() is None:
-        return False
-    if device_type == "cuda":
-        return True
-    if device_type == "cpu":
-        return interpret_enabled()
-    return False
-
-
-def _kernel(name: str, device_type: str):
-    """``triton.jit`` of kernel ``name``, wrapped once per device type (CPU: interpreter)."""
-    fn = _jitted.get((name, device_type))
-    if fn is None:
-        import triton
-
-        fn = triton.jit(getattr(load(), name))
-        _jitted[(name, device_type)] = fn
-    return fn
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _blocks(pixels: int, channels: int, block_p: int | None, block_c: int | None) -> tuple[int, int]:
     """``(BLOCK_P, BLOCK_C)``: up to 2048 fp32 accumulators per program, no block much larger than the map
     (a 7x7 map gets 64-pixel blocks, not 128)."""
-    bc = block_c or min(_pow2(channels), MAX_BLOCK_C)
-    bp = block_p or min(max(16, min(128, 2048 // bc)), max(16, _pow2(pixels)))
+    bc = block_c or min(next_pow2(channels), MAX_BLOCK_C)
+    bp = block_p or min(max(16, min(128, 2048 // bc)), max(16, next_pow2(pixels)))
     for name, v in (("block_p", bp), ("block_c", bc)):
         if v & (v - 1):
             raise ValueError(f"na2d_av triton: {name} must be a power of two, got {v}")
@@ -107,10 +50,6 @@ def _check(attn: Tensor, value: Tensor) -> None:
         raise RuntimeError(f"neighborhood_aggregation: backend 'triton' does not support dtype {value.dtype}")
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def triton_forward(attn: Tensor, value: Tensor, kernel_size: int, *, block_p: int | None = None,
                    block_c: int | None = None) -> Tensor:
     """``attn`` ``(B, G, H, W, K*K)``, ``value`` ``(B, G, H, W, c)`` (any strides) -> contiguous ``(B, G, H, W, c)``."""
@@ -118,8 +57,8 @@ def triton_forward(attn: Tensor, value: Tensor, kernel_size: int, *, block_p: in
     B, G, H, W, C = value.shape
     out = torch.empty((B, G, H, W, C), dtype=value.dtype, device=value.device)
     bp, bc = _blocks(H * W, C, block_p, block_c)
-    grid = (B * G, _cdiv(H * W, bp), _cdiv(C, bc))
-    _kernel("na2d_av_fwd_kernel", value.device.type)[grid](
+    grid = (B * G, cdiv(H * W, bp), cdiv(C, bc))
+    _kernel(value.device.type, "na2d_av_fwd_kernel")[grid](
         attn, value, out, G, H, W, C, *attn.stride(), *value.stride(), *out.stride(),
         K=kernel_size, BLOCK_P=bp, BLOCK_C=bc, num_warps=4,
     )
@@ -137,13 +76,13 @@ def triton_backward(attn: Tensor, value: Tensor, kernel_size: int, grad_out: Ten
     grad_attn = grad_value = None
     if needs[0]:
         grad_attn = torch.empty((B, G, H, W, kernel_size * kernel_size), dtype=attn.dtype, device=attn.device)
-        _kernel("na2d_av_bwd_attn_kernel", dev)[(B * G, _cdiv(H * W, bp))](
+        _kernel(dev, "na2d_av_bwd_attn_kernel")[(B * G, cdiv(H * W, bp))](
             grad_out, value, grad_attn, G, H, W, C, *grad_out.stride(), *value.stride(), *grad_attn.stride(),
             K=kernel_size, BLOCK_P=bp, BLOCK_C=bc, ONE_CHUNK=C <= bc, num_warps=4,
         )
     if needs[1]:
         grad_value = torch.empty((B, G, H, W, C), dtype=value.dtype, device=value.device)
-        _kernel("na2d_av_bwd_value_kernel", dev)[(B * G, _cdiv(H * W, bp), _cdiv(C, bc))](
+        _kernel(dev, "na2d_av_bwd_value_kernel")[(B * G, cdiv(H * W, bp), cdiv(C, bc))](
             attn, grad_out, grad_value, G, H, W, C, *attn.stride(), *grad_out.stride(), *grad_value.stride(),
             K=kernel_size, BLOCK_P=bp, BLOCK_C=bc, num_warps=4,
         )

@@ -16,73 +16,21 @@ set before Triton was first imported (Triton's interpreter: slow, for tests); se
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-_UNSET = object()
-_kernel_module: object = _UNSET
-_jitted: dict = {}
+from .._triton_build import TritonKernels, cdiv, interpret_enabled, next_pow2  # noqa: F401 - re-exported
+
+KERNELS = TritonKernels(__package__ + "._triton_kernel")
+load = KERNELS.load
+is_available = KERNELS.is_available
+unavailable_reason = KERNELS.unavailable_reason
+_kernel = KERNELS.jit  # (device_type, name)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
-
-
-def load():
-    """The kernel module, or None when Triton cannot be imported (cached)."""
-    global _kernel_module
-    if _kernel_module is _UNSET:
-        mod = None
-        try:
-            if importlib.util.find_spec("triton") is not None:
-                from . import _triton_kernel as mod
-        except Exception:  # noqa: BLE001 - a broken install must not break visionzoo
-            mod = None
-        _kernel_module = mod
-    return _kernel_module
-
-
-def interpret_enabled() -> bool:
-    """``TRITON_INTERPRET=1`` is set and Triton was imported under it (its ``tl`` helpers are then
-    interpreter functions; if Triton was imported first, the interpreter cannot run our kernels)."""
-    if os.environ.get("TRITON_INTERPRET", "0").strip() != "1" or load() is None:
-        return False
-    try:
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return isinstance(tl.standard.zeros, InterpretedFunction)
-    except Exception:  # noqa: BLE001 - a Triton without these internals: no CPU interpreter support
-        return False
-
-
-def is_available(device_type: str) -> bool:
-    if device_type == "cuda":
-        return load() is not None
-    if device_type == "cpu":
-        return interpret_enabled()
-    return False
-
-
-def _kernel(device_type: str, name: str):
-    fn = _jitted.get((device_type, name))
-    if fn is None:
-        import triton
-
-        fn = triton.jit(getattr(load(), name))
-        _jitted[(device_type, name)] = fn
-    return fn
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check(q: Tensor) -> None:
@@ -100,15 +48,15 @@ def _unit_channel_stride(x: Tensor) -> Tensor:
 
 def _config(w2: int, d_qk: int, d_v: int, dtype: torch.dtype, device_type: str) -> dict:
     # Tiles: at least 16 (tl.dot), at most 64; a query tile covers a whole region when it fits.
-    block_m = min(64, max(16, _next_pow2(w2)))
+    block_m = min(64, max(16, next_pow2(w2)))
     block_n = 64 if d_qk <= 64 else 32
     # fp32: exact IEEE products unless PyTorch allows TF32 (then as PyTorch's own matmuls); the setting
     # means nothing for 16-bit inputs, which use tensor cores either way.
     precision = "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
     # Triton's interpreter multiplies bf16 tiles wrongly (see _triton_kernel): fp32 there.
     upcast = dtype == torch.bfloat16 and device_type == "cpu"
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=max(16, _next_pow2(d_qk)),
-                BLOCK_DV=max(16, _next_pow2(d_v)), PRECISION=precision, UPCAST=upcast)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=max(16, next_pow2(d_qk)),
+                BLOCK_DV=max(16, next_pow2(d_v)), PRECISION=precision, UPCAST=upcast)
 
 
 def _sp(x: Tensor) -> Tuple[int, int, int]:
@@ -129,7 +77,7 @@ def bra_triton_forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, num_heads: 
     lse = torch.empty((B, H, W, m), dtype=torch.float32, device=v.device)
     idx32 = idx.to(torch.int32).contiguous()
     cfg = _config(w2, c_qk // m, c_v // m, q.dtype, q.device.type)
-    grid = (_cdiv(w2, cfg["BLOCK_M"]), S2, B * m)
+    grid = (cdiv(w2, cfg["BLOCK_M"]), S2, B * m)
     _kernel(q.device.type, "bra_fwd_kernel")[grid](
         q, k, v, out, lse, idx32,
         *_sp(q), *_sp(k), *_sp(v), *_sp(out), *_sp(lse),
@@ -174,7 +122,7 @@ def bra_triton_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tenso
     dq = dk = dv = None
     if needs[0]:
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        grid = (_cdiv(w2, cfg["BLOCK_M"]), S2, B * m)
+        grid = (cdiv(w2, cfg["BLOCK_M"]), S2, B * m)
         _kernel(q.device.type, "bra_bwd_dq_kernel")[grid](
             q, k, v, grad_out, lse, delta, dq, idx32,
             *_sp(q), *_sp(k), *_sp(v), *_sp(grad_out), *_sp(lse), *_sp(dq),
@@ -184,8 +132,8 @@ def bra_triton_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tenso
         offsets, inverse = _inverse_routing(idx, S2)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        cfg_kv = dict(cfg, BLOCK_N=min(64, max(16, _next_pow2(w2))), BLOCK_M=min(32, cfg["BLOCK_M"]))
-        grid = (_cdiv(w2, cfg_kv["BLOCK_N"]), S2, B * m)
+        cfg_kv = dict(cfg, BLOCK_N=min(64, max(16, next_pow2(w2))), BLOCK_M=min(32, cfg["BLOCK_M"]))
+        grid = (cdiv(w2, cfg_kv["BLOCK_N"]), S2, B * m)
         _kernel(q.device.type, "bra_bwd_dkdv_kernel")[grid](
             q, k, v, grad_out, lse, delta, dk, dv, offsets, inverse,
             *_sp(q), *_sp(k), *_sp(v), *_sp(grad_out), *_sp(lse), *_sp(dk), *_sp(dv),

@@ -20,81 +20,25 @@ Both kernels also run the backward-in-time direction of :func:`..selective_scan_
 Triton is imported lazily (never at ``visionzoo`` import time) and any failure to import it makes the
 backend unavailable. It runs on CUDA tensors, and on CPU tensors only when ``TRITON_INTERPRET=1`` is
 set in the environment before Triton is first imported (Triton's interpreter; slow, meant for tests;
-see :func:`interpret_enabled`). Our kernel is wrapped by ``triton.jit`` on first use, separately for
-CPU and CUDA tensors.
+see :func:`interpret_enabled`). Loading and ``triton.jit`` wrapping are :mod:`.._triton_build`'s.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-_UNSET = object()
-_kernel_module: object = _UNSET
-_jitted: dict[str, object] = {}
+from .._triton_build import TritonKernels, cdiv, interpret_enabled, next_pow2  # noqa: F401 - re-exported
+
+KERNELS = TritonKernels(__package__ + "._triton_kernel")
+load = KERNELS.load
+is_available = KERNELS.is_available
+unavailable_reason = KERNELS.unavailable_reason
+_kernel = KERNELS.jit  # (device_type, name); module attribute so tests can count launches
 
 # Input dtypes the kernel handles (fp64 runs on ``chunked``, see ``_op.resolve``).
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def load():
-    """The kernel module, or None when Triton cannot be imported (cached)."""
-    global _kernel_module
-    if _kernel_module is _UNSET:
-        mod = None
-        try:
-            if importlib.util.find_spec("triton") is not None:
-                from . import _triton_kernel as mod
-        except Exception:  # noqa: BLE001 - a broken install must not break visionzoo
-            mod = None
-        _kernel_module = mod
-    return _kernel_module
-
-
-def interpret_enabled() -> bool:
-    """``TRITON_INTERPRET=1`` is set, and Triton was imported under it.
-
-    Triton wraps its own ``triton.language`` helpers (``tl.zeros``, ``tl.sum``, ...) with ``triton.jit``
-    when it is imported, and that wrapping reads ``TRITON_INTERPRET``: if Triton was imported before the
-    variable was set, the helpers are compiled-mode functions and the interpreter cannot run a kernel
-    that uses them. (torch imports Triton early, e.g. on ``torch.library.custom_op``, so the variable
-    must be in the environment before ``torch.library`` / ``visionzoo`` is imported.)
-    """
-    if os.environ.get("TRITON_INTERPRET", "0").strip() != "1" or load() is None:
-        return False
-    try:
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return isinstance(tl.standard.zeros, InterpretedFunction)
-    except Exception:  # noqa: BLE001 - a Triton without these internals: no CPU interpreter support
-        return False
-
-
-def is_available(device_type: str) -> bool:
-    if device_type == "cuda":
-        return load() is not None
-    if device_type == "cpu":
-        return interpret_enabled()
-    return False
-
-
-def _kernel(device_type: str, name: str = "selective_scan_fwd_kernel"):
-    """``triton.jit`` of kernel ``name``, wrapped once per device type (CPU: interpreter)."""
-    fn = _jitted.get((device_type, name))
-    if fn is None:
-        import triton
-
-        fn = triton.jit(getattr(load(), name))
-        _jitted[(device_type, name)] = fn
-    return fn
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _check(u: Tensor) -> None:
@@ -107,10 +51,10 @@ def _check(u: Tensor) -> None:
 def _block_d(block_d: Optional[int], dg: int, block_n: int, budget: int) -> int:
     """Channels per program: a power of two, at most the group size (rounded up), ~budget state elements."""
     if block_d is None:
-        block_d = max(1, min(_next_pow2(dg), max(16, budget // block_n)))
+        block_d = max(1, min(next_pow2(dg), max(16, budget // block_n)))
     if block_d < 1 or block_d & (block_d - 1):
         raise ValueError("block_d must be a power of two")
-    return min(block_d, _next_pow2(dg))
+    return min(block_d, next_pow2(dg))
 
 
 def selective_scan_triton(
@@ -147,11 +91,11 @@ def selective_scan_triton(
         out = torch.empty((batch, dim, length), dtype=u.dtype, device=u.device)
     last_state = torch.empty((batch, dim, dstate), dtype=torch.float32, device=u.device)
 
-    block_n = _next_pow2(dstate)
+    block_n = next_pow2(dstate)
     block_d = _block_d(block_d, dg, block_n, 1024)
     zz = z if z is not None else u
-    grid = (batch, groups, triton_cdiv(dg, block_d))
-    _kernel(u.device.type)[grid](
+    grid = (batch, groups, cdiv(dg, block_d))
+    _kernel(u.device.type, "selective_scan_fwd_kernel")[grid](
         u, delta, A, B, C,
         D if D is not None else u, zz, delta_bias if delta_bias is not None else u,
         out, last_state,
@@ -204,12 +148,12 @@ def selective_scan_triton_backward(
     batch, dim, length = u.shape
     groups, dstate = B.shape[1], B.shape[2]
     dg = dim // groups
-    block_n = _next_pow2(dstate)
+    block_n = next_pow2(dstate)
     block_d = _block_d(block_d, dg, block_n, 512)
     if chunk < 1:
         raise ValueError("chunk must be >= 1")
-    nblk = triton_cdiv(dg, block_d)
-    nchunks = triton_cdiv(length, chunk)
+    nblk = cdiv(dg, block_d)
+    nchunks = cdiv(length, chunk)
     nprog = batch * groups * nblk
     dev = u.device
     f32 = torch.float32
@@ -259,6 +203,3 @@ def selective_scan_triton_backward(
     grad_bias = dbias.sum(0).to(delta_bias.dtype) if dbias is not None else None
     return du, ddelta, grad_A, grad_B, grad_C, grad_D, dz, grad_bias
 
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)

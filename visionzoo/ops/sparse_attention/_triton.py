@@ -18,72 +18,23 @@ Block sizes: ``BLOCK_M`` query rows x ``BLOCK_K`` keys per step (module attribut
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .._triton_build import TritonKernels, cdiv, interpret_enabled, next_pow2  # noqa: F401 - re-exported
+
+KERNELS = TritonKernels(__package__ + "._triton_kernel")
+load = KERNELS.load
+is_available = KERNELS.is_available
+unavailable_reason = KERNELS.unavailable_reason
+_kernel = KERNELS.jit  # (device_type, name)
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_M = 16
 BLOCK_K = 16
 NUM_WARPS = 4
-
-_UNSET = object()
-_kernel_module: object = _UNSET
-_jitted: dict = {}
-
-
-def load():
-    """The kernel module, or None when Triton cannot be imported (cached)."""
-    global _kernel_module
-    if _kernel_module is _UNSET:
-        mod = None
-        try:
-            if importlib.util.find_spec("triton") is not None:
-                from . import _triton_kernel as mod
-        except Exception:  # noqa: BLE001 - a broken Triton install must not break visionzoo
-            mod = None
-        _kernel_module = mod
-    return _kernel_module
-
-
-def interpret_enabled() -> bool:
-    """``TRITON_INTERPRET=1`` is set and Triton was imported under it (its ``tl`` helpers are then
-    interpreter functions; if Triton was imported first, the interpreter cannot run our kernels)."""
-    if os.environ.get("TRITON_INTERPRET", "0").strip() != "1" or load() is None:
-        return False
-    try:
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return isinstance(tl.standard.zeros, InterpretedFunction)
-    except Exception:  # noqa: BLE001 - Triton without these internals: no interpreter support
-        return False
-
-
-def is_available(device_type: str) -> bool:
-    if device_type == "cuda":
-        return load() is not None
-    if device_type == "cpu":
-        return interpret_enabled()
-    return False
-
-
-def _kernel(device_type: str, name: str):
-    """``triton.jit`` of kernel ``name``, wrapped once per device type (CPU: the interpreter)."""
-    fn = _jitted.get((device_type, name))
-    if fn is None:
-        import triton
-
-        fn = triton.jit(getattr(load(), name))
-        _jitted[(device_type, name)] = fn
-    return fn
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _check(q: Tensor) -> None:
@@ -97,9 +48,9 @@ def _launches(N: int, P: int, K: int, block_m: int):
     """(dense, rows, keys per row, grid rows) for the dense-row launch and the sparse-row launch."""
     out = []
     if P:
-        out.append((True, P, N, -(-P // block_m)))
+        out.append((True, P, N, cdiv(P, block_m)))
     if N - P:
-        out.append((False, N - P, K, -(-(N - P) // block_m)))
+        out.append((False, N - P, K, cdiv(N - P, block_m)))
     return out
 
 
@@ -117,7 +68,7 @@ def sparse_attention_triton(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale:
             H, N, dense_rows, rows, n_keys, float(scale),
             *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *out.stride(),
             d, d_v,
-            BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(d_v),
+            BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=next_pow2(d), BLOCK_DV=next_pow2(d_v),
             DENSE=dense, STORE_LSE=False, num_warps=NUM_WARPS,
         )
     return out
@@ -144,7 +95,7 @@ def sparse_attention_triton_backward(q: Tensor, k: Tensor, v: Tensor, idx: Tenso
             H, N, dense_rows, rows, n_keys, float(scale),
             *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *grad_out.stride(),
             d, d_v,
-            BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(d_v),
+            BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=next_pow2(d), BLOCK_DV=next_pow2(d_v),
             DENSE=dense, NEED_DQ=needs[0], NEED_DK=needs[1], NEED_DV=needs[2], num_warps=NUM_WARPS,
         )
     return (dq.to(q.dtype) if needs[0] else None, dk.to(k.dtype) if needs[1] else None,
