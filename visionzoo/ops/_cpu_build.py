@@ -9,8 +9,13 @@ processes may build at once. Without a compiler, on a failed build, or with
 ``VISIONZOO_CPU_KERNELS=0``, :func:`load_kernel` returns None (the reason logged once) and the ops'
 ``auto`` falls back to their pure-PyTorch backends.
 
-:func:`run_items` splits a kernel's work items over ``torch.get_num_threads()`` Python threads;
-ctypes releases the GIL during a foreign call, so the threads run in parallel.
+Threads: every kernel takes ``torch.get_num_threads()`` (:func:`threads`) as its last argument and splits
+its work items over that many threads itself (``vz_parallel`` in ``_simd.h``), with OpenMP: built with
+``-fopenmp``, the libraries link ``libgomp.so.1``, which in a torch process is torch's own (same soname,
+already loaded), so the kernels run on torch's intra-op thread pool, as its own ops do. Where
+``-fopenmp`` does not build (a compiler without OpenMP), the kernels are built without it and run on the
+calling thread. Every output element is computed whole by one thread in a fixed order: results do not
+depend on the thread count. ctypes releases the GIL during the call.
 """
 from __future__ import annotations
 
@@ -23,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -33,10 +37,9 @@ _logger = logging.getLogger("visionzoo.ops")
 # -std=c99 alone would switch off FMA contraction (ISO mode); -ffp-contract=fast turns it back on.
 FLAGS = ("-O3", "-std=c99", "-ffp-contract=fast", "-fPIC", "-shared", "-march=native", "-fno-math-errno",
          "-fno-trapping-math")
+OPENMP = ("-fopenmp",)
 
 _libs: dict[str, Optional[ctypes.CDLL]] = {}
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_size = 0
 
 
 def compiler() -> Optional[str]:
@@ -64,8 +67,18 @@ def cache_dir() -> Path:
 
 
 def _build(source: Path, cc: str) -> Path:
+    """The cached library of ``source``: built with OpenMP, or, where that fails, without."""
+    try:
+        return _build_with(source, cc, FLAGS + OPENMP)
+    except RuntimeError as e:
+        _logger.info("visionzoo.ops: building %s with OpenMP failed; single-threaded kernels (%s)", source.name,
+                     str(e).splitlines()[0])
+        return _build_with(source, cc, FLAGS)
+
+
+def _build_with(source: Path, cc: str, flags: tuple) -> Path:
     text = source.read_bytes() + Path(__file__).with_name("_simd.h").read_bytes()  # the shared header
-    key = hashlib.sha256(text + " ".join(FLAGS).encode() + cc.encode() + _cpu_id().encode()).hexdigest()[:16]
+    key = hashlib.sha256(text + " ".join(flags).encode() + cc.encode() + _cpu_id().encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.parent.name}_{key}.so"
     if target.exists():
         return target
@@ -73,7 +86,7 @@ def _build(source: Path, cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [cc, *FLAGS, str(source), "-o", tmp]
+        cmd = [cc, *flags, str(source), "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.strip()[-2000:]}")
@@ -120,16 +133,11 @@ def ptr(x: Optional[torch.Tensor]) -> Optional[ctypes.c_void_p]:
     return ctypes.c_void_p(x.data_ptr()) if x is not None else None
 
 
-def run_items(fn: Callable[..., int], head: Sequence, items: int) -> list[int]:
-    """Call ``fn(*head, begin, end)`` over ``[0, items)`` split across torch's intra-op thread count."""
-    global _pool, _pool_size
-    threads = max(1, min(torch.get_num_threads(), items))
-    if threads == 1:
-        return [fn(*head, 0, items)]
-    if _pool is None or _pool_size != threads:
-        if _pool is not None:
-            _pool.shutdown(wait=False)
-        _pool, _pool_size = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="visionzoo-cpu"), threads
-    bounds = [items * i // threads for i in range(threads + 1)]
-    futures = [_pool.submit(fn, *head, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    return [f.result() for f in futures]
+def threads() -> int:
+    """The thread count every kernel is called with: torch's intra-op threads."""
+    return max(1, torch.get_num_threads())
+
+
+def run_jobs(fn: Callable[..., int], jobs: Sequence[ctypes.Structure]) -> int:
+    """``fn(jobs array, len(jobs), threads())`` for a kernel taking an array of argument structs; its status."""
+    return fn((type(jobs[0]) * len(jobs))(*jobs), len(jobs), threads())

@@ -5,6 +5,36 @@
 #ifndef VZ_SIMD_H
 #define VZ_SIMD_H
 #include <stdint.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+/* Runs fn(ctx, begin, end) over [0, items) cut into nthreads contiguous ranges, one per thread, and returns
+ * the first non-zero status. Built with -fopenmp (see _cpu_build.py), the threads are OpenMP's: in a torch
+ * process the same libgomp, and so the same thread pool, as torch's intra-op threads (no second set of
+ * threads competing with torch's spinning ones for the cores). Which thread runs a range changes nothing
+ * in the result: every item is computed whole by one thread, in the same order of operations. Without
+ * OpenMP everything runs on the calling thread. */
+typedef int (*vz_range_fn)(const void *ctx, int64_t begin, int64_t end);
+static int vz_parallel(int64_t items, int64_t nthreads, vz_range_fn fn, const void *ctx) {
+    if (nthreads > items) nthreads = items;
+    if (nthreads > 256) nthreads = 256;
+#if defined(_OPENMP)
+    if (nthreads > 1) {
+        int status[256] = {0};
+#pragma omp parallel num_threads((int)nthreads)
+        {
+            const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+            status[t] = fn(ctx, items * t / n, items * (t + 1) / n);
+        }
+        for (int64_t t = 0; t < nthreads; ++t)
+            if (status[t]) return status[t];
+        return 0;
+    }
+#endif
+    (void)nthreads;
+    return fn(ctx, 0, items);
+}
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif

@@ -22,10 +22,18 @@ CB = 8  # channels per work item; must equal VZ_CB in the C source
 KMAX = 16  # longest filter; must equal VZ_KMAX
 
 
+class ConvArgs(ctypes.Structure):
+    """One conv's arguments, the C struct ``vz_conv_args`` of :file:`_cpu_kernel.c` (same fields, order)."""
+
+    _fields_ = ([(k, ctypes.c_int64) for k in ("batch", "dim", "length", "K")]
+                + [("x", ctypes.c_void_p)] + [(f"x_s{k}", ctypes.c_int64) for k in "bdl"]
+                + [("w", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+                + [("out", ctypes.c_void_p)] + [(f"o_s{k}", ctypes.c_int64) for k in "bdl"] + [("silu", ctypes.c_int64)])
+
+
 def _declare(lib: ctypes.CDLL) -> None:
-    i64, fp = ctypes.c_int64, ctypes.c_void_p
     fn = lib.vz_causal_conv1d_fwd
-    fn.argtypes = [i64] * 4 + [fp, i64, i64, i64, fp, fp, ctypes.c_int32, fp, i64, i64, i64, i64, i64]
+    fn.argtypes = [ctypes.POINTER(ConvArgs), ctypes.c_int64, ctypes.c_int64]
     fn.restype = ctypes.c_int
 
 
@@ -62,20 +70,29 @@ def causal_conv1d_cpu_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], ac
     xp = x.data_ptr()
     if reverse:
         xp, sl = xp + (length - 1) * sl * x.element_size(), -sl
-    run(lib, batch, dim, length, (xp, sb, sd, sl), weight, bias, activation == "silu", (out.data_ptr(), *out.stride()))
+    weight, bias = f32c(weight), f32c(bias)
+    run(lib, [job(batch, dim, length, (xp, sb, sd, sl), weight, bias, activation == "silu",
+                  (out.data_ptr(), *out.stride()))])
     return out
 
 
-def run(lib: ctypes.CDLL, batch: int, dim: int, length: int, x: tuple, weight: Tensor, bias: Optional[Tensor],
-        silu: bool, out: tuple) -> None:
-    """The kernel on raw ``(pointer, batch stride, channel stride, time stride)`` views ``x`` and ``out``
-    (fp32; element strides; a negative time stride from the last step reads or writes reversed);
-    ``weight`` ``(dim, K)`` or ``(dim, 1, K)``."""
-    K = weight.shape[-1]
-    head = (batch, dim, length, K, *x, f32c(weight).data_ptr(), None if bias is None else f32c(bias).data_ptr(),
-            int(silu), *out)
-    if any(_cpu_build.run_items(lib.vz_causal_conv1d_fwd, head, batch * ((dim + CB - 1) // CB))):
-        raise RuntimeError(f"causal_conv1d: the 'cpu' kernel rejected K={K}")
+def job(batch: int, dim: int, length: int, x: tuple, weight: Tensor, bias: Optional[Tensor], silu: bool,
+        out: tuple) -> ConvArgs:
+    """One conv on raw ``(pointer, batch stride, channel stride, time stride)`` views ``x`` and ``out`` (fp32;
+    element strides; a negative time stride from the last step reads or writes reversed); ``weight``
+    ``(dim, K)`` or ``(dim, 1, K)`` and ``bias`` fp32 contiguous (the caller keeps them alive until
+    :func:`run`)."""
+    return ConvArgs(batch, dim, length, weight.shape[-1], *x, weight.data_ptr(),
+                    None if bias is None else bias.data_ptr(), *out, int(silu))
+
+
+def run(lib: ctypes.CDLL, jobs: list) -> None:
+    """The convs ``jobs`` (same batch and dim) in one kernel call, channel block by channel block: a later
+    job may overwrite an earlier job's input (the fused Vim path convolves x reversed into a new buffer,
+    then x in place)."""
+    if _cpu_build.run_jobs(lib.vz_causal_conv1d_fwd, jobs):
+        raise RuntimeError(f"causal_conv1d: the 'cpu' kernel rejected K={jobs[0].K} (at most {KMAX} taps, "
+                           f"jobs of one batch and dim)")
 
 
 def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str) -> Tensor:
@@ -91,9 +108,16 @@ def causal_conv1d_bidirectional_cpu(x: Tensor, weight: Tensor, bias: Optional[Te
     order (the order the backward direction of a Vim mixer works in). Writes into ``out``
     ``(batch, 2E, L)`` fp32 (any strides) and returns it.
     """
-    E = x.shape[1]
+    lib = _check(x, weight)
+    batch, E, length = x.shape
+    weight, bias = f32c(weight), f32c(bias)
+    sb, sd, sl = x.stride()
+    views = ((x.data_ptr(), sb, sd, sl), (x.data_ptr() + (length - 1) * sl * x.element_size(), sb, sd, -sl))
+    jobs = []
     for half in range(2):
         ch = slice(half * E, (half + 1) * E)
-        causal_conv1d_cpu_into(x, weight[ch], bias[ch] if bias is not None else None, activation, out[:, ch],
-                               reverse=bool(half))
+        o = out[:, ch]
+        jobs.append(job(batch, E, length, views[half], weight[ch], bias[ch] if bias is not None else None,
+                        activation == "silu", (o.data_ptr(), *o.stride())))
+    run(lib, jobs)
     return out

@@ -3,7 +3,7 @@
  *
  *   out[b, c, t] = act(bias[c] + sum_k w[c, k] * x[b, c, t - (K - 1) + k])      (x = 0 before t = 0)
  *
- * One work item is one batch element and a block of VZ_CB channels; it walks along t keeping the last
+ * One work item is one batch element and a block of VZ_CB channels (of every job); it walks along t keeping the last
  * K - 1 inputs in a small window, so every input is read once and every output written once (the shifted
  * PyTorch path reads and writes the whole tensor K + 1 times). Vectors over channels: loads and stores
  * are contiguous when the channel stride is 1 (time-major (batch, L, dim) memory, Vim's layout).
@@ -66,27 +66,56 @@ VZ_INLINE void conv_item(const int64_t K, const int64_t length, const int64_t d0
     }
 }
 
-/* x, out: (batch, dim, L) with strides (s_b, s_d, s_l); w: (dim, K) contiguous; bias: (dim,) or NULL.
- * Items [item_begin, item_end) of batch * ceil(dim / VZ_CB). Returns 0, or -1 when K > VZ_KMAX. */
-int vz_causal_conv1d_fwd(
-    int64_t batch, int64_t dim, int64_t length, int64_t K,
-    const float *x, int64_t x_sb, int64_t x_sd, int64_t x_sl,
-    const float *w, const float *bias, int32_t silu,
-    float *out, int64_t o_sb, int64_t o_sd, int64_t o_sl,
-    int64_t item_begin, int64_t item_end)
-{
-    if (K < 1 || K > VZ_KMAX) return -1;
-    const int64_t blocks = (dim + VZ_CB - 1) / VZ_CB;
+/* One conv: x, out: (batch, dim, L) with strides (s_b, s_d, s_l); w: (dim, K) contiguous; bias: (dim,) or
+ * NULL. The Python mirror is _cpu.py's ConvArgs. */
+typedef struct {
+    int64_t batch, dim, length, K;
+    const float *x;
+    int64_t x_sb, x_sd, x_sl;
+    const float *w, *bias;
+    float *out;
+    int64_t o_sb, o_sd, o_sl;
+    int64_t silu;
+} vz_conv_args;
+
+typedef struct {
+    const vz_conv_args *jobs;
+    int64_t njobs;
+} conv_ctx;
+
+static int conv_range(const void *p, int64_t begin, int64_t end) {
+    const conv_ctx *ctx = p;
     const vz_fpmode fpmode = vz_ftz_on();
-    for (int64_t item = item_begin; item < item_end; ++item) {
-        const int64_t b = item / blocks, d0 = (item % blocks) * VZ_CB;
-        const int64_t nc = dim - d0 < VZ_CB ? dim - d0 : VZ_CB;
-        const int dense = nc == VZ_CB && x_sd == 1 && o_sd == 1;
-        if (K == 4)
-            conv_item(4, length, d0, nc, dense, x + b * x_sb, x_sd, x_sl, w, bias, silu, out + b * o_sb, o_sd, o_sl);
-        else
-            conv_item(K, length, d0, nc, dense, x + b * x_sb, x_sd, x_sl, w, bias, silu, out + b * o_sb, o_sd, o_sl);
-    }
+    for (int64_t item = begin; item < end; ++item)
+        for (int64_t j = 0; j < ctx->njobs; ++j) {
+            const vz_conv_args *a = &ctx->jobs[j];
+            const int64_t blocks = (a->dim + VZ_CB - 1) / VZ_CB;
+            const int64_t b = item / blocks, d0 = (item % blocks) * VZ_CB;
+            const int64_t nc = a->dim - d0 < VZ_CB ? a->dim - d0 : VZ_CB;
+            const int dense = nc == VZ_CB && a->x_sd == 1 && a->o_sd == 1;
+            const float *xb = a->x + b * a->x_sb;
+            float *ob = a->out + b * a->o_sb;
+            if (a->K == 4)
+                conv_item(4, a->length, d0, nc, dense, xb, a->x_sd, a->x_sl, a->w, a->bias, a->silu != 0, ob,
+                          a->o_sd, a->o_sl);
+            else
+                conv_item(a->K, a->length, d0, nc, dense, xb, a->x_sd, a->x_sl, a->w, a->bias, a->silu != 0, ob,
+                          a->o_sd, a->o_sl);
+        }
     vz_ftz_restore(fpmode);
     return 0;
+}
+
+/* njobs convs with the same batch and dim over nthreads threads. A work item is one batch element and one
+ * block of VZ_CB channels of every job, job after job (so a later job may overwrite an earlier one's input:
+ * the fused Vim path convolves x reversed into a new buffer, then x in place). Returns 0, or -1 when
+ * K > VZ_KMAX or the jobs' batch or dim differ. */
+int vz_causal_conv1d_fwd(const vz_conv_args *jobs, int64_t njobs, int64_t nthreads)
+{
+    if (njobs < 1) return 0;
+    for (int64_t j = 0; j < njobs; ++j)
+        if (jobs[j].K < 1 || jobs[j].K > VZ_KMAX || jobs[j].batch != jobs[0].batch || jobs[j].dim != jobs[0].dim)
+            return -1;
+    const conv_ctx ctx = {jobs, njobs};
+    return vz_parallel(jobs[0].batch * ((jobs[0].dim + VZ_CB - 1) / VZ_CB), nthreads, conv_range, &ctx);
 }

@@ -29,13 +29,51 @@ NMAX = 256  # largest state size; must equal VZ_NMAX
 SUPPORTED_DTYPES = (torch.float32,)
 
 
+_i64, _fp = ctypes.c_int64, ctypes.c_void_p
+
+
+def _seq_fields(name: str, s: str) -> list:
+    return [(name, _fp), (f"{s}_sb", _i64), (f"{s}_sd", _i64), (f"{s}_sl", _i64)]
+
+
+def _bc_fields(name: str) -> list:
+    return [(name, _fp)] + [(f"{name}_s{k}", _i64) for k in "bgnl"]
+
+
+class ScanArgs(ctypes.Structure):
+    """One scan's arguments, the C struct ``vz_scan_args`` of :file:`_cpu_kernel.c` (same fields, same
+    order). Sequences are ``(pointer, batch stride, channel stride, time stride)`` in elements."""
+
+    _fields_ = ([(k, _i64) for k in ("batch", "dim", "length", "dstate", "groups")] + _seq_fields("u", "u")
+                + _seq_fields("delta", "d") + [("dt_w", _fp), ("rank", _i64), ("A2", _fp), ("a_log", _i64)]
+                + _bc_fields("B") + _bc_fields("C") + [("D", _fp), ("bias", _fp)] + _seq_fields("z", "z")
+                + [("softplus", _i64)] + _seq_fields("out", "o")
+                + [("last_state", _fp), ("ckpt", _fp), ("ck_row", _i64), ("out_scale", ctypes.c_float),
+                   ("accumulate", ctypes.c_int32)])
+
+
+_NULL_SEQ = (None, 0, 0, 0)
+
+
+def _job(batch: int, dim: int, length: int, dstate: int, groups: int, u: tuple, delta: tuple, dt_w, rank: int,
+         A2, a_log: bool, B: tuple, C: tuple, D, bias, z: tuple, softplus: bool, out: tuple, last_state,
+         scale: float = 1.0, accumulate: bool = False, ckpt=None, ck_row: int = 0) -> ScanArgs:
+    """The one place the kernel's arguments are put together: sequences as (pointer, 3 strides), ``B, C`` as
+    (pointer, 4 strides), the rest pointers (ints, or None for NULL) and flags."""
+    return ScanArgs(batch, dim, length, dstate, groups, *u, *delta, dt_w, rank, A2, int(a_log), *B, *C, D, bias,
+                    *z, int(softplus), *out, last_state, ckpt, ck_row, scale, int(accumulate))
+
+
+def _run(lib: ctypes.CDLL, jobs: list, what: str) -> None:
+    if _cpu_build.run_jobs(lib.vz_selective_scan_fwd, jobs):
+        a = jobs[0]
+        raise RuntimeError(f"{what}: the 'cpu' kernel rejected the inputs (N={a.dstate}, dim={a.dim}, "
+                           f"groups={a.groups}, rank={a.rank})")
+
+
 def _declare(lib: ctypes.CDLL) -> None:
-    i64, fp = ctypes.c_int64, ctypes.c_void_p
-    seq = [fp, i64, i64, i64]  # pointer + (batch, dim, L) strides
-    bc = [fp, i64, i64, i64, i64]  # pointer + (batch, G, N, L) strides
     fn = lib.vz_selective_scan_fwd
-    fn.argtypes = ([i64] * 5 + seq * 2 + [fp, i64] + [fp, ctypes.c_int32] + bc * 2 + [fp] * 2 + seq + [ctypes.c_int32] + seq
-                   + [ctypes.c_float, ctypes.c_int32] + [fp, i64, i64])
+    fn.argtypes = [ctypes.POINTER(ScanArgs), _i64, _i64]
     fn.restype = ctypes.c_int
 
 
@@ -47,14 +85,10 @@ def is_available(device_type: str) -> bool:
     return device_type == "cpu" and load() is not None
 
 
-def _bc(x: Tensor) -> tuple:
-    """Pointer and strides of a ``(batch, G, N, L)`` fp32 tensor (any strides)."""
-    return (ptr(x), *x.stride())
-
-
 def _seq(x: Optional[Tensor]) -> tuple:
-    """Pointer and strides of a ``(batch, dim, L)`` fp32 tensor (any strides), or NULL."""
-    return (None, 0, 0, 0) if x is None else (ptr(x), *x.stride())
+    """Pointer and strides of a ``(batch, dim, L)`` or ``(batch, G, N, L)`` fp32 tensor (any strides), or a
+    NULL sequence."""
+    return _NULL_SEQ if x is None else (x.data_ptr(), *x.stride())
 
 
 def _library_for(dstate: int) -> ctypes.CDLL:
@@ -105,20 +139,18 @@ def selective_scan_cpu(
     B, C = B.float(), C.float()
     out = _output(u, dim)
     last_state = torch.empty(batch, dim, dstate, dtype=torch.float32)
-    head = (batch, dim, length, dstate, groups, *_seq(u), *_seq(delta), None, 0, ptr(A2), 0, *_bc(B), *_bc(C),
-            ptr(D), ptr(bias), *_seq(z), int(bool(delta_softplus)), *_seq(out), 1.0, 0, ptr(last_state))
-    if any(_cpu_build.run_items(lib.vz_selective_scan_fwd, head, batch * ((dim + CB - 1) // CB))):
-        raise RuntimeError(f"selective_scan: the 'cpu' kernel rejected the inputs (N={dstate}, dim={dim}, "
-                           f"groups={groups})")
+    _run(lib, [_job(batch, dim, length, dstate, groups, _seq(u), _seq(delta), None, 0, ptr(A2), False, _seq(B),
+                    _seq(C), ptr(D), ptr(bias), _seq(z), delta_softplus, _seq(out), ptr(last_state))],
+         "selective_scan")
     return out, last_state
 
 
 def _seq_reversed(x: Optional[Tensor]) -> tuple:
     """Pointer and strides that walk a ``(batch, dim, L)`` tensor from ``t = L - 1`` down to 0."""
     if x is None:
-        return (None, 0, 0, 0)
+        return _NULL_SEQ
     sb, sd, sl = x.stride()
-    return (ctypes.c_void_p(x.data_ptr() + (x.shape[-1] - 1) * sl * x.element_size()), sb, sd, -sl)
+    return (x.data_ptr() + (x.shape[-1] - 1) * sl * x.element_size(), sb, sd, -sl)
 
 
 def selective_scan_bidirectional_cpu(
@@ -151,27 +183,20 @@ def selective_scan_bidirectional_cpu(
     u, delta, z = (x.float() if x is not None else None for x in (u, delta, z))  # the kernel reads fp32 only
     A2, D, bias = _per_channel(A, D, delta_bias)
     out = _output(u, dim2 if reduce == "none" else E)
-    last_states = []
+    B, C = B.float(), C.float()
+    last_states = [torch.empty(batch, E, dstate, dtype=torch.float32) for _ in range(2)]
     scale = 0.5 if reduce == "mean" else 1.0
-    items = batch * ((E + CB - 1) // CB)
-    halves = (slice(0, E), slice(E, dim2))
-    for direction, ch in enumerate(halves):
+    jobs = []
+    for direction, ch in enumerate((slice(0, E), slice(E, dim2))):
         grp = slice(direction * G2, (direction + 1) * G2)
-        Bd, Cd = B[:, grp].float(), C[:, grp].float()  # (batch, G/2, N, L)
-        last_states.append(torch.empty(batch, E, dstate, dtype=torch.float32))
         backward = direction == 1
-        if reduce == "none":
-            o, accumulate = out[:, ch], 0
-        else:
-            o, accumulate = out, int(backward)
-        head = (batch, E, length, dstate, G2, *_seq(u[:, ch]), *_seq(delta[:, ch]), None, 0, ptr(A2[ch]), 0,
-                *_bc(Bd), *_bc(Cd), ptr(D[ch] if D is not None else None),
-                ptr(bias[ch] if bias is not None else None),
-                *(_seq_reversed(z) if backward else _seq(z)), int(bool(delta_softplus)),
-                *(_seq_reversed(o) if backward else _seq(o)), scale, accumulate, ptr(last_states[-1]))
-        if any(_cpu_build.run_items(lib.vz_selective_scan_fwd, head, items)):
-            raise RuntimeError(f"selective_scan: the 'cpu' kernel rejected the inputs (N={dstate}, dim={E}, "
-                               f"groups={G2})")
+        o = out[:, ch] if reduce == "none" else out
+        seq = _seq_reversed if backward else _seq
+        jobs.append(_job(batch, E, length, dstate, G2, _seq(u[:, ch]), _seq(delta[:, ch]), None, 0, ptr(A2[ch]),
+                         False, _seq(B[:, grp]), _seq(C[:, grp]), ptr(D[ch] if D is not None else None),
+                         ptr(bias[ch] if bias is not None else None), seq(z), delta_softplus, seq(o),
+                         ptr(last_states[direction]), scale, backward and reduce != "none"))
+    _run(lib, jobs, "selective_scan")  # item by item, the backward direction after the forward one
     return out, torch.cat(last_states, dim=1)
 
 
@@ -216,17 +241,24 @@ def bimamba_inner_cpu(xz: Tensor, forward: MixerDirection, backward: MixerDirect
     z_fwd, z_rev = (x0 + 4 * E, x_sb, 1, x_sl), (x0 + 4 * E + last, x_sb, 1, -x_sl)
     u_b = torch.empty(batch, length, E, dtype=torch.float32)
     ub_view = (u_b.data_ptr(), length * E, 1, E)
-    conv.run(conv_lib, batch, E, length, x_rev, backward.conv_weight, backward.conv_bias, True, ub_view)
-    conv.run(conv_lib, batch, E, length, x_fwd, forward.conv_weight, forward.conv_bias, True, x_fwd)
-    items = batch * ((E + CB - 1) // CB)
+    keep = [f32c(t) for w in (forward, backward) for t in w]  # fp32 contiguous weights, alive until the calls
+    wf, wb = keep[:7], keep[7:]
+    # Both directions in one call per stage, channel block by channel block (threads split the blocks): the
+    # backward direction's conv reads x before the forward one's overwrites it in place.
+    conv.run(conv_lib, [conv.job(batch, E, length, x_rev, wb[0], wb[1], True, ub_view),
+                        conv.job(batch, E, length, x_fwd, wf[0], wf[1], True, x_fwd)])
     xs = xz[..., :E]
-    for k, (u, u_view, w) in enumerate(((xs, x_fwd, forward), (u_b, ub_view, backward))):
-        x_dbl = f32c(w.x_proj_weight @ u.transpose(1, 2))  # (batch, R + 2N, L); ~10% faster than a Linear
+    jobs = []
+    for k, (u, u_view, w) in enumerate(((xs, x_fwd, wf), (u_b, ub_view, wb))):
+        _, _, x_proj, dt_w, dt_b, A_log, D = w
+        x_dbl = f32c(x_proj @ u.transpose(1, 2))  # (batch, R + 2N, L); ~10% faster than a Linear
+        keep.append(x_dbl)
         p, sb = x_dbl.data_ptr(), (R + 2 * N) * length
-        head = (batch, E, length, N, 1, *u_view, p, sb, length, 1, f32c(w.dt_proj_weight).data_ptr(), R,
-                f32c(w.A_log).data_ptr(), 1, p + 4 * R * length, sb, 0, length, 1,
-                p + 4 * (R + N) * length, sb, 0, length, 1, f32c(w.D).data_ptr(), f32c(w.dt_proj_bias).data_ptr(),
-                *(z_rev if k else z_fwd), 1, *(x_rev if k else x_fwd), 0.5, k, None)
-        if any(_cpu_build.run_items(lib.vz_selective_scan_fwd, head, items)):
-            raise RuntimeError(f"bimamba_inner_cpu: the 'cpu' kernel rejected the inputs (N={N}, R={R})")
+        jobs.append(_job(batch, E, length, N, 1, u_view, (p, sb, length, 1), dt_w.data_ptr(), R, A_log.data_ptr(),
+                         True, (p + 4 * R * length, sb, 0, length, 1), (p + 4 * (R + N) * length, sb, 0, length, 1),
+                         D.data_ptr(), dt_b.data_ptr(), z_rev if k else z_fwd, True, x_rev if k else x_fwd, None,
+                         0.5, bool(k)))
+    # The forward direction's scan overwrites its input x with its half of the output, then the backward
+    # direction's adds its half (item by item: the same channels, so the same thread, in this order).
+    _run(lib, jobs, "bimamba_inner_cpu")
     return xs

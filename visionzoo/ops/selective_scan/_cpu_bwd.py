@@ -30,14 +30,28 @@ CB = 8  # channels per block; must equal VZ_CB in the C source
 NMAX = 256  # largest state size; must equal VZ_NMAX
 
 
+_i64, _fp = ctypes.c_int64, ctypes.c_void_p
+
+
+def _fields(name: str, prefix: str, axes: str) -> list:
+    return [(name, _fp)] + [(f"{prefix}_s{k}", _i64) for k in axes]
+
+
+class BwdArgs(ctypes.Structure):
+    """The C struct ``vz_scan_bwd_args`` of :file:`_cpu_bwd_kernel.c` (same fields, same order)."""
+
+    _fields_ = ([(k, _i64) for k in ("batch", "dim", "length", "dstate", "groups", "splits")]
+                + _fields("u", "u", "bdl") + _fields("delta", "d", "bdl") + [("A", _fp)]
+                + _fields("B", "B", "bgnl") + _fields("C", "C", "bgnl") + [("D", _fp), ("bias", _fp)]
+                + _fields("z", "z", "bdl") + [("softplus", _i64)] + _fields("dout", "g", "bdl")
+                + [("dlast", _fp), ("ckpt", _fp), ("ck_row", _i64)] + _fields("du", "du", "bdl")
+                + _fields("ddelta", "dd", "bdl") + _fields("dz", "dz", "bdl") + _fields("dB", "dB", "sbgnl")
+                + _fields("dC", "dC", "sbgnl") + [("dA", _fp), ("dD", _fp), ("dbias", _fp)])
+
+
 def _declare(lib: ctypes.CDLL) -> None:
-    i64, fp = ctypes.c_int64, ctypes.c_void_p
-    seq = [fp, i64, i64, i64]  # pointer + (batch, dim, L) strides
-    bc = [fp, i64, i64, i64, i64]  # pointer + (batch, G, N, L) strides
-    part = [fp, i64, i64, i64, i64, i64]  # pointer + (splits, batch, G, N, L) strides
     fn = lib.vz_selective_scan_bwd
-    fn.argtypes = ([i64] * 6 + seq * 2 + [fp] + bc * 2 + [fp] * 2 + seq + [ctypes.c_int32] + seq + [fp]
-                   + seq * 3 + part * 2 + [fp] * 3 + [i64, i64])
+    fn.argtypes = [ctypes.POINTER(BwdArgs), _i64]
     fn.restype = ctypes.c_int
 
 
@@ -45,18 +59,24 @@ def load() -> Optional[ctypes.CDLL]:
     return _cpu_build.load_kernel(OP, SOURCE, _declare)
 
 
-def _splits(batch: int, groups: int, dg: int) -> int:
-    """Slices of a group's channel blocks per item, so that the threads get equal shares.
+CHUNK = 32  # steps per checkpoint; must equal VZ_BT in both C sources
+ITEMS = 16  # work items the backward aims for (threads share them out); not tied to the thread count
 
-    An item is one (batch, group) pair (or a slice of its blocks); ``run_items`` gives each thread a
-    contiguous range of items. Pairs that the threads do not divide evenly (2 pairs on 3 threads) are cut
-    into ``threads / gcd(pairs, threads)`` slices each, which they do; beyond 4 pairs per thread the
-    imbalance is small and every pair stays whole. Slices cost one (batch, G, N, L) dB, dC partial sum each.
+
+def checkpoint_shape(batch: int, dim: int, length: int, dstate: int) -> tuple[int, int, int, int]:
+    """The forward's state checkpoints: ``(batch, chunks, N, dim)`` fp32, the state before every CHUNK-th step."""
+    return (batch, -(-length // CHUNK), dstate, dim)
+
+
+def _splits(batch: int, groups: int, dg: int) -> int:
+    """Slices of a group's channel blocks per item (each slice a work item), so that there are about ITEMS.
+
+    An item is one (batch, group) pair, or a slice of its channel blocks: at batch 1 a Vim layer has two
+    pairs, which would leave threads idle. Slices cost one (batch, G, N, L) dB, dC partial sum each, summed
+    in slice order. The count depends on the shapes only, never on the thread count, so the gradients are
+    the same bitwise on any number of threads.
     """
-    pairs, threads = batch * groups, torch.get_num_threads()
-    if threads <= 1 or pairs % threads == 0 or pairs >= 4 * threads:
-        return 1
-    return max(1, min((dg + CB - 1) // CB, threads // math.gcd(pairs, threads)))
+    return max(1, min((dg + CB - 1) // CB, -(-ITEMS // (batch * groups))))
 
 
 @torch.library.custom_op("visionzoo::selective_scan_cpu_backward", mutates_args=())
@@ -72,6 +92,7 @@ def _backward_op(
     delta_softplus: bool,
     grad_out: Optional[Tensor],
     grad_last_state: Optional[Tensor],
+    checkpoints: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The kernel as an opaque op (``torch.compile`` traces the scan's backward, and a kernel reading raw
     pointers must not be traced into). fp32 gradients of ``(u, delta, A, B, C, D, z, delta_bias)``; those
@@ -98,30 +119,32 @@ def _backward_op(
     dAp = torch.empty(batch, dim, dstate, dtype=f32)
     dDp = torch.empty(batch, dim, dtype=f32) if D is not None else None
     dbp = torch.empty(batch, dim, dtype=f32) if delta_bias is not None else None
-    head = (batch, dim, length, dstate, groups, splits, *_seq(uf), *_seq(dlf), ptr(Af), ptr(Bf), *Bf.stride(),
-            ptr(Cf), *Cf.stride(), ptr(Df), ptr(bf), *_seq(zf), int(bool(delta_softplus)), *_seq(gof), ptr(glf),
-            *_seq(du), *_seq(ddelta), *_seq(dz), ptr(dBp), *dBp.stride(), ptr(dCp), *dCp.stride(),
-            ptr(dAp), ptr(dDp), ptr(dbp))
-    status = _cpu_build.run_items(lib.vz_selective_scan_bwd, head, batch * groups * splits)
-    if any(s == -2 for s in status):
+    ck = checkpoints if checkpoints is not None and checkpoints.numel() else None
+    args = BwdArgs(batch, dim, length, dstate, groups, splits, *_seq(uf), *_seq(dlf), ptr(Af), *_seq(Bf), *_seq(Cf),
+                   ptr(Df), ptr(bf), *_seq(zf), int(bool(delta_softplus)), *_seq(gof), ptr(glf), ptr(ck),
+                   ck.shape[-1] if ck is not None else 0, *_seq(du), *_seq(ddelta), *_seq(dz), *_seq(dBp),
+                   *_seq(dCp), ptr(dAp), ptr(dDp), ptr(dbp))
+    status = lib.vz_selective_scan_bwd(ctypes.byref(args), _cpu_build.threads())
+    if status == -2:
         raise MemoryError("selective_scan: the 'cpu' backward kernel could not allocate its scratch memory")
-    if any(status):
+    if status:
         raise RuntimeError(f"selective_scan: the 'cpu' backward kernel rejected the inputs (N={dstate}, "
                            f"dim={dim}, groups={groups})")
     def empty():  # one per absent gradient: an op's outputs may not alias each other
         return torch.empty(0, dtype=f32)
 
     def slices_sum(parts):  # (batch, G, N, L) with (batch, G, L, N) memory, as the fake kernel says
-        if splits == 1:
-            return parts[0]
-        return torch.sum(parts, 0, out=torch.empty(batch, groups, length, dstate, dtype=f32).transpose(2, 3))
+        total = parts[0]
+        for part in parts[1:]:  # in slice order, whatever the thread count
+            total.add_(part)
+        return total
 
     return (du, ddelta, dAp.sum(0), slices_sum(dBp), slices_sum(dCp), dDp.sum(0) if dDp is not None else empty(),
             dz if dz is not None else empty(), dbp.sum(0) if dbp is not None else empty())
 
 
 @_backward_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad_out, grad_last_state):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad_out, grad_last_state, checkpoints=None):
     batch, groups, dstate, length = B.shape
     dim = u.shape[1]
 
@@ -152,13 +175,15 @@ def selective_scan_cpu_backward(
     delta_softplus: bool,
     grad_out: Optional[Tensor],
     grad_last_state: Optional[Tensor],
+    checkpoints: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients of the selective scan, as :func:`._chunked.selective_scan_chunked_backward` returns them.
 
     ``grad_out``: ``(batch, dim, L)`` or None (zero); ``grad_last_state``: ``(batch, dim, N)`` or None.
     Returns the gradients of ``(u, delta, A, B, C, D, z, delta_bias)`` with the inputs' shapes and
     dtypes (None for the optional inputs that are None). Inputs the kernel does not take (not fp32 on
-    the CPU, ``N > 256``, ``L = 0``) or a missing kernel get the ``chunked`` backward.
+    the CPU, ``N > 256``, ``L = 0``) or a missing kernel get the ``chunked`` backward. ``checkpoints``: the
+    forward's states every 32 steps (``selective_scan_cpu(..., checkpoints=True)``), or None (recomputed).
     """
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad_out, grad_last_state)
     batch, dim, length = u.shape
@@ -166,6 +191,9 @@ def selective_scan_cpu_backward(
     if (u.device.type != "cpu" or u.dtype != torch.float32 or dstate > NMAX or dim % groups or length == 0
             or load() is None):
         return selective_scan_chunked_backward(*args)
-    grads = _backward_op(*args)
+    if checkpoints is not None and tuple(checkpoints.shape) != checkpoint_shape(batch, dim, length, dstate):
+        raise ValueError(f"selective_scan: checkpoints of shape {tuple(checkpoints.shape)} do not fit a scan of "
+                         f"batch {batch}, dim {dim}, L {length}, N {dstate}")
+    grads = _backward_op(*args, checkpoints)
     like = (u, delta, A, B, C, D, z, delta_bias)
     return tuple(g.to(x.dtype) if x is not None else None for g, x in zip(grads, like))

@@ -223,48 +223,86 @@ static inline vf vz_gather(const float *p, const vz_block *k) {
 
 /* Strides are in elements. u, delta, z, dout: (batch, dim, L), strides (s_b, s_d, s_l) each; A: (dim, N)
  * contiguous; B, C: (batch, G, N, L), any strides; D, bias: (dim,) or NULL; z, dout, dlast may be NULL
- * (dout NULL: zero gradient of out; dlast: (batch, dim, N) contiguous).
+ * (dout NULL: zero gradient of out; dlast: (batch, dim, N) contiguous). ckpt: NULL, or the forward's state
+ * checkpoints (_cpu_kernel.c, same VZ_BT), ckpt[((b * chunks + q) * N + n) * ck_row + c] the state before
+ * step q * VZ_BT: then the checkpoint pass is skipped.
  * Outputs: du, ddelta, dz (dz only with z): (batch, dim, L), strides *_s*; dB, dC: (splits, batch, G, N, L)
  * partial sums with strides (s_s, s_b, s_g, s_n, s_l), every element written; dA: (batch, dim, N)
  * contiguous, dD, dbias: (batch, dim) contiguous (NULL when D, bias are NULL), per batch element, every
- * element written. Items [item_begin, item_end) of batch * groups * splits.
- * Returns 0, -1 when N > VZ_NMAX or dim is not a multiple of groups, -2 when out of memory. */
-int vz_selective_scan_bwd(
-    int64_t batch, int64_t dim, int64_t length, int64_t dstate, int64_t groups, int64_t splits,
-    const float *u, int64_t u_sb, int64_t u_sd, int64_t u_sl,
-    const float *delta, int64_t d_sb, int64_t d_sd, int64_t d_sl,
-    const float *A,
-    const float *B, int64_t B_sb, int64_t B_sg, int64_t B_sn, int64_t B_sl,
-    const float *C, int64_t C_sb, int64_t C_sg, int64_t C_sn, int64_t C_sl,
-    const float *D, const float *bias,
-    const float *z, int64_t z_sb, int64_t z_sd, int64_t z_sl,
-    int32_t softplus,
-    const float *dout, int64_t g_sb, int64_t g_sd, int64_t g_sl,
-    const float *dlast,
-    float *du, int64_t du_sb, int64_t du_sd, int64_t du_sl,
-    float *ddelta, int64_t dd_sb, int64_t dd_sd, int64_t dd_sl,
-    float *dz, int64_t dz_sb, int64_t dz_sd, int64_t dz_sl,
-    float *dB, int64_t dB_ss, int64_t dB_sb, int64_t dB_sg, int64_t dB_sn, int64_t dB_sl,
-    float *dC, int64_t dC_ss, int64_t dC_sb, int64_t dC_sg, int64_t dC_sn, int64_t dC_sl,
-    float *dA, float *dD, float *dbias,
-    int64_t item_begin, int64_t item_end)
+ * element written. The Python mirror is _cpu_bwd.py's BwdArgs. */
+typedef struct {
+    int64_t batch, dim, length, dstate, groups, splits;
+    const float *u;
+    int64_t u_sb, u_sd, u_sl;
+    const float *delta;
+    int64_t d_sb, d_sd, d_sl;
+    const float *A;
+    const float *B;
+    int64_t B_sb, B_sg, B_sn, B_sl;
+    const float *C;
+    int64_t C_sb, C_sg, C_sn, C_sl;
+    const float *D, *bias;
+    const float *z;
+    int64_t z_sb, z_sd, z_sl;
+    int64_t softplus;
+    const float *dout;
+    int64_t g_sb, g_sd, g_sl;
+    const float *dlast;
+    const float *ckpt;
+    int64_t ck_row;
+    float *du;
+    int64_t du_sb, du_sd, du_sl;
+    float *ddelta;
+    int64_t dd_sb, dd_sd, dd_sl;
+    float *dz;
+    int64_t dz_sb, dz_sd, dz_sl;
+    float *dB;
+    int64_t dB_ss, dB_sb, dB_sg, dB_sn, dB_sl;
+    float *dC;
+    int64_t dC_ss, dC_sb, dC_sg, dC_sn, dC_sl;
+    float *dA, *dD, *dbias;
+} vz_scan_bwd_args;
+
+/* Items [item_begin, item_end) of batch * groups * splits. Returns 0, or -2 when out of memory. */
+static int bwd_range(const void *p, int64_t item_begin, int64_t item_end)
 {
-    if (dstate > VZ_NMAX || dstate < 1 || groups < 1 || splits < 1 || dim % groups) return -1;
-    (void)batch; /* items index it */
+    const vz_scan_bwd_args *args = p;
+    const int64_t dim = args->dim, length = args->length, dstate = args->dstate, groups = args->groups,
+                  splits = args->splits;
+    const float *u = args->u, *delta = args->delta, *A = args->A, *B = args->B, *C = args->C, *D = args->D,
+                *bias = args->bias, *z = args->z, *dout = args->dout, *dlast = args->dlast, *ckin = args->ckpt;
+    const int64_t u_sb = args->u_sb, u_sd = args->u_sd, u_sl = args->u_sl;
+    const int64_t d_sb = args->d_sb, d_sd = args->d_sd, d_sl = args->d_sl;
+    const int64_t B_sb = args->B_sb, B_sg = args->B_sg, B_sn = args->B_sn, B_sl = args->B_sl;
+    const int64_t C_sb = args->C_sb, C_sg = args->C_sg, C_sn = args->C_sn, C_sl = args->C_sl;
+    const int64_t z_sb = args->z_sb, z_sd = args->z_sd, z_sl = args->z_sl;
+    const int64_t g_sb = args->g_sb, g_sd = args->g_sd, g_sl = args->g_sl, ck_row = args->ck_row;
+    const int softplus = args->softplus != 0;
+    float *du = args->du, *ddelta = args->ddelta, *dz = args->dz, *dB = args->dB, *dC = args->dC;
+    float *dA = args->dA, *dD = args->dD, *dbias = args->dbias;
+    const int64_t du_sb = args->du_sb, du_sd = args->du_sd, du_sl = args->du_sl;
+    const int64_t dd_sb = args->dd_sb, dd_sd = args->dd_sd, dd_sl = args->dd_sl;
+    const int64_t dz_sb = args->dz_sb, dz_sd = args->dz_sd, dz_sl = args->dz_sl;
+    const int64_t dB_ss = args->dB_ss, dB_sb = args->dB_sb, dB_sg = args->dB_sg, dB_sn = args->dB_sn,
+                  dB_sl = args->dB_sl;
+    const int64_t dC_ss = args->dC_ss, dC_sb = args->dC_sb, dC_sg = args->dC_sg, dC_sn = args->dC_sn,
+                  dC_sl = args->dC_sl;
     if (item_begin >= item_end) return 0;
     const int64_t N = dstate, dg = dim / groups;
     const int64_t gblocks = (dg + VZ_CB - 1) / VZ_CB;        /* channel blocks per group */
     const int64_t most = (gblocks + splits - 1) / splits + 1; /* most blocks in one slice */
     const int64_t chunks = (length + VZ_BT - 1) / VZ_BT;
 
-    /* Scratch: per block of the slice, the chunk checkpoints (chunks x N), the adjoint carried into the
-     * chunk being walked (N), the dA sums (N), the dD and d bias sums (1 each); per chunk, the states and
-     * exp factors of its steps and the lane-wise dB, dC sums (VZ_BT x N each). */
-    const size_t nv = (size_t)most * (size_t)(chunks * N + 2 * N + 2) + (size_t)(4 * VZ_BT) * (size_t)N;
+    /* Scratch: per block of the slice, the chunk checkpoints (chunks x N; one N for the checkpoint being
+     * used when the forward's are given), the adjoint carried into the chunk being walked (N), the dA sums
+     * (N), the dD and d bias sums (1 each); per chunk, the states and exp factors of its steps and the
+     * lane-wise dB, dC sums (VZ_BT x N each). */
+    const int64_t slots = ckin ? 1 : most * chunks;
+    const size_t nv = (size_t)(slots * N) + (size_t)most * (size_t)(2 * N + 2) + (size_t)(4 * VZ_BT) * (size_t)N;
     vf *scratch = NULL;
     if (posix_memalign((void **)&scratch, 64, nv * sizeof(vf))) return -2;
-    vf *ckpt = scratch;                         /* [most][chunks][N] */
-    vf *carry = ckpt + most * chunks * N;       /* [most][N] */
+    vf *ckpt = scratch;                         /* [most][chunks][N], or [N] */
+    vf *carry = ckpt + slots * N;               /* [most][N] */
     vf *dAacc = carry + most * N;               /* [most][N] */
     vf *dDacc = dAacc + most * N;               /* [most]: dD sums */
     vf *dbacc = dDacc + most;                   /* [most]: d bias sums */
@@ -300,7 +338,7 @@ int vz_selective_scan_bwd(
             }
             dDacc[j] = (vf){0};
             dbacc[j] = (vf){0};
-            for (int64_t q = 0; q < chunks; ++q) {
+            for (int64_t q = 0; q < chunks && !ckin; ++q) {
                 memcpy(ckpt + (j * chunks + q) * N, h, N * sizeof(vf));
                 if (q == chunks - 1) break; /* the state after the last step is not needed */
                 const int64_t l0 = q * VZ_BT;
@@ -363,6 +401,18 @@ int vz_selective_scan_bwd(
                 }
                 /* Recompute the chunk's states from the checkpoint, y and dC. */
                 const vf *h0 = ckpt + (j * chunks + q) * N;
+                if (ckin) { /* the forward's checkpoint (spare lanes 0) */
+                    const float *src = ckin + (b * chunks + q) * N * ck_row;
+                    for (int64_t n = 0; n < N; ++n) {
+                        vf hv = {0};
+                        if (k.nc == VZ_CB)
+                            memcpy(&hv, src + n * ck_row + k.ch[0], sizeof hv);
+                        else
+                            for (int c = 0; c < k.nc; ++c) hv[c] = src[n * ck_row + k.ch[c]];
+                        ckpt[n] = hv;
+                    }
+                    h0 = ckpt;
+                }
                 const float *Bq = Bb + l0 * B_sl, *Cq = Cb + l0 * C_sl;
                 int in_range[VZ_BT];
                 for (int t = 0; t < tl; ++t) {
@@ -434,4 +484,14 @@ int vz_selective_scan_bwd(
     vz_ftz_restore(fpmode);
     free(scratch);
     return 0;
+}
+
+/* The gradients over nthreads threads (each item, and so each output element, on one thread). Returns 0,
+ * -1 when N > VZ_NMAX or dim is not a multiple of groups, -2 when out of memory. */
+int vz_selective_scan_bwd(const vz_scan_bwd_args *args, int64_t nthreads)
+{
+    if (args->dstate > VZ_NMAX || args->dstate < 1 || args->groups < 1 || args->splits < 1 ||
+        args->dim % args->groups || (args->ckpt && args->ck_row < args->dim))
+        return -1;
+    return vz_parallel(args->batch * args->groups * args->splits, nthreads, bwd_range, args);
 }

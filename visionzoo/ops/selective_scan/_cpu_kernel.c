@@ -1,7 +1,7 @@
 /* Selective-scan forward for the CPU, compiled on first use by visionzoo/ops/selective_scan/_cpu.py.
  *
  * Plain C (no Python or torch headers), called through ctypes. One work item is one batch element and
- * a block of VZ_CB consecutive channels; the state h (N x VZ_CB floats) stays in a local array while the
+ * a block of VZ_CB consecutive channels (of every job: see vz_selective_scan_fwd); the state h (N x VZ_CB floats) stays in a local array while the
  * item walks along the sequence, so nothing of size (L, N) is ever written to memory. All arithmetic is
  * on vectors of the VZ_CB = 8 channels (GCC/Clang vector extensions; one AVX2 register: vectors
  * wider than the hardware's make GCC scalarise the comparisons), with exp2, softplus and SiLU written
@@ -21,42 +21,71 @@
 #define VZ_NMAX 256
 #define VZ_RMAX 256
 #define VZ_TT 64 /* steps per tile */
+#define VZ_BT 32 /* steps per checkpoint chunk: must equal VZ_BT in _cpu_bwd_kernel.c, and divide VZ_TT */
 #include "../_simd.h"
 
-/* Strides are in elements. u, z: (batch, dim, L) with strides (s_b, s_d, s_l) each; out: (batch, dim, L)
- * with strides o_*; A2: (dim, N) = A * log2(e), contiguous, or with a_log A_log (dim, N), A = -exp(A_log)
- * (Mamba's parameterisation, turned into A log2(e) here); B, C: (batch, G, N, L), any strides;
- * D, bias: (dim,) or NULL; z may be NULL; last_state: (batch, dim, N) contiguous, or NULL.
- * delta: (batch, dim, L) with strides d_*, or, with rank > 0, the low-rank factor dt (batch, rank, L)
- * (d_sd is then its rank stride) of delta[b, c, t] = sum_r dt_w[c, r] dt[b, r, t], dt_w (dim, rank)
- * contiguous: Mamba's dt_proj folded into the scan, so the (L, dim) delta is never written to memory.
- * Items [item_begin, item_end) of batch * ceil(dim / VZ_CB).
+/* One scan (one direction of a Vim mixer): strides are in elements. u, z: (batch, dim, L) with strides
+ * (s_b, s_d, s_l) each; out: (batch, dim, L) with strides o_*; A2: (dim, N) = A * log2(e), contiguous, or
+ * with a_log A_log (dim, N), A = -exp(A_log) (Mamba's parameterisation, turned into A log2(e) here);
+ * B, C: (batch, G, N, L), any strides; D, bias: (dim,) or NULL; z may be NULL; last_state: (batch, dim, N)
+ * contiguous, or NULL. delta: (batch, dim, L) with strides d_*, or, with rank > 0, the low-rank factor dt
+ * (batch, rank, L) (d_sd is then its rank stride) of delta[b, c, t] = sum_r dt_w[c, r] dt[b, r, t], dt_w
+ * (dim, rank) contiguous: Mamba's dt_proj folded into the scan, so the (L, dim) delta is never written to
+ * memory. ckpt, when not NULL: the state before every VZ_BT-th step (t = 0, VZ_BT, ...) stored as
+ * ckpt[((b * chunks + q) * N + n) * ck_row + c] for the backward (_cpu_bwd_kernel.c reads them instead of
+ * recomputing them); ck_row >= dim.
  * out = out_scale * result, or out += out_scale * result with accumulate (the bidirectional scan adds
  * its second direction into the first's output). out may be u itself (each step reads u before it
  * writes out). Time strides may be negative: a pointer to the last step with a negative stride reads or
- * writes a sequence time-reversed without a flipped copy.
- * Returns 0, or -1 when N > VZ_NMAX, rank > VZ_RMAX or dim is not a multiple of G. */
-int vz_selective_scan_fwd(
-    int64_t batch, int64_t dim, int64_t length, int64_t dstate, int64_t groups,
-    const float *u, int64_t u_sb, int64_t u_sd, int64_t u_sl,
-    const float *delta, int64_t d_sb, int64_t d_sd, int64_t d_sl, const float *dt_w, int64_t rank,
-    const float *A2, int32_t a_log,
-    const float *B, int64_t B_sb, int64_t B_sg, int64_t B_sn, int64_t B_sl,
-    const float *C, int64_t C_sb, int64_t C_sg, int64_t C_sn, int64_t C_sl,
-    const float *D, const float *bias,
-    const float *z, int64_t z_sb, int64_t z_sd, int64_t z_sl,
-    int32_t softplus,
-    float *out, int64_t o_sb, int64_t o_sd, int64_t o_sl, float out_scale, int32_t accumulate,
-    float *last_state, int64_t item_begin, int64_t item_end)
+ * writes a sequence time-reversed without a flipped copy. The Python mirror is _cpu.py's ScanArgs. */
+typedef struct {
+    int64_t batch, dim, length, dstate, groups;
+    const float *u;
+    int64_t u_sb, u_sd, u_sl;
+    const float *delta;
+    int64_t d_sb, d_sd, d_sl;
+    const float *dt_w;
+    int64_t rank;
+    const float *A2;
+    int64_t a_log;
+    const float *B;
+    int64_t B_sb, B_sg, B_sn, B_sl;
+    const float *C;
+    int64_t C_sb, C_sg, C_sn, C_sl;
+    const float *D, *bias;
+    const float *z;
+    int64_t z_sb, z_sd, z_sl;
+    int64_t softplus;
+    float *out;
+    int64_t o_sb, o_sd, o_sl;
+    float *last_state;
+    float *ckpt;
+    int64_t ck_row;
+    float out_scale;
+    int32_t accumulate;
+} vz_scan_args;
+
+/* Item `item` (batch element b, channel block item % blocks) of one scan. */
+static void scan_item(const vz_scan_args *args, int64_t item)
 {
-    if (dstate > VZ_NMAX || rank > VZ_RMAX || groups < 1 || dim % groups) return -1;
+    const int64_t batch = args->batch, dim = args->dim, length = args->length, dstate = args->dstate,
+                  groups = args->groups;
+    const float *u = args->u, *delta = args->delta, *dt_w = args->dt_w, *A2 = args->A2, *B = args->B,
+                *C = args->C, *D = args->D, *bias = args->bias, *z = args->z;
+    const int64_t u_sd = args->u_sd, u_sl = args->u_sl, d_sd = args->d_sd, d_sl = args->d_sl, rank = args->rank;
+    const int64_t B_sb = args->B_sb, B_sg = args->B_sg, B_sn = args->B_sn, B_sl = args->B_sl;
+    const int64_t C_sb = args->C_sb, C_sg = args->C_sg, C_sn = args->C_sn, C_sl = args->C_sl;
+    const int64_t z_sd = args->z_sd, z_sl = args->z_sl, o_sd = args->o_sd, o_sl = args->o_sl;
+    const int softplus = args->softplus != 0, accumulate = args->accumulate != 0;
+    const float out_scale = args->out_scale;
+    float *out = args->out, *last_state = args->last_state, *ckpt = args->ckpt;
+    (void)batch;
     const int64_t N = dstate, dg = dim / groups;
     const int64_t blocks = (dim + VZ_CB - 1) / VZ_CB;
+    const int64_t chunks = (length + VZ_BT - 1) / VZ_BT;
     vf h[VZ_NMAX], a2[VZ_NMAX], wdt[VZ_RMAX];
     int64_t ch[VZ_CB], grp[VZ_CB];
-    const vz_fpmode fpmode = vz_ftz_on();
-
-    for (int64_t item = item_begin; item < item_end; ++item) {
+    {
         const int64_t b = item / blocks, d0 = (item % blocks) * VZ_CB;
         const int64_t nc = dim - d0 < VZ_CB ? dim - d0 : VZ_CB;
         vf dd = {0}, bs = {0};
@@ -70,7 +99,7 @@ int vz_selective_scan_fwd(
         vf a2max = {0};  /* max over n of a2[n]^2, per lane */
         for (int64_t n = 0; n < N; ++n) {
             for (int c = 0; c < VZ_CB; ++c) a2[n][c] = A2[ch[c] * N + n];
-            if (a_log) a2[n] = -1.44269504088896340736f * vz_exp2(a2[n] * 1.44269504088896340736f);
+            if (args->a_log) a2[n] = -1.44269504088896340736f * vz_exp2(a2[n] * 1.44269504088896340736f);
             const vf sq = a2[n] * a2[n];
             a2max = VSEL(sq > a2max, sq, a2max);
             h[n] = (vf){0};
@@ -81,8 +110,8 @@ int vz_selective_scan_fwd(
          * the channel axis (Vim's time-major views). Otherwise lanes are gathered one by one. */
         const int one_group = grp[0] == grp[nc - 1];
         const int dense = nc == VZ_CB && u_sd == 1 && (rank || d_sd == 1) && o_sd == 1 && (!z || z_sd == 1);
-        const float *ub = u + b * u_sb, *db = delta + b * d_sb, *zb = z ? z + b * z_sb : 0;
-        float *ob = out + b * o_sb;
+        const float *ub = u + b * args->u_sb, *db = delta + b * args->d_sb, *zb = z ? z + b * args->z_sb : 0;
+        float *ob = out + b * args->o_sb;
         /* Steps go in tiles of VZ_TT, in three passes: (1) delta' = softplus(delta + bias), delta' u and
          * D u for every step of the tile; (2) the recurrence; (3) the gate and the store. Passes 1 and 3
          * have no dependence between steps, so the core overlaps their long dt/softplus/exp/divide chains
@@ -138,6 +167,15 @@ int vz_selective_scan_fwd(
                 const int64_t l = l0 + t;
                 const vf dv = dvt[t], du = dut[t];
                 vf y = yt[t];
+                if (ckpt && l % VZ_BT == 0) {
+                    float *ck = ckpt + (b * chunks + l / VZ_BT) * N * args->ck_row + d0;
+                    for (int64_t n = 0; n < N; ++n) {
+                        if (nc == VZ_CB)
+                            memcpy(ck + n * args->ck_row, &h[n], sizeof(vf));
+                        else
+                            for (int c = 0; c < nc; ++c) ck[n * args->ck_row + c] = h[n][c];
+                    }
+                }
                 if (one_group) {
                     const float *Bl = B + b * B_sb + grp[0] * B_sg + l * B_sl;
                     const float *Cl = C + b * C_sb + grp[0] * C_sg + l * C_sl;
@@ -195,6 +233,36 @@ int vz_selective_scan_fwd(
             for (int64_t n = 0; n < N; ++n)
                 last_state[(b * dim + ch[c]) * N + n] = h[n][c];
     }
+}
+
+typedef struct {
+    const vz_scan_args *jobs;
+    int64_t njobs;
+} scan_ctx;
+
+static int scan_range(const void *p, int64_t begin, int64_t end) {
+    const scan_ctx *ctx = p;
+    const vz_fpmode fpmode = vz_ftz_on();
+    for (int64_t item = begin; item < end; ++item)
+        for (int64_t j = 0; j < ctx->njobs; ++j) scan_item(&ctx->jobs[j], item);
     vz_ftz_restore(fpmode);
     return 0;
+}
+
+/* njobs scans with the same batch and dim (the two directions of a Vim mixer), over nthreads threads. A work
+ * item is one batch element and one block of VZ_CB channels of every job, run job after job (a later job may
+ * accumulate into an earlier one's output, or overwrite its input: the same channels of the same batch
+ * element, so always on the same thread, in job order). Returns 0, or -1 when N > VZ_NMAX,
+ * rank > VZ_RMAX, dim is not a multiple of G, or the jobs' batch or dim differ. */
+int vz_selective_scan_fwd(const vz_scan_args *jobs, int64_t njobs, int64_t nthreads)
+{
+    if (njobs < 1) return 0;
+    for (int64_t j = 0; j < njobs; ++j) {
+        const vz_scan_args *a = &jobs[j];
+        if (a->dstate > VZ_NMAX || a->dstate < 1 || a->rank > VZ_RMAX || a->groups < 1 || a->dim % a->groups ||
+            a->batch != jobs[0].batch || a->dim != jobs[0].dim || (a->ckpt && a->ck_row < a->dim))
+            return -1;
+    }
+    const scan_ctx ctx = {jobs, njobs};
+    return vz_parallel(jobs[0].batch * ((jobs[0].dim + VZ_CB - 1) / VZ_CB), nthreads, scan_range, &ctx);
 }
