@@ -219,7 +219,7 @@ def test_cpu_inference_path_matches_the_differentiable_one(monkeypatch):
     expected = model.forward_features(x)  # autograd on: the custom ops
     calls = []
     real = _cpu.bimamba_inner_cpu
-    monkeypatch.setattr("visionzoo.models.vim.bimamba_inner_cpu", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr("visionzoo.ops.selective_scan.bimamba_inner_cpu", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         out = model.forward_features(x)
     assert len(calls) == 3

@@ -90,8 +90,9 @@ def test_applies_only_to_plain_fp32_cpu_inference():
         assert not bimamba_inner_cpu_applies(x, "chunked")  # a mixer pinned to another scan backend
         assert not bimamba_inner_cpu_applies(x.double())
         assert not bimamba_inner_cpu_applies(torch.empty(1, 3, 8, device="meta"))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not bimamba_inner_cpu_applies(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the fused path keeps fp32 under autocast
+            assert bimamba_inner_cpu_applies(x) and bimamba_inner_cpu_applies(x.bfloat16())
+        assert not bimamba_inner_cpu_applies(x.bfloat16())  # bf16 without autocast: the ops
         with FlopCounterMode(display=False):  # counts the custom ops, so it must see them
             assert not bimamba_inner_cpu_applies(x)
 

@@ -90,7 +90,7 @@ def test_bad_inputs_and_backends(monkeypatch):
         causal_conv1d(x, w, activation="relu")
     with pytest.raises(ValueError, match=r"x must be \(batch, dim, L\)"):
         causal_conv1d(x[0], w)
-    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run here: not available on device type 'cpu'"):
         causal_conv1d(x, w, backend="cuda")
     monkeypatch.setenv("VISIONZOO_BACKEND_CAUSAL_CONV1D", "bogus")
     with pytest.raises(ValueError, match="VISIONZOO_BACKEND_CAUSAL_CONV1D"):

@@ -108,7 +108,7 @@ def test_build_cache_and_unavailable_compiler(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="visionzoo.ops"):
         assert not _op.is_available("cpu", "cpu")
     assert "no C compiler" in caplog.text
-    with pytest.raises(RuntimeError, match="backend 'cpu' is not available"):
+    with pytest.raises(RuntimeError, match="backend 'cpu' cannot run here: no C compiler"):
         selective_scan(**make_inputs(length=3), backend="cpu")
     assert _op.resolve("auto", torch.empty(1, 1, 1)) == "chunked"
 

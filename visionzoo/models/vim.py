@@ -16,7 +16,9 @@ This is the released "v2, middle class token, divide-by-2" model family:
   output projections are shared; the depthwise causal conv1d, ``x_proj``, ``dt_proj``, ``A`` and
   ``D`` are per direction (``*_b`` for the backward one). The two outputs are averaged
   (``(y + flip(y_b)) / 2``), the fix for NaN losses under AMP (hustvl/Vim#30, PR #90).
-* Both directions go through one conv call and one scan call here: the backward direction is the
+* The mixer between its projections is one op entry, :func:`visionzoo.ops.selective_scan.bimamba_inner`,
+  which chooses itself (a fused C path for CPU inference, also under CPU autocast; the differentiable
+  ops otherwise). Both directions go through one conv call and one scan call there: the backward direction is the
   time-reversed sequence stacked as extra channels, and B/C use the grouped (G=2) layout. The scan is
   :func:`visionzoo.ops.selective_scan.selective_scan_bidirectional` (``reversed_inputs=True``): it
   gates the backward half with the shared ``z`` read time-reversed and averages ``y`` with ``flip(y_b)``
@@ -54,9 +56,8 @@ from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 from ..layers import PatchEmbed, plain_feature_indices, resample_pos_embed_with_inner_token
-from ..ops.causal_conv1d import causal_conv1d_bidirectional
-from ..ops.selective_scan import (MixerDirection, bimamba_inner_cpu, bimamba_inner_cpu_applies,
-                                  selective_scan_bidirectional)
+from ..ops.selective_scan import MambaBranch, bimamba_inner
+from ._input import record_input_size
 from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
 from ._registry import ModelMeta, register_meta
 
@@ -167,46 +168,12 @@ class BiMambaMixer(nn.Module):
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bimamba_inner_cpu_applies(x, self.scan_backend):
-            return self.out_proj(self._inner_cpu_inference(self.in_proj(x)))
-        # Everything stays time-major, (B, L, channels) in memory, as the Linear layers produce it;
-        # the conv and the scan take (B, channels, L) *views* of it, so no transposing copies.
-        B, L, _ = x.shape
-        E, N, R = self.d_inner, self.d_state, self.dt_rank
-        xs, z = self.in_proj(x).split(E, dim=-1)  # (B, L, E) each
-        # Backward direction = the time-reversed sequence, stacked as channels E..2E-1 (its causal conv
-        # has to see it reversed; the cpu kernel reads xs backwards in place, other backends concatenate a
-        # flipped copy). The gate z is shared: the scan reads it time-reversed for that half.
-        conv_w = torch.cat([self.conv1d.weight, self.conv1d_b.weight])[:, 0]  # (2E, K)
-        conv_b = None if self.conv1d.bias is None else torch.cat([self.conv1d.bias, self.conv1d_b.bias])
-        xs = causal_conv1d_bidirectional(xs.transpose(1, 2), conv_w, conv_b, activation="silu")  # (B, 2E, L) view
-
-        x_proj_w = torch.stack([self.x_proj.weight, self.x_proj_b.weight])  # (2, R+2N, E)
-        x_dbl = torch.einsum("blke,kce->blkc", xs.transpose(1, 2).view(B, L, 2, E), x_proj_w)  # (B, L, 2, R+2N)
-        dt, B_ssm, C_ssm = x_dbl.split([R, N, N], dim=-1)  # (B, L, 2, R), (B, L, 2, N) x2
-        dt_w = torch.stack([self.dt_proj.weight, self.dt_proj_b.weight])  # (2, E, R)
-        dt = torch.einsum("blkr,ker->blke", dt, dt_w).reshape(B, L, 2 * E)  # (B, L, 2E)
-
-        A = -torch.exp(torch.cat([self.A_log, self.A_b_log]).float())  # (2E, N)
-        D = torch.cat([self.D, self.D_b]).float()  # (2E,)
-        dt_bias = torch.cat([self.dt_proj.bias, self.dt_proj_b.bias]).float()  # (2E,)
-        # (y + flip(y_b)) / 2 in one call: one kernel launch with the Triton backend, one plain scan of the
-        # 2E channels otherwise (B/C: (B, 2, N, L), the second group is the backward direction's).
-        y = selective_scan_bidirectional(
-            xs, dt.transpose(1, 2), A, B_ssm.permute(0, 2, 3, 1), C_ssm.permute(0, 2, 3, 1),
-            D=D, z=z.transpose(1, 2), delta_bias=dt_bias, delta_softplus=True, reduce="mean",
-            reversed_inputs=True, backend=self.scan_backend,
-        ).transpose(1, 2)  # (B, L, E)
+        # Between the projections, one op entry that chooses itself: the fused C path for CPU inference
+        # (in place, dt_proj folded into the scans), the differentiable conv and scan ops otherwise.
+        y = bimamba_inner(self.in_proj(x), MambaBranch(self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
+                          MambaBranch(self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b),
+                          backend=self.scan_backend)
         return self.out_proj(y)
-
-    def _inner_cpu_inference(self, xz: torch.Tensor) -> torch.Tensor:
-        """CPU inference between in_proj and out_proj: the same arithmetic as below, with one C call per
-        stage, dt_proj folded into the scan and ~1/3 of the activation memory (see bimamba_inner_cpu)."""
-        return bimamba_inner_cpu(xz, *(
-            MixerDirection(conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias, A_log, D)
-            for conv, x_proj, dt_proj, A_log, D in (
-                (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
-                (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b))))
 
 
 class VimBlock(nn.Module):
@@ -370,6 +337,7 @@ class VisionMamba(nn.Module):
         with torch.no_grad():
             pos = resample_pos_embed_with_inner_token(self.pos_embed.data, self.patch_embed.grid_size, old_grid)
         self.pos_embed = nn.Parameter(pos)
+        record_input_size(self, self.patch_embed.img_size)
 
     def load_pretrained(self, checkpoint_path: str) -> None:
         """Load an official Vim training checkpoint (or a visionzoo one) strictly.
@@ -521,7 +489,7 @@ def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:
         "pool_size": None,
         "crop_pct": 0.875,
         "interpolation": "bicubic",
-        "fixed_input_size": False,
+        "fixed_input_size": True,  # built for one size (img_size); see set_input_size / dynamic_img_size
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj",

@@ -1,1 +1,13 @@
-"""Kernels used by visionzoo models: one sub-package per operation (see DESIGN.md §3)."""
+"""Kernels used by visionzoo models: one sub-package per operation (see DESIGN.md §3).
+
+Every op is declared once with :mod:`._dispatch` (backends, why each can or cannot run, ``auto``'s
+order, the fail-safe for hand-written kernels). For exporters, :func:`decompositions` maps every
+visionzoo custom op to its plain-aten implementation (``ep.run_decompositions(decompositions())``) and
+:func:`aten_only` makes every public op entry run that implementation directly. ``VISIONZOO_LOG=debug``
+(read here, at import) shows which backend each op runs and why the others were skipped.
+"""
+from ._dispatch import aten_only, configure_logging, decompositions
+
+__all__ = ["aten_only", "decompositions"]
+
+configure_logging()

@@ -10,7 +10,8 @@ https://github.com/state-spaces/mamba (Apache-2.0). For every channel ``d`` and 
     out   = (y + D * u) * silu(z)                   # D and z optional
 
 Backends (``backend=`` argument, or ``auto``; ``auto`` can be overridden with the environment
-variable ``VISIONZOO_BACKEND_SELECTIVE_SCAN``, see :mod:`visionzoo.ops._backend`):
+variable ``VISIONZOO_BACKEND_SELECTIVE_SCAN``; the declaration is ``_op.SCAN``, see
+:mod:`visionzoo.ops._dispatch`):
 
 ``reference``
     mamba-ssm's ``selective_scan_ref`` algorithm: one op per time step. Defines the semantics.
@@ -46,9 +47,11 @@ variable ``VISIONZOO_BACKEND_SELECTIVE_SCAN``, see :mod:`visionzoo.ops._backend`
 ``auto`` prefers ``mamba``, then ``cpu``, then ``chunked``. ``triton`` is opt-in (``backend="triton"`` or the
 environment variable) until it has been measured on a GPU (``benchmarks/gpu_check.sh``).
 
-:func:`bimamba_inner_cpu` is the CPU inference path of a whole Vim mixer between its projections (convs,
-x-projections, both scans with ``dt_proj`` folded in, gate; in place, no autograd); models take it when
-:func:`bimamba_inner_cpu_applies` says so, and the differentiable ops otherwise.
+:func:`bimamba_inner` is a whole Vim mixer between its projections (both directions' convs,
+x-projections, ``dt_proj`` and scans, and the gate), and chooses itself: for CPU inference it runs the
+fused C path :func:`bimamba_inner_cpu` (convs, x-projections, both scans with ``dt_proj`` folded in, gate;
+in place, no autograd; also under CPU autocast, in fp32) when :func:`bimamba_inner_cpu_applies` says so
+and the projections are plain ``nn.Linear`` layers, and the differentiable ops otherwise.
 
 The scan is the custom op ``torch.ops.visionzoo.selective_scan``: it runs on the meta device, works
 under ``torch.compile``, is counted by ``FlopCounterMode`` (mamba-ssm's formula,
@@ -60,20 +63,21 @@ scans (the backward one on flipped copies) with every other backend.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._backend import resolve_backend
-from ._bidirectional import selective_scan_bidirectional
+from .._dispatch import call, tracing
+from ..causal_conv1d import causal_conv1d_bidirectional
+from ._bidirectional import REDUCTIONS, selective_scan_bidirectional_op
 from ._cpu import MixerDirection, bimamba_inner_cpu
-from ._op import AUTO_ORDER, BACKENDS, flops as _flops, is_available as _is_available, selective_scan_op
+from ._op import BACKENDS, SCAN, flops as _flops, selective_scan_op
 
-__all__ = ["selective_scan", "selective_scan_bidirectional", "selective_scan_flops", "BACKENDS",
-           "MixerDirection", "bimamba_inner_cpu", "bimamba_inner_cpu_applies"]
+__all__ = ["selective_scan", "selective_scan_bidirectional", "selective_scan_flops", "bimamba_inner", "MambaBranch",
+           "BACKENDS", "MixerDirection", "bimamba_inner_cpu", "bimamba_inner_cpu_applies"]
 
 
 # FlopCounterMode pushes a private mode class in recent torch versions, itself in older ones.
@@ -81,21 +85,101 @@ _FLOP_COUNTER_MODES = tuple(c for c in (FlopCounterMode, getattr(torch.utils.flo
                             if isinstance(c, type))
 
 
+class _Fp32(NamedTuple):
+    """What the fused path computes in: selection asks for fp32 CPU backends."""
+
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+
+
 def bimamba_inner_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
     """Whether :func:`bimamba_inner_cpu` may run a Vim mixer on ``x`` in place of the differentiable ops.
 
-    It does for inference (autograd off, no autocast) on plain fp32 CPU tensors (not fake or other
-    subclasses) when ``backend`` (the mixer's scan backend) resolves to ``cpu``, and the causal conv's
-    ``auto`` does too. It does not while ``torch.compile`` traces or ``FlopCounterMode`` counts: those
-    see the custom ops instead. Other dispatch modes (e.g. a memory tracker) see its torch ops.
+    It does for inference (autograd off) on plain CPU tensors (not fake or other subclasses), fp32 or
+    produced under CPU autocast (the fused path then runs in fp32: its autocast rule is "keep fp32"),
+    when ``backend`` (the mixer's scan backend) selects ``cpu`` for fp32, and the causal conv's ``auto``
+    does too. It does not while tracing (``torch.jit.trace``, export, ``torch.compile``: those see the
+    custom ops instead, and no ctypes kernel may run) or while ``FlopCounterMode`` counts. Other dispatch
+    modes (e.g. a memory tracker) see its torch ops.
     """
     if (torch.is_grad_enabled() or type(x) is not torch.Tensor or x.device.type != "cpu"
-            or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+            or not (x.dtype == torch.float32 or torch.is_autocast_enabled("cpu")) or tracing()
             or any(isinstance(m, _FLOP_COUNTER_MODES) for m in _get_current_dispatch_mode_stack())):
         return False
-    from ..causal_conv1d import AUTO_ORDER as CONV_AUTO, BACKENDS as CONV_BACKENDS, _is_available as conv_ok
-    return (resolve_backend("selective_scan", backend, "cpu", BACKENDS, AUTO_ORDER, _is_available) == "cpu"
-            and resolve_backend("causal_conv1d", "auto", "cpu", CONV_BACKENDS, CONV_AUTO, conv_ok) == "cpu")
+    from ..causal_conv1d._op import CONV
+
+    probe = _Fp32(x.device)
+    return SCAN.select(backend, probe) == "cpu" and CONV.select("auto", probe) == "cpu"
+
+
+class MambaBranch(NamedTuple):
+    """One direction of a Vim mixer, as its modules hold it (official names in the comments)."""
+
+    conv1d: nn.Module  # conv1d: depthwise nn.Conv1d(E, E, K, groups=E), weight (E, 1, K)
+    x_proj: nn.Module  # x_proj: Linear(E, R + 2N, bias=False), or a quantized / wrapped equivalent
+    dt_proj: nn.Module  # dt_proj: Linear(R, E)
+    A_log: Tensor  # (E, N): A = -exp(A_log)
+    D: Tensor  # (E,)
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    """An ``nn.Linear`` whose weight can be read as a tensor (not e.g. a dynamically quantized layer, whose
+    ``weight`` is a method)."""
+    return isinstance(m, nn.Linear) and isinstance(m.weight, Tensor)
+
+
+def bimamba_inner(xz: Tensor, forward: MambaBranch, backward: MambaBranch, *, backend: str = "auto") -> Tensor:
+    """A Vim mixer (``bimamba_type="v2"``, outputs divided by 2) between its in- and out-projections.
+
+    Args:
+        xz: ``(batch, L, 2E)`` in-projection output (x, then the gate z).
+        forward, backward: the two directions' modules; the backward direction runs on the time-reversed
+            sequence and shares the gate.
+        backend: the scan backend (as for :func:`selective_scan`).
+
+    Returns:
+        ``(batch, L, E)``: ``(y_f + flip(y_b)) / 2 * silu(z)``. On the fused CPU path (inference) it is a
+        view of ``xz``'s memory (``xz`` is consumed); otherwise a new tensor, differentiable.
+    """
+    plain = all(_plain_linear(m) for m in (forward.x_proj, forward.dt_proj, backward.x_proj, backward.dt_proj))
+    if plain and forward.x_proj.weight.dtype == torch.float32 and bimamba_inner_cpu_applies(xz, backend):
+        with torch.autocast("cpu", enabled=False):
+            return bimamba_inner_cpu(xz, *(MixerDirection(b.conv1d.weight, b.conv1d.bias, b.x_proj.weight,
+                                                          b.dt_proj.weight, b.dt_proj.bias, b.A_log, b.D)
+                                           for b in (forward, backward)))
+    # Everything stays time-major, (B, L, channels) in memory, as the Linear layers produce it; the conv
+    # and the scan take (B, channels, L) *views* of it, so no transposing copies.
+    batch, length, _ = xz.shape
+    E, N, R = forward.A_log.shape[0], forward.A_log.shape[1], forward.dt_proj.in_features
+    xs, z = xz.split(E, dim=-1)  # (B, L, E) each
+    # Backward direction = the time-reversed sequence, stacked as channels E..2E-1 (its causal conv has to
+    # see it reversed; the cpu kernel reads xs backwards in place, other backends concatenate a flipped
+    # copy). The gate z is shared: the scan reads it time-reversed for that half.
+    conv_w = torch.cat([forward.conv1d.weight, backward.conv1d.weight])[:, 0]  # (2E, K)
+    conv_b = None if forward.conv1d.bias is None else torch.cat([forward.conv1d.bias, backward.conv1d.bias])
+    xs = causal_conv1d_bidirectional(xs.transpose(1, 2), conv_w, conv_b, activation="silu")  # (B, 2E, L) view
+    if plain:
+        x_proj_w = torch.stack([forward.x_proj.weight, backward.x_proj.weight])  # (2, R+2N, E)
+        x_dbl = torch.einsum("blke,kce->blkc", xs.transpose(1, 2).view(batch, length, 2, E), x_proj_w)
+        dt, B_ssm, C_ssm = x_dbl.split([R, N, N], dim=-1)  # (B, L, 2, R), (B, L, 2, N) x2
+        dt_w = torch.stack([forward.dt_proj.weight, backward.dt_proj.weight])  # (2, E, R)
+        dt = torch.einsum("blkr,ker->blke", dt, dt_w).reshape(batch, length, 2 * E)  # (B, L, 2E)
+        dt_bias = torch.cat([forward.dt_proj.bias, backward.dt_proj.bias]).float()  # (2E,)
+    else:  # e.g. dynamically quantized projections: call the modules (dt_proj adds its own bias)
+        u = xs.transpose(1, 2)  # (B, L, 2E)
+        parts = [br.x_proj(u[..., k * E:(k + 1) * E]).split([R, N, N], dim=-1)
+                 for k, br in enumerate((forward, backward))]
+        dt = torch.cat([br.dt_proj(p[0]) for br, p in zip((forward, backward), parts)], dim=-1)  # (B, L, 2E)
+        B_ssm, C_ssm = (torch.stack([p[i] for p in parts], dim=2) for i in (1, 2))  # (B, L, 2, N)
+        dt_bias = None
+    A = -torch.exp(torch.cat([forward.A_log, backward.A_log]).float())  # (2E, N)
+    D = torch.cat([forward.D, backward.D]).float()  # (2E,)
+    # (y + flip(y_b)) / 2 in one call: one kernel launch with the Triton backend, one plain scan of the
+    # 2E channels otherwise (B/C: (B, 2, N, L), the second group is the backward direction's).
+    return selective_scan_bidirectional(
+        xs, dt.transpose(1, 2), A, B_ssm.permute(0, 2, 3, 1), C_ssm.permute(0, 2, 3, 1), D=D, z=z.transpose(1, 2),
+        delta_bias=dt_bias, delta_softplus=True, reduce="mean", reversed_inputs=True, backend=backend,
+    ).transpose(1, 2)  # (B, L, E)
 
 
 def selective_scan_flops(batch: int, dim: int, L: int, N: int, with_D: bool = True, with_z: bool = False) -> int:
@@ -204,10 +288,85 @@ def selective_scan(
         ValueError: bad ranks/shapes/dtypes/devices, or an unknown backend name.
         RuntimeError: the requested backend is not available (e.g. ``mamba`` on CPU).
     """
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"selective_scan: unknown backend {backend!r}; known backends: auto, {', '.join(BACKENDS)}")
+    SCAN.check_name(backend)
     if not isinstance(u, Tensor):
         raise TypeError(f"selective_scan: u must be a torch.Tensor, got {type(u).__name__}")
     B, C = _validate(u, delta, A, B, C, D, z, delta_bias)
-    out, last_state = selective_scan_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), backend)
+    out, last_state = call(selective_scan_op, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), backend)
+    return (out, last_state) if return_last_state else out
+
+
+def selective_scan_bidirectional(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
+    reduce: str = "mean",
+    reversed_inputs: bool = False,
+    backend: str = "auto",
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Forward and backward-in-time selective scans of stacked channels, combined (Vim's bimamba v2).
+
+    Args:
+        u: ``(batch, 2 dim, L)``: channels ``[0, dim)`` are scanned forwards in time, ``[dim, 2 dim)``
+            backwards (from ``t = L - 1`` to ``0``); everything is in the original time order.
+        delta: ``(batch, 2 dim, L)`` step sizes (before ``delta_bias`` / softplus).
+        A: ``(2 dim, N)``.
+        B, C: ``(batch, G, N, L)`` with ``G`` even; the first ``G / 2`` groups belong to the forward
+            direction (channel ``c`` uses group ``c // (2 dim / G)``).
+        D, delta_bias: optional ``(2 dim,)``.
+        z: optional gate, ``(batch, dim, L)`` (the same gate for both directions) or ``(batch, 2 dim, L)``.
+        delta_softplus, return_last_state: as for :func:`selective_scan`.
+        reduce: ``"mean"`` (Vim's ``(y + flip(y_b)) / 2``), ``"sum"`` -> ``(batch, dim, L)``; ``"none"`` ->
+            the two directions' outputs stacked, ``(batch, 2 dim, L)``.
+        reversed_inputs: the backward direction's ``u, delta, B, C`` (and its half of a ``2 dim``-channel
+            ``z``) are given already time-reversed, i.e. computed from the flipped sequence as Vim does
+            (its depthwise causal conv must see the flipped sequence). A ``dim``-channel ``z``, the output and
+            ``last_state`` stay in the original order / as documented above.
+        backend: as for :func:`selective_scan`; ``triton`` runs both directions in one kernel launch, the
+            others run one plain scan over the stacked channels, the backward half time-reversed (flipped
+            copies of what is not already reversed).
+
+    Returns:
+        ``out`` in ``u``'s dtype (time-major strides when ``u`` is a time-major view), or
+        ``(out, last_state)`` with ``last_state`` ``(batch, 2 dim, N)`` fp32 (fp64 for fp64 inputs; for the
+        backward direction, the state after ``t = 0``).
+
+    Raises:
+        ValueError: bad shapes (odd channel count or odd ``G``, ``z`` neither ``dim`` nor ``2 dim`` channels,
+            the checks of :func:`selective_scan`), unknown ``reduce`` or backend.
+        RuntimeError: the requested backend is not available.
+    """
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"selective_scan_bidirectional: reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    SCAN.check_name(backend, "selective_scan_bidirectional")
+    if not isinstance(u, Tensor):
+        raise TypeError(f"selective_scan_bidirectional: u must be a torch.Tensor, got {type(u).__name__}")
+    if u.dim() == 3 and u.shape[1] % 2:
+        raise ValueError(f"selective_scan_bidirectional: u must stack the two directions as 2 * dim channels, "
+                         f"got an odd channel count {u.shape[1]}")
+    B4, C4 = _validate(u, delta, A, B, C, D, None, delta_bias)
+    if z is not None:
+        if not isinstance(z, Tensor):
+            raise TypeError(f"selective_scan_bidirectional: z must be a torch.Tensor, got {type(z).__name__}")
+        if not z.is_floating_point() or z.is_complex():
+            raise ValueError(f"selective_scan_bidirectional: z must be a real floating point tensor, got {z.dtype}")
+        if z.device != u.device:
+            raise ValueError(f"selective_scan_bidirectional: z is on {z.device} but u is on {u.device}")
+        shared = (u.shape[0], u.shape[1] // 2, u.shape[2])
+        if z.shape != u.shape and z.shape != shared:
+            raise ValueError(f"selective_scan_bidirectional: z has shape {tuple(z.shape)}; expected {shared} "
+                             f"(one gate for both directions) or {tuple(u.shape)}")
+    if B4.shape[1] % 2:
+        raise ValueError(f"selective_scan_bidirectional: B and C need an even number of groups G (the first "
+                         f"G/2 for the forward direction), got G={B4.shape[1]}")
+    out, last_state = call(selective_scan_bidirectional_op, u, delta, A, B4, C4, D, z, delta_bias,
+                           bool(delta_softplus), reduce, bool(reversed_inputs), backend)
     return (out, last_state) if return_last_state else out

@@ -33,18 +33,22 @@ reversed (with ``reversed_inputs=True``: ``z`` and the output only, exactly the 
 Vim used before), so the entry point works on every device.
 
 The op is the custom op ``torch.ops.visionzoo.selective_scan_bidirectional`` (fake kernel, FLOP formula,
-autograd), like ``visionzoo::selective_scan``.
+autograd, plain-aten path), like ``visionzoo::selective_scan``, and selects its backend through the same
+declaration (``_op.SCAN``, ``VISIONZOO_BACKEND_SELECTIVE_SCAN``). Its public entry and validation are
+:func:`visionzoo.ops.selective_scan.selective_scan_bidirectional`.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from .._dispatch import register_aten_path
 from . import _cpu, _op, _triton
-from ._reference import compute_dtype
+from ._op import SCAN, output_strides
+from ._reference import compute_dtype, selective_scan_reference
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -72,20 +76,12 @@ def _scan_order(u, delta, A, B, C, D, z, delta_bias, reversed_inputs):
     return u, delta, A, B, C, D, z, delta_bias
 
 
-def _out_strides(u: Tensor, channels: int) -> tuple[int, int, int]:
-    """``(batch, channels, L)`` output: time-major when ``u`` is, else contiguous (as ``selective_scan``)."""
-    batch, _, length = u.shape
-    if u.permute(2, 0, 1).is_contiguous():
-        return (channels, 1, batch * channels)
-    return (channels * length, length, 1)
-
-
 def _combine(u: Tensor, out_f: Tensor, out_b: Tensor, reduce: str) -> Tensor:
     """Both directions' outputs (original time order, ``(batch, dim, L)`` each) -> the op's output."""
     batch, _, length = u.shape
     dim = out_f.shape[1]
     channels = 2 * dim if reduce == "none" else dim
-    out = torch.empty_strided((batch, channels, length), _out_strides(u, channels), dtype=u.dtype, device=u.device)
+    out = torch.empty_strided((batch, channels, length), output_strides(u, channels), dtype=u.dtype, device=u.device)
     if reduce == "none":
         out[:, :dim].copy_(out_f)
         out[:, dim:].copy_(out_b)
@@ -112,32 +108,32 @@ def selective_scan_bidirectional_op(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """``out`` (see :func:`selective_scan_bidirectional`) and ``last_state (batch, 2 dim, N)``."""
-    name = _op.resolve(backend, u)
     dim = u.shape[1] // 2
-    if name == "triton":
-        shared_z = z is not None and z.shape[1] == dim
-        stacked, last = _triton.selective_scan_triton(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, g_fwd=B.shape[1] // 2,
-            in_rev=not reversed_inputs, z_rev=shared_z or not reversed_inputs, z_shift=dim if shared_z else 0)
-        out_f, out_b = stacked[:, :dim], stacked[:, dim:]
-    elif name == "cpu" and reversed_inputs and (z is None or z.shape[1] == dim):
-        # Vim's layout on CPU: the C kernel reads z and writes the output backwards in place for the
-        # backward direction and accumulates the two directions (no flipped or stacked copies).
-        out, last = _cpu.selective_scan_bidirectional_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                                          reduce)
-        return out, last
-    else:
-        stacked, last = _op.FORWARD[name](*_scan_order(u, delta, A, B, C, D, z, delta_bias, reversed_inputs),
-                                          delta_softplus)
-        out_f, out_b = stacked[:, :dim], stacked[:, dim:].flip(-1)
-    return _combine(u, out_f, out_b, reduce), last.to(compute_dtype(u)).contiguous()
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+    def run(backend):
+        if backend.name == "triton":
+            shared_z = z is not None and z.shape[1] == dim
+            stacked, last = _triton.selective_scan_triton(
+                *args, g_fwd=B.shape[1] // 2, in_rev=not reversed_inputs, z_rev=shared_z or not reversed_inputs,
+                z_shift=dim if shared_z else 0)
+            return _combine(u, stacked[:, :dim], stacked[:, dim:], reduce), last
+        if backend.name == "cpu" and reversed_inputs and (z is None or z.shape[1] == dim):
+            # Vim's layout on CPU: the C kernel reads z and writes the output backwards in place for the
+            # backward direction and accumulates the two directions (no flipped or stacked copies).
+            return _cpu.selective_scan_bidirectional_cpu(*args, reduce)
+        stacked, last = backend.forward(*_scan_order(*args[:8], reversed_inputs), delta_softplus)
+        return _combine(u, stacked[:, :dim], stacked[:, dim:].flip(-1), reduce), last
+
+    out, last = SCAN.dispatch(backend, u, run, dstate=A.shape[1])
+    return out, last.to(compute_dtype(u)).contiguous()
 
 
 @selective_scan_bidirectional_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reduce, reversed_inputs, backend):
     batch, dim2, length = u.shape
     channels = dim2 if reduce == "none" else dim2 // 2
-    out = torch.empty_strided((batch, channels, length), _out_strides(u, channels), dtype=u.dtype, device=u.device)
+    out = torch.empty_strided((batch, channels, length), output_strides(u, channels), dtype=u.dtype, device=u.device)
     return out, u.new_empty((batch, dim2, A.shape[1]), dtype=compute_dtype(u))
 
 
@@ -157,19 +153,20 @@ def _backward(ctx, grad_out, grad_last_state):
     needs = ctx.needs_input_grad[:8]
     if (grad_out is None and grad_last_state is None) or not any(needs):
         return (None,) * 12
-    name = _op.resolve(ctx.backend, u)
     dim = u.shape[1] // 2
     shared_z = z is not None and z.shape[1] == dim
     reduce, rev_in = ctx.reduce, ctx.reversed_inputs
     scale = 0.5 if reduce == "mean" else 1.0
-    if name == "triton":
-        grads = list(_triton.selective_scan_triton_backward(
-            *inputs, ctx.delta_softplus, grad_out, grad_last_state, g_fwd=B.shape[1] // 2,
-            in_rev=not rev_in, z_rev=shared_z or not rev_in, z_shift=dim if shared_z else 0,
-            dout_shift=0 if reduce == "none" else dim, dout_scale=scale))
-        if shared_z and grads[6] is not None:
-            grads[6] = grads[6][:, :dim] + grads[6][:, dim:]
-    else:
+
+    def run(backend):
+        if backend.name == "triton":  # one launch for both directions
+            grads = list(_triton.selective_scan_triton_backward(
+                *inputs, ctx.delta_softplus, grad_out, grad_last_state, g_fwd=B.shape[1] // 2,
+                in_rev=not rev_in, z_rev=shared_z or not rev_in, z_shift=dim if shared_z else 0,
+                dout_shift=0 if reduce == "none" else dim, dout_scale=scale))
+            if shared_z and grads[6] is not None:
+                grads[6] = grads[6][:, :dim] + grads[6][:, dim:]
+            return grads
         # One plain backward of the stacked scan (backward half time-reversed), then back to the caller's order.
         if grad_out is None:
             go = None
@@ -178,9 +175,7 @@ def _backward(ctx, grad_out, grad_last_state):
         else:
             g = grad_out * scale if scale != 1.0 else grad_out
             go = torch.cat([g, g.flip(-1)], dim=1)
-        scan_inputs = _scan_order(*inputs, rev_in)
-        zs_need = list(needs)
-        grads = list(_op.backend_backward(name, scan_inputs, ctx.delta_softplus, go, grad_last_state, zs_need))
+        grads = list(backend.backward(_scan_order(*inputs, rev_in), ctx.delta_softplus, go, grad_last_state, needs))
         for i in (0, 1, 3, 4):  # u, delta, B, C
             if needs[i] and grads[i] is not None and not rev_in:
                 grads[i] = _unflip_half(grads[i], B.shape[1] // 2 if i in (3, 4) else dim)
@@ -189,6 +184,9 @@ def _backward(ctx, grad_out, grad_last_state):
                 grads[6] = grads[6][:, :dim] + grads[6][:, dim:].flip(-1)
             elif not rev_in:
                 grads[6] = _unflip_half(grads[6], dim)
+        return grads
+
+    grads = SCAN.dispatch(ctx.backend, u, run, dstate=inputs[2].shape[1])
     grads = tuple(g if need else None for g, need in zip(grads, needs))
     return (*grads, None, None, None, None)
 
@@ -205,81 +203,15 @@ def _flop_formula(u_shape, delta_shape, A_shape, B_shape, C_shape, D_shape, z_sh
     return _op.flops(batch, dim2, length, A_shape[1], D_shape is not None, z_shape is not None)
 
 
-def selective_scan_bidirectional(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor] = None,
-    z: Optional[Tensor] = None,
-    delta_bias: Optional[Tensor] = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    *,
-    reduce: str = "mean",
-    reversed_inputs: bool = False,
-    backend: str = "auto",
-) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """Forward and backward-in-time selective scans of stacked channels, combined (Vim's bimamba v2).
-
-    Args:
-        u: ``(batch, 2 dim, L)``: channels ``[0, dim)`` are scanned forwards in time, ``[dim, 2 dim)``
-            backwards (from ``t = L - 1`` to ``0``); everything is in the original time order.
-        delta: ``(batch, 2 dim, L)`` step sizes (before ``delta_bias`` / softplus).
-        A: ``(2 dim, N)``.
-        B, C: ``(batch, G, N, L)`` with ``G`` even; the first ``G / 2`` groups belong to the forward
-            direction (channel ``c`` uses group ``c // (2 dim / G)``).
-        D, delta_bias: optional ``(2 dim,)``.
-        z: optional gate, ``(batch, dim, L)`` (the same gate for both directions) or ``(batch, 2 dim, L)``.
-        delta_softplus, return_last_state: as for :func:`selective_scan`.
-        reduce: ``"mean"`` (Vim's ``(y + flip(y_b)) / 2``), ``"sum"`` -> ``(batch, dim, L)``; ``"none"`` ->
-            the two directions' outputs stacked, ``(batch, 2 dim, L)``.
-        reversed_inputs: the backward direction's ``u, delta, B, C`` (and its half of a ``2 dim``-channel
-            ``z``) are given already time-reversed, i.e. computed from the flipped sequence as Vim does
-            (its depthwise causal conv must see the flipped sequence). A ``dim``-channel ``z``, the output and
-            ``last_state`` stay in the original order / as documented above.
-        backend: as for :func:`selective_scan`; ``triton`` runs both directions in one kernel launch, the
-            others run one plain scan over the stacked channels, the backward half time-reversed (flipped
-            copies of what is not already reversed).
-
-    Returns:
-        ``out`` in ``u``'s dtype (time-major strides when ``u`` is a time-major view), or
-        ``(out, last_state)`` with ``last_state`` ``(batch, 2 dim, N)`` fp32 (fp64 for fp64 inputs; for the
-        backward direction, the state after ``t = 0``).
-
-    Raises:
-        ValueError: bad shapes (odd channel count or odd ``G``, ``z`` neither ``dim`` nor ``2 dim`` channels,
-            the checks of :func:`selective_scan`), unknown ``reduce`` or backend.
-        RuntimeError: the requested backend is not available.
-    """
-    from . import BACKENDS, _validate  # the package (imported by the time this runs)
-
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"selective_scan_bidirectional: reduce must be one of {REDUCTIONS}, got {reduce!r}")
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"selective_scan_bidirectional: unknown backend {backend!r}; "
-                         f"known backends: auto, {', '.join(BACKENDS)}")
-    if not isinstance(u, Tensor):
-        raise TypeError(f"selective_scan_bidirectional: u must be a torch.Tensor, got {type(u).__name__}")
-    if u.dim() == 3 and u.shape[1] % 2:
-        raise ValueError(f"selective_scan_bidirectional: u must stack the two directions as 2 * dim channels, "
-                         f"got an odd channel count {u.shape[1]}")
-    B4, C4 = _validate(u, delta, A, B, C, D, None, delta_bias)
-    if z is not None:
-        if not isinstance(z, Tensor):
-            raise TypeError(f"selective_scan_bidirectional: z must be a torch.Tensor, got {type(z).__name__}")
-        if not z.is_floating_point() or z.is_complex():
-            raise ValueError(f"selective_scan_bidirectional: z must be a real floating point tensor, got {z.dtype}")
-        if z.device != u.device:
-            raise ValueError(f"selective_scan_bidirectional: z is on {z.device} but u is on {u.device}")
-        shared = (u.shape[0], u.shape[1] // 2, u.shape[2])
-        if z.shape != u.shape and z.shape != shared:
-            raise ValueError(f"selective_scan_bidirectional: z has shape {tuple(z.shape)}; expected {shared} "
-                             f"(one gate for both directions) or {tuple(u.shape)}")
-    if B4.shape[1] % 2:
-        raise ValueError(f"selective_scan_bidirectional: B and C need an even number of groups G (the first "
-                         f"G/2 for the forward direction), got G={B4.shape[1]}")
-    out, last_state = selective_scan_bidirectional_op(u, delta, A, B4, C4, D, z, delta_bias,
-                                                      bool(delta_softplus), reduce, bool(reversed_inputs), backend)
-    return (out, last_state) if return_last_state else out
+@register_aten_path(selective_scan_bidirectional_op)
+def selective_scan_bidirectional_aten(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reduce, reversed_inputs,
+                                      backend="auto"):
+    """The op in plain aten ops: one ``reference`` scan of the stacked channels, backward half time-reversed."""
+    dim = u.shape[1] // 2
+    stacked, last = selective_scan_reference(*_scan_order(u, delta, A, B, C, D, z, delta_bias, reversed_inputs),
+                                             delta_softplus)
+    out_f, out_b = stacked[:, :dim], stacked[:, dim:].flip(-1)
+    if reduce == "none":
+        return torch.cat([out_f, out_b], dim=1), last
+    out = out_f + out_b
+    return (out * 0.5 if reduce == "mean" else out), last

@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ._chunked import selective_scan_chunked_backward
+
 _UNSET = object()
 _selective_scan_fn: object = _UNSET
 
@@ -56,12 +58,14 @@ def selective_scan_mamba(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return out, last_state
 
 
-def selective_scan_mamba_backward(inputs, delta_softplus, grad_out, needs_input_grad):
+def selective_scan_mamba_backward(inputs, delta_softplus, grad_out, grad_last_state, needs_input_grad):
     """Gradients by recomputing the forward through mamba-ssm's own autograd function.
 
     ``inputs``: ``(u, delta, A, B, C, D, z, delta_bias)``. mamba-ssm does not back-propagate into its
-    ``last_state`` output; the caller handles that case with another backend.
+    ``last_state`` output: when ``grad_last_state`` is given, the ``chunked`` analytic backward runs.
     """
+    if grad_last_state is not None:
+        return selective_scan_chunked_backward(*inputs, delta_softplus, grad_out, grad_last_state)
     fn = load()
     with torch.enable_grad():
         leaves = [
@@ -73,4 +77,3 @@ def selective_scan_mamba_backward(inputs, delta_softplus, grad_out, needs_input_
         grads = torch.autograd.grad(out, wanted, grad_out, allow_unused=True) if wanted else ()
     it = iter(grads)
     return tuple(next(it) if (x is not None and x.requires_grad) else None for x in leaves)
-
