@@ -10,7 +10,7 @@ over rounds.
   the work of one Vim-Tiny layer; also per (step, 8 channels, state) update.
 * ``conv``: ``vz_causal_conv1d_fwd`` for one direction (384 channels, K 4, SiLU), forward in place and
   reversed, as the fused path runs them.
-* ``mixer python``: one ``BiMambaMixer._inner_cpu_inference`` call with the C kernels replaced by no-ops:
+* ``mixer python``: one ``bimamba_inner`` call (fused path) with the C kernels replaced by no-ops:
   what the layer spends outside the kernels and the x-projection matmuls (those are subtracted).
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ import timm  # noqa: E402
 import visionzoo  # noqa: E402,F401
 from visionzoo.ops import _cpu_build  # noqa: E402
 from visionzoo.ops.causal_conv1d import _cpu as conv_cpu  # noqa: E402
+from visionzoo.ops.selective_scan import MambaBranch, bimamba_inner  # noqa: E402
 from visionzoo.ops.selective_scan import _cpu as scan_cpu  # noqa: E402
 
 
@@ -61,10 +62,12 @@ def main():
     A_log = torch.randn(dim, N, generator=g) * 0.5 + 0.5
     D, bias = torch.randn(dim, generator=g), torch.randn(dim, generator=g) - 2.0
     p0, xs = x_dbl.data_ptr(), R + 2 * N
-    head = (1, dim, L, N, 1, u.data_ptr(), 0, 1, dim, p0, 0, 1, xs, dt_w.data_ptr(), R, A_log.data_ptr(), 1,
-            p0 + 4 * R, 0, 0, 1, xs, p0 + 4 * (R + N), 0, 0, 1, xs, D.data_ptr(), bias.data_ptr(),
-            z.data_ptr(), 0, 1, dim, 1, out.data_ptr(), 0, 1, dim, 0.5, 0, None, 0, dim // scan_cpu.CB)
-    scan = best_ms(lambda: lib.vz_selective_scan_fwd(*head), args.rounds, inner)
+    job = scan_cpu._job(1, dim, L, N, 1, (u.data_ptr(), 0, 1, dim), (p0, 0, 1, xs), dt_w.data_ptr(), R,
+                        A_log.data_ptr(), True, (p0 + 4 * R, 0, 0, 1, xs), (p0 + 4 * (R + N), 0, 0, 1, xs),
+                        D.data_ptr(), bias.data_ptr(), (z.data_ptr(), 0, 1, dim), True, (out.data_ptr(), 0, 1, dim),
+                        None, 0.5)
+    jobs = (scan_cpu.ScanArgs * 1)(job)
+    scan = best_ms(lambda: lib.vz_selective_scan_fwd(jobs, 1, 1), args.rounds, inner)
     updates = L * dim * N / 8
 
     clib = conv_cpu.load()
@@ -75,20 +78,22 @@ def main():
     last = (L - 1) * dim * 4
 
     def conv():
-        conv_cpu.run(clib, 1, E, L, (xz.data_ptr() + last, 0, 1, -dim), w, b, True, (ub.data_ptr(), 0, 1, E))
-        conv_cpu.run(clib, 1, E, L, (xz.data_ptr(), 0, 1, dim), w, b, True, (xz.data_ptr(), 0, 1, dim))
+        conv_cpu.run(clib, [conv_cpu.job(1, E, L, (xz.data_ptr() + last, 0, 1, -dim), w, b, True, (ub.data_ptr(), 0, 1, E)),
+                            conv_cpu.job(1, E, L, (xz.data_ptr(), 0, 1, dim), w, b, True, (xz.data_ptr(), 0, 1, dim))])
 
     conv_ms = best_ms(conv, args.rounds, inner)
 
     mixer = timm.create_model("vim_tiny").eval().blocks[0].mixer
+    branches = (MambaBranch(mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D),
+                MambaBranch(mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log, mixer.D_b))
     xz3 = torch.randn(1, L, dim, generator=g)
-    real = _cpu_build.run_items
+    real = _cpu_build.run_jobs
     with torch.no_grad():
-        _cpu_build.run_items = lambda fn, head, items: [0]
+        _cpu_build.run_jobs = lambda fn, jobs: 0
         try:
-            total = best_ms(lambda: mixer._inner_cpu_inference(xz3), args.rounds, inner)
+            total = best_ms(lambda: bimamba_inner(xz3, *branches), args.rounds, inner)
         finally:
-            _cpu_build.run_items = real
+            _cpu_build.run_jobs = real
         uT = torch.randn(1, E, L, generator=g)
         mm = best_ms(lambda: mixer.x_proj.weight @ uT, args.rounds, inner)
 

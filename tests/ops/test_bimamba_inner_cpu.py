@@ -112,3 +112,36 @@ def test_work_split_across_threads_matches():
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_batch_one_thread_count_independent():
+    """At batch 1 the work is split over channel blocks (both directions of a block on one thread): 1, 2 and 3
+    threads give bitwise the same output, for the fused path, the bidirectional scan and the paired conv."""
+    from visionzoo.ops.causal_conv1d import _cpu as conv_cpu
+
+    g = torch.Generator().manual_seed(3)
+    E, L = 48, 70
+    fwd, bwd = (make_direction(E, 16, 3, 4, True, g) for _ in range(2))
+    xz = torch.randn(1, L, 2 * E, generator=g)
+    u, delta, z = (torch.randn(1, 2 * E, L, generator=g) for _ in range(3))
+    A = -torch.exp(torch.randn(2 * E, 16, generator=g) * 0.5)
+    B, C = (torch.randn(1, 2, 16, L, generator=g) for _ in range(2))
+    D, bias = torch.randn(2 * E, generator=g), torch.randn(2 * E, generator=g) - 1
+    x, w = torch.randn(1, E, L, generator=g), torch.randn(2 * E, 4, generator=g)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                fused = bimamba_inner_cpu(xz.clone(), fwd, bwd)
+                bidir = _cpu.selective_scan_bidirectional_cpu(u, delta, A, B, C, D, z[:, :E], bias, True, "mean")
+                conv = conv_cpu.causal_conv1d_bidirectional_cpu(x, w, D, "silu", torch.empty(1, 2 * E, L))
+            runs.append((fused, *bidir, conv))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(runs[0][0], mixer_inner_reference(xz, fwd, bwd), rtol=1e-4, atol=1e-5)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
