@@ -218,3 +218,41 @@ def test_vim_tiny_size_against_chunked():
     x, gout, _ = make(batch=1, dim=768, length=197, dstate=16, groups=2, last=False, layout="time_major")
     args = (*(x[k] for k in NAMES), True, gout, None)
     check(_cpu_bwd.selective_scan_cpu_backward(*args), selective_scan_chunked_backward(*args), "vim-tiny")
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch,dim,length,groups,layout", [
+    (2, 36, 70, 2, "contiguous"),   # ragged channel blocks, 3 chunks (the last short)
+    (1, 48, 64, 1, "time_major"),   # exactly two chunks
+    (3, 12, 5, 3, "contiguous"),    # one short chunk, 4 channels per group
+])
+def test_forward_checkpoints_replace_the_recompute(batch, dim, length, groups, layout):
+    """The backward started from the forward's state checkpoints matches the reference (and the backward that
+    recomputes them)."""
+    from visionzoo.ops.selective_scan import _cpu
+
+    x, gout, glast = make(batch=batch, dim=dim, length=length, groups=groups, layout=layout, seed=dim)
+    args = [x[k] for k in NAMES]
+    _, _, ck = _cpu.selective_scan_cpu(*args, delta_softplus=True, checkpoints=True)
+    assert tuple(ck.shape) == _cpu.checkpoint_shape(batch, dim, length, 5)
+    with_ck = _cpu_bwd.selective_scan_cpu_backward(*args, True, gout, glast, ck)
+    check(with_ck, reference_grads(x, True, gout, glast), "checkpoints")
+    for a, b in zip(with_ck, cpu_grads(x, True, gout, glast)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="checkpoints of shape"):
+        _cpu_bwd.selective_scan_cpu_backward(*args, True, gout, glast, ck[..., :1])
+
+
+@needs_kernel
+def test_bidirectional_checkpoints_match_the_stacked_scan():
+    """The bidirectional forward's checkpoints are the stacked scan's (backward half in its reversed order)."""
+    from visionzoo.ops.selective_scan import _cpu
+
+    x, gout, _ = make(batch=1, dim=48, length=70, groups=2, seed=9)
+    u, delta, A, B, C, D, z, bias = (x[k] for k in NAMES)
+    E = 24
+    zs = z[:, :E]
+    _, _, ck = _cpu.selective_scan_bidirectional_cpu(u, delta, A, B, C, D, zs, bias, True, "mean", checkpoints=True)
+    stacked_z = torch.cat([zs, zs.flip(-1)], dim=1)
+    _, _, ck_stacked = _cpu.selective_scan_cpu(u, delta, A, B, C, D, stacked_z, bias, True, checkpoints=True)
+    assert torch.equal(ck, ck_stacked)

@@ -109,10 +109,21 @@ def _per_channel(A: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor]) -
 
 def _output(u: Tensor, channels: int) -> Tensor:
     """``(batch, channels, L)`` fp32: time-major memory when ``u`` is a time-major view, else contiguous."""
-    batch, _, length = u.shape
-    if u.permute(2, 0, 1).is_contiguous():
-        return torch.empty(length, batch, channels, dtype=torch.float32).permute(1, 2, 0)
-    return torch.empty(batch, channels, length, dtype=torch.float32)
+    from ._op import output_strides  # the one rule for the scan's output layout (_op imports this module)
+
+    return torch.empty_strided((u.shape[0], channels, u.shape[2]), output_strides(u, channels), dtype=torch.float32)
+
+
+CHUNK = 32  # steps per state checkpoint; must equal VZ_BT in both C sources
+
+
+def checkpoint_shape(batch: int, dim: int, length: int, dstate: int) -> tuple[int, int, int, int]:
+    """The forward's state checkpoints: ``(batch, chunks, N, dim)`` fp32, the state before every CHUNK-th step."""
+    return (batch, -(-length // CHUNK), dstate, dim)
+
+
+def _checkpoints(batch: int, dim: int, length: int, dstate: int) -> Tensor:
+    return torch.empty(checkpoint_shape(batch, dim, length, dstate), dtype=torch.float32)
 
 
 def selective_scan_cpu(
@@ -125,11 +136,14 @@ def selective_scan_cpu(
     z: Optional[Tensor] = None,
     delta_bias: Optional[Tensor] = None,
     delta_softplus: bool = False,
-) -> tuple[Tensor, Tensor]:
+    checkpoints: bool = False,
+):
     """Selective scan on validated fp32 CPU inputs (``B, C`` as ``(batch, G, N, L)``).
 
     Returns ``out`` ``(batch, dim, L)`` (time-major strides when ``u`` is a time-major view, else
-    contiguous) and ``last_state`` ``(batch, dim, N)`` fp32.
+    contiguous) and ``last_state`` ``(batch, dim, N)`` fp32; with ``checkpoints``, also the states the
+    backward starts its chunks from (:func:`._cpu_bwd.checkpoint_shape`; pass them to
+    :func:`._cpu_bwd.selective_scan_cpu_backward` and it skips recomputing them).
     """
     batch, dim, length = u.shape
     groups, dstate = B.shape[1], B.shape[2]
@@ -139,9 +153,13 @@ def selective_scan_cpu(
     B, C = B.float(), C.float()
     out = _output(u, dim)
     last_state = torch.empty(batch, dim, dstate, dtype=torch.float32)
+    ck = _checkpoints(batch, dim, length, dstate) if checkpoints else None
     _run(lib, [_job(batch, dim, length, dstate, groups, _seq(u), _seq(delta), None, 0, ptr(A2), False, _seq(B),
-                    _seq(C), ptr(D), ptr(bias), _seq(z), delta_softplus, _seq(out), ptr(last_state))],
+                    _seq(C), ptr(D), ptr(bias), _seq(z), delta_softplus, _seq(out), ptr(last_state), ckpt=ptr(ck),
+                    ck_row=dim)],
          "selective_scan")
+    if checkpoints:
+        return out, last_state, ck
     return out, last_state
 
 
@@ -164,7 +182,8 @@ def selective_scan_bidirectional_cpu(
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
     reduce: str,
-) -> tuple[Tensor, Tensor]:
+    checkpoints: bool = False,
+):
     """Both directions of a Vim mixer with no flipped copies (the layout of ``reversed_inputs=True``).
 
     ``u, delta``: ``(batch, 2E, L)``, channels ``[E, 2E)`` (the backward direction) already time-reversed,
@@ -175,7 +194,9 @@ def selective_scan_bidirectional_cpu(
     direction (back in the original order) as channels ``[E, 2E)`` instead.
 
     Returns ``out`` (``(batch, E, L)``, or ``(batch, 2E, L)`` for ``"none"``; time-major when ``u`` is) and
-    ``last_state`` ``(batch, 2E, N)`` (the backward direction's after its last step, ``t = 0``).
+    ``last_state`` ``(batch, 2E, N)`` (the backward direction's after its last step, ``t = 0``); with
+    ``checkpoints``, also the stacked scan's state checkpoints for :func:`._cpu_bwd.selective_scan_cpu_backward`
+    (the stacked scan being the one ``reversed_inputs=True`` describes: the backward half in its reversed order).
     """
     batch, dim2, length = u.shape
     E, G2, dstate = dim2 // 2, B.shape[1] // 2, B.shape[2]
@@ -186,6 +207,7 @@ def selective_scan_bidirectional_cpu(
     B, C = B.float(), C.float()
     last_states = [torch.empty(batch, E, dstate, dtype=torch.float32) for _ in range(2)]
     scale = 0.5 if reduce == "mean" else 1.0
+    ck = _checkpoints(batch, dim2, length, dstate) if checkpoints else None
     jobs = []
     for direction, ch in enumerate((slice(0, E), slice(E, dim2))):
         grp = slice(direction * G2, (direction + 1) * G2)
@@ -195,8 +217,11 @@ def selective_scan_bidirectional_cpu(
         jobs.append(_job(batch, E, length, dstate, G2, _seq(u[:, ch]), _seq(delta[:, ch]), None, 0, ptr(A2[ch]),
                          False, _seq(B[:, grp]), _seq(C[:, grp]), ptr(D[ch] if D is not None else None),
                          ptr(bias[ch] if bias is not None else None), seq(z), delta_softplus, seq(o),
-                         ptr(last_states[direction]), scale, backward and reduce != "none"))
+                         ptr(last_states[direction]), scale, backward and reduce != "none",
+                         ck.data_ptr() + 4 * ch.start if checkpoints else None, dim2))
     _run(lib, jobs, "selective_scan")  # item by item, the backward direction after the forward one
+    if checkpoints:
+        return out, torch.cat(last_states, dim=1), ck
     return out, torch.cat(last_states, dim=1)
 
 

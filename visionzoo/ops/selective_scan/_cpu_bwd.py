@@ -22,7 +22,7 @@ from torch import Tensor
 from .. import _cpu_build
 from .._cpu_build import ptr
 from ._chunked import selective_scan_chunked_backward
-from ._cpu import _output, _seq
+from ._cpu import _output, _seq, checkpoint_shape
 
 OP = "selective_scan_bwd"
 SOURCE = Path(__file__).with_name("_cpu_bwd_kernel.c")
@@ -59,13 +59,7 @@ def load() -> Optional[ctypes.CDLL]:
     return _cpu_build.load_kernel(OP, SOURCE, _declare)
 
 
-CHUNK = 32  # steps per checkpoint; must equal VZ_BT in both C sources
 ITEMS = 16  # work items the backward aims for (threads share them out); not tied to the thread count
-
-
-def checkpoint_shape(batch: int, dim: int, length: int, dstate: int) -> tuple[int, int, int, int]:
-    """The forward's state checkpoints: ``(batch, chunks, N, dim)`` fp32, the state before every CHUNK-th step."""
-    return (batch, -(-length // CHUNK), dstate, dim)
 
 
 def _splits(batch: int, groups: int, dg: int) -> int:
