@@ -4,12 +4,16 @@ Official training scripts save whole training states (``{"model", "model_ema", "
 "args", ...}``), sometimes with a pickled ``argparse.Namespace``. These files are loaded with
 ``torch.load(weights_only=True)`` and only the classes a family names allow-listed, never with
 blanket unpickling. After the family's ``checkpoint_filter_fn`` adapts keys, the state dict must
-match the model exactly: anything missing or left over raises an error naming the keys.
+match the model exactly: anything missing or left over raises an error naming the keys, and a
+tensor that ``load_state_dict`` would silently cast or load wrong (an integer tensor for a floating
+parameter, NaN or infinite values) raises an error naming the key. Every error is one line.
 """
 from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
 from typing import Any, Callable, Iterable
 
 import torch
@@ -21,14 +25,54 @@ _logger = logging.getLogger(__name__)
 _CONTAINER_KEYS = ("model", "state_dict", "module")
 
 
+class UnsafeCheckpointError(ValueError):
+    """The file holds pickled Python objects beyond tensors; visionzoo will not unpickle them.
+
+    ``global_name`` is the first object torch's weights-only unpickler refused (e.g. ``posix.system``)."""
+
+    def __init__(self, message: str, global_name: str | None = None):
+        super().__init__(message)
+        self.global_name = global_name
+
+
 def torch_load_restricted(path: str | os.PathLike, safe_globals: Iterable[Any] = ()) -> dict:
     """``torch.load(path, weights_only=True)`` with ``safe_globals`` additionally allowed
-    (``.safetensors`` files are read with safetensors)."""
+    (``.safetensors`` files are read with safetensors).
+
+    A file that pickles anything else raises :class:`UnsafeCheckpointError` naming the refused object
+    (torch's own message puts the cause on a later line, after suggesting ``weights_only=False``)."""
     if os.fspath(path).endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(os.fspath(path), device="cpu")
-    with torch.serialization.safe_globals(list(safe_globals)):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if not found and "Weights only load failed" not in str(e):
+            raise  # not a refusal: a damaged file, reported by the caller
+        name = found.group(1) if found else None
+        raise UnsafeCheckpointError(
+            f"checkpoint {os.fspath(path)!r} holds {'a pickled ' + name if name else 'pickled Python objects'} "
+            f"besides tensors, which visionzoo does not unpickle (it reads torch.load(weights_only=True)); "
+            f"if you trust the file, re-save its tensors alone", name) from None
+
+
+def check_weights(state_dict: dict, model: nn.Module, source: str) -> None:
+    """Refuse tensors that would load silently wrong: an integer / bool tensor where the model keeps
+    floating-point values (``load_state_dict`` and the filters' arithmetic would cast it), and NaN or
+    infinite values. Runs on the file's own keys, before any renaming: an integer tensor is accepted
+    only under a name the model's own integer entries end in (``num_batches_tracked``, index buffers)."""
+    integer_names = {k.rsplit(".", 1)[-1] for k, v in model.state_dict().items() if not v.is_floating_point()}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if not value.is_floating_point() and key.rsplit(".", 1)[-1] not in integer_names:
+            raise ValueError(f"checkpoint {source!r}: {key} is {value.dtype}, where the model keeps floating-point "
+                             f"weights; it would be cast silently (not a float weights file?)")
+        if value.is_floating_point() and value.device.type != "meta" and not torch.isfinite(value).all():
+            raise ValueError(f"checkpoint {source!r}: {key} holds NaN or infinite values (a damaged or diverged "
+                             f"checkpoint)")
 
 
 def select_state_dict(checkpoint: dict, use_ema: bool = False) -> dict:
@@ -57,7 +101,9 @@ def load_checkpoint_strict(
     first convolution is adapted when ``in_chans`` differs (timm's rules). Every other key must match.
     """
     checkpoint = torch_load_restricted(path, safe_globals)
-    state_dict = filter_fn(select_state_dict(checkpoint, use_ema=use_ema), model)
+    raw = select_state_dict(checkpoint, use_ema=use_ema)
+    check_weights(raw, model, os.fspath(path))
+    state_dict = filter_fn(raw, model)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     allowed_missing: set[str] = set()
 

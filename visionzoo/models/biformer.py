@@ -58,6 +58,7 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, SelectAdaptivePool2d, to_2tu
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_module
+from ._input import record_input_size
 
 from ..ops.routing_attention import bi_level_routing_attention
 from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
@@ -120,9 +121,12 @@ class BiLevelRoutingAttention(nn.Module):
         qkv = self.qkv(x)  # (B, Hp, Wp, 3C)
         del x  # (the padded copy; memory: every full-size temporary released early counts at 600x500)
         q, k, v = qkv.split(self.dim, dim=-1)  # (B, Hp, Wp, C) each, channel slices (no copies)
-        out = bi_level_routing_attention(
-            q, k, v, self.num_heads, (n_h, n_w), min(self.topk, n_h * n_w), self.scale, backend=self.backend,
-        )
+        if B == 0:  # an empty batch (the kernels index regions per image; there are none)
+            out = torch.zeros_like(v)
+        else:
+            out = bi_level_routing_attention(
+                q, k, v, self.num_heads, (n_h, n_w), min(self.topk, n_h * n_w), self.scale, backend=self.backend,
+            )
         # LePE on V, (B, Hp, Wp, C); V is a channels-last view, so the depthwise conv runs channels-last.
         lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         del q, k, v, qkv
@@ -274,6 +278,8 @@ class BiFormer(nn.Module):
     ):
         super().__init__()
         _check_pool(global_pool)
+        # timm's input traits: the model takes only img_size-like inputs unless BRA pads (auto_pad)
+        self._traits = dict(fixed_input_size=not auto_pad)
         if layout not in ("biformer", "stl"):
             raise ValueError(f"BiFormer: layout must be 'biformer' or 'stl', got {layout!r}")
         if len(depths) != 4 or len(dims) != 4 or len(topks) != 4:
@@ -386,6 +392,9 @@ class BiFormer(nn.Module):
         for m in self.modules():
             if isinstance(m, BiLevelRoutingAttention):
                 m.backend = backend
+        if auto_pad is not None:
+            self._traits = dict(self._traits, fixed_input_size=not auto_pad)
+        record_input_size(self, self.img_size)
 
     def set_input_size(self, img_size: Union[int, Tuple[int, int]], n_win: Optional[Union[int, Tuple[int, int]]] = None,
                        auto_pad: Optional[bool] = None) -> None:
@@ -554,7 +563,7 @@ def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:
         "pool_size": (7, 7),
         "crop_pct": 0.875,
         "interpolation": "bicubic",
-        "fixed_input_size": False,
+        "fixed_input_size": True,  # built for one size (img_size); see set_input_size / dynamic_img_size
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
         "first_conv": "stem.0",

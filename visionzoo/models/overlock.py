@@ -378,6 +378,8 @@ class ContMixBlock(nn.Module):
         B, C, H, W = x.shape
         G, c = self.num_groups, C // (2 * self.num_groups)
         query, key = torch.split(x_f, [C, self.ctx_dim], dim=1)
+        if B == 0:  # an empty batch: nothing to aggregate (the kernels and reshapes need an image)
+            return torch.zeros_like(x)
         q = (self.weight_query(query) * self.scale).reshape(B, G, c, H * W)  # (B, G, c, HW)
         k = self.weight_key(key).reshape(B, G, c, -1)  # (B, G, c, P*P)
         # official: logits = weight_proj(q^T k) over the region axis; here q^T (k W^T) + b (reassociated)

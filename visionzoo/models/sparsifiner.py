@@ -53,10 +53,17 @@ Differences from the official code, all deliberate:
 * The unused ``attn_drop`` of the official DeiT attention is not created; the LV-ViT variant's rate
   is 0 in the recipe.
 
-Training (two phases of the released recipe, :class:`SparsifinerDistillLoss`): 1) ``attn_recon``: only
-the predictors train; attention runs dense and the predictor's approximation with the *signed* basis
-and all coefficients is regressed on the dense attention map (MSE sum, weight 0.01); 2)
-``cls_distill``: only the backbone trains, with CE + 0.5 KL to a dense teacher + 0.5 MSE of the final
+Training. The losses live in :mod:`visionzoo.losses.sparsifiner`. By default (``attn_self_distill_weight
+= 0.002``, the released config's value) a training-mode forward attaches the official attention
+self-distillation term to every block (the predictor's approximation regressed on the block's own
+dense map, detached), so a plain ``loss.backward()`` gives every parameter a gradient: the predictors
+keep adapting while the backbone fine-tunes, and DDP needs no ``find_unused_parameters``. Eval-mode
+outputs are unaffected. ``attn_self_distill_weight=0`` is the official phase-2 setting (the predictors
+get no gradient: freeze them, e.g. ``requires_grad_(False)`` on ``*mask_predictor*``, before wrapping in
+DDP). The released two-phase recipe is :class:`~visionzoo.losses.SparsifinerDistillLoss`: 1)
+``attn_recon``: only the predictors train; attention runs dense and the predictor's approximation with
+the *signed* basis and all coefficients is regressed on the dense attention map (MSE sum, weight 0.01);
+2) ``cls_distill``: only the backbone trains, with CE + 0.5 KL to a dense teacher + 0.5 MSE of the final
 tokens. In phase 1 the dense teacher *is* the frozen backbone, so its attention maps are the model's
 own dense maps, which :meth:`Sparsifiner.forward_distill` returns.
 
@@ -84,8 +91,10 @@ from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 from ..layers import plain_feature_indices
+from ..losses.sparsifiner import SparsifinerDistillLoss, attach_aux_loss, attn_self_distill_loss  # noqa: F401 (re-export)
 from ..ops.sparse_attention import sparse_attention, sparse_attention_backend
 from ..ops.sparse_attention._keys_cpu import kept_keys_cpu
+from ._input import record_input_size
 from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
 from ._registry import ModelMeta, register_meta
 
@@ -336,21 +345,6 @@ class MaskPredictor(nn.Module):
             return approx.topk(budget, dim=-1, sorted=False).indices, None
 
 
-class AttachAuxLoss(torch.autograd.Function):
-    """Identity on ``x`` whose backward also sends gradient 1 into ``loss``: an auxiliary loss that trains
-    what it depends on whenever anything computed from ``x`` is back-propagated (the pattern MoE
-    implementations use for load-balancing losses)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        ctx.loss_shape, ctx.loss_dtype = loss.shape, loss.dtype
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, torch.ones(ctx.loss_shape, dtype=ctx.loss_dtype, device=grad.device)
-
-
 class SparsifinerAttention(nn.Module):
     """Multi-head self-attention with a connectivity predictor. x ``(B, N, C)`` -> ``(B, N, C)``."""
 
@@ -404,11 +398,9 @@ class SparsifinerAttention(nn.Module):
             idx, approx_grad = self.mask_predictor(q, k, grid, token_index, with_grad=self_distill,
                                                    official=official)
             out = sparse_attention(q, k, v, idx, self.scale, dense_rows=1, backend=self.attn_backend)
-            if self_distill:  # official ATTN_SELF_DISTILL: MSE-sum to the block's own dense map
-                with torch.no_grad():
-                    target = ((q[:, :, 1:] @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-                loss = F.mse_loss(approx_grad, target, reduction="sum") * self.self_distill_weight
-                out = AttachAuxLoss.apply(out, loss)
+            if self_distill:  # official ATTN_SELF_DISTILL: trains the predictor in any backward
+                loss = attn_self_distill_loss(approx_grad, q, k, self.scale, self.self_distill_weight)
+                out = attach_aux_loss(out, loss)
         else:
             if mode == "recon":
                 approx = self.mask_predictor.approx_attention(q, k, grid, token_index, recon=True)
@@ -522,13 +514,13 @@ class Sparsifiner(nn.Module):
         drop_rate, pos_drop_rate, proj_drop_rate, drop_path_rate: dropouts (linear stochastic depth).
         dynamic_img_size: accept any size the patches tile, resampling position embedding and predictors.
         attn_backend: :func:`~visionzoo.ops.sparse_attention.sparse_attention` backend.
-        attn_self_distill_weight: > 0 trains the predictors during sparse training with the official
+        attn_self_distill_weight: trains the predictors during sparse training with the official
             attention self-distillation loss (``ATTN_SELF_DISTILL``: MSE sum between each block's
-            approximation and its own dense map, averaged over blocks, times this weight; 0.002 in the
-            released config where it is unused). The loss is attached to the block outputs
-            (:class:`AttachAuxLoss`), so any backward through the model applies it; inputs and target are
-            detached, so it trains the predictors only. 0 (default): the predictors get no gradient from
-            the sparse forward, as in the official code (the mask is detached).
+            approximation and its own dense map, averaged over blocks, times this weight; default 0.002,
+            the released config's value). The loss is attached to the block outputs
+            (:func:`visionzoo.losses.attach_aux_loss`), so any backward through the model applies it;
+            inputs and target are detached, so it trains the predictors only. 0: the predictors get no
+            gradient from the sparse forward, as in the official phase 2 (the mask is detached).
     """
 
     def __init__(
@@ -560,7 +552,7 @@ class Sparsifiner(nn.Module):
         drop_path_rate: float = 0.0,
         dynamic_img_size: bool = False,
         attn_backend: str = "auto",
-        attn_self_distill_weight: float = 0.0,
+        attn_self_distill_weight: float = 0.002,
         device=None,
         dtype=None,
     ):
@@ -676,6 +668,7 @@ class Sparsifiner(nn.Module):
                 mp.proj_n = nn.Parameter(resample_token_rows(mp.proj_n.data, new, old, scale_sum=True))
                 mp.proj_back_n = nn.Parameter(resample_token_rows(mp.proj_back_n.data, new, old))
                 mp.grid_size = new
+        record_input_size(self, self.img_size)
 
     def load_pretrained(self, checkpoint_path: str) -> None:
         """Load a DeiT / LV-ViT / official Sparsifiner checkpoint (or a visionzoo one) strictly; a
@@ -799,61 +792,6 @@ class Sparsifiner(nn.Module):
                     approx=approx_list, attn=attn_list)
 
 
-class SparsifinerDistillLoss(nn.Module):
-    """The two training phases of the released recipe (``sparsifiner_default_config.yaml``, ``losses.py``).
-
-    ``phase="attn_recon"`` (epochs 0-4; optimise only ``*mask_predictor*`` parameters): the student runs
-    dense (``mode="recon"``) and each block's approximation ``coef @ basis`` (signed basis, all
-    coefficients) is regressed on the dense attention map without its class row:
-    ``attn_recon_weight * mean_blocks(sum((approx - attn[:, :, 1:])**2))``. The target is the student's
-    own dense map, detached: in this phase the backbone is frozen at the teacher's weights, so it is
-    the teacher's map, without running a teacher.
-
-    ``phase="cls_distill"`` (epochs 5-49; optimise everything but the predictors): ``cls_weight * CE(logits,
-    target) + cls_distill_weight * KL(student || teacher logits, batchmean) + token_distill_weight *
-    MSE(tokens, teacher tokens)``; ``teacher`` is any module with ``forward_distill`` (e.g. a frozen copy of
-    the model run with ``mode="dense"``). Token distillation is skipped after token pruning unless the
-    teacher pruned identically (the official code then compares only the kept rows).
-
-    ``forward(model, images, target)`` returns ``(loss, parts)`` with the weighted terms in ``parts``.
-    """
-
-    def __init__(self, phase: str = "cls_distill", teacher: Optional[nn.Module] = None,
-                 base_criterion: Optional[nn.Module] = None, cls_weight: float = 1.0, cls_distill_weight: float = 0.5,
-                 token_distill_weight: float = 0.5, attn_recon_weight: float = 0.01):
-        super().__init__()
-        if phase not in ("attn_recon", "cls_distill"):
-            raise ValueError(f"SparsifinerDistillLoss: phase must be 'attn_recon' or 'cls_distill', got {phase!r}")
-        if phase == "cls_distill" and teacher is None:
-            raise ValueError("SparsifinerDistillLoss: phase 'cls_distill' needs a dense teacher")
-        self.phase = phase
-        self.teacher = teacher
-        self.base_criterion = base_criterion or nn.CrossEntropyLoss()
-        self.weights = dict(cls=cls_weight, cls_distill=cls_distill_weight, token_distill=token_distill_weight,
-                            attn_recon=attn_recon_weight)
-
-    def forward(self, model: nn.Module, images: torch.Tensor, target: torch.Tensor
-                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        w = self.weights
-        if self.phase == "attn_recon":
-            out = model.forward_distill(images, mode="recon")
-            terms = [F.mse_loss(a, t[:, :, 1:].detach(), reduction="sum") for a, t in zip(out["approx"], out["attn"])]
-            parts = {"attn_recon": w["attn_recon"] * torch.stack(terms).mean()}
-            return parts["attn_recon"], parts
-        out = model.forward_distill(images, mode="sparse")
-        with torch.no_grad():
-            ref = self.teacher.forward_distill(images, mode="dense")
-        parts = {
-            "cls": w["cls"] * self.base_criterion(out["logits"], target),
-            "cls_distill": w["cls_distill"] * F.kl_div(F.log_softmax(out["logits"], -1),
-                                                       F.log_softmax(ref["logits"], -1),
-                                                       reduction="batchmean", log_target=True),
-        }
-        if out["tokens"].shape == ref["tokens"].shape:
-            parts["token_distill"] = w["token_distill"] * F.mse_loss(out["tokens"], ref["tokens"])
-        return sum(parts.values()), parts
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Sparsifiner) -> Dict[str, torch.Tensor]:
     """Adapt a DeiT, LV-ViT or official Sparsifiner state dict (or training file) to :class:`Sparsifiner`.
 
@@ -913,7 +851,7 @@ def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:
         "pool_size": None,
         "crop_pct": 0.875,
         "interpolation": "bicubic",
-        "fixed_input_size": False,
+        "fixed_input_size": True,  # built for one size (img_size); see set_input_size / dynamic_img_size
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj",
@@ -957,10 +895,9 @@ def sparsifiner_lvvit_small(pretrained: bool = False, **kwargs) -> Sparsifiner:
 
 @register_model
 def test_sparsifiner(pretrained: bool = False, **kwargs) -> Sparsifiner:
-    """A tiny Sparsifiner for tests: 64x64 inputs (17 tokens), D=64, 3 blocks, token pruning after block 1,
-    attention self-distillation on (so every parameter trains from a plain backward)."""
+    """A tiny Sparsifiner for tests: 64x64 inputs (17 tokens), D=64, 3 blocks, token pruning after block 1."""
     model_args = dict(img_size=64, embed_dim=64, depth=3, num_heads=2, reduce_n_factor=4,
-                      token_keep_rate=0.7, token_pruning_loc=(1,), attn_self_distill_weight=0.002)
+                      token_keep_rate=0.7, token_pruning_loc=(1,))
     return _create_sparsifiner("test_sparsifiner", pretrained, **dict(model_args, **kwargs))
 
 
