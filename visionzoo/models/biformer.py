@@ -55,7 +55,8 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, Mlp, SelectAdaptivePool2d, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models._hub import download_cached_file
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_module
 from ._input import record_input_size
@@ -540,7 +541,27 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: BiFormer) -> Dict[st
     return state_dict
 
 
+def _cache_under_official_name(variant: str, kwargs: Dict[str, Any]) -> None:
+    """Download an official file under the name the official code gives it, then load it as a file.
+
+    The OneDrive links all end in ``/root/content``, and timm names a cached download after the URL's
+    last path part, so every variant would share ``<torch hub>/checkpoints/content`` (and load another
+    variant's weights). The official loader saves them as ``<variant>_in1k.pth``
+    (``load_state_dict_from_url(file_name=...)``); timm's ``download_cached_file`` takes that name too.
+    """
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if overlay.get("file") or overlay.get("state_dict"):
+        return
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=overlay)
+    if cfg.file or not (cfg.url or "").endswith("/root/content"):
+        return
+    path = download_cached_file((cfg.url, f"{variant}_{cfg.tag}.pth"), check_hash=False, cache_dir=kwargs.get("cache_dir"))
+    kwargs["pretrained_cfg_overlay"] = dict(overlay, file=path)
+
+
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
+    if pretrained:
+        _cache_under_official_name(variant, kwargs)
     # Official files are whole training states: local files / URLs go through load_pretrained too.
     route_sources_to_load_pretrained(kwargs)
     if kwargs.get("features_only"):
