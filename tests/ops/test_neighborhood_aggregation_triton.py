@@ -159,7 +159,7 @@ def test_env_override_dtype_fallback_and_errors(monkeypatch):
     torch.testing.assert_close(na2d_av(attn, value, 3), na2d_av(attn, value, 3, backend="reference"))
     assert _op.resolve("auto", value) == "torch"  # fp64 leaves triton for torch
     assert _op.resolve("auto", value.float()) == "triton"
-    with pytest.raises(RuntimeError, match="'triton' does not support dtype torch.float64"):
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run here: does not support dtype torch.float64"):
         na2d_av(attn, value, 3, backend="triton")
     with pytest.raises(ValueError, match="power of two"):
         _triton.triton_forward(attn.float(), value.float(), 3, block_p=24)
@@ -176,7 +176,7 @@ def test_unavailable_without_interpreter_or_triton(monkeypatch):
     attn, value = _inputs(1, 1, 5, 5, 2, 3, dtype=torch.float32)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not _op.is_available("triton", "cpu")
-    with pytest.raises(RuntimeError, match="'triton' is not available on device type 'cpu'"):
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run here: not available on device type 'cpu'"):
         na2d_av(attn, value, 3, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(_triton.KERNELS, "_module", None)  # as if `import triton` had failed

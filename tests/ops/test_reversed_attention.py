@@ -140,7 +140,7 @@ def test_dropout_uses_reference_and_chunked_refuses():
     assert resolve("auto", q) == "chunked"
     out = reversed_attention(q, k, v, p, m, dropout_p=0.5)
     assert out.shape == q.shape
-    with pytest.raises(ValueError, match="dropout"):
+    with pytest.raises(RuntimeError, match="backend .chunked. cannot run here: it has no attention dropout"):
         reversed_attention(q, k, v, p, m, dropout_p=0.5, backend="chunked")
 
 

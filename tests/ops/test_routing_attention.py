@@ -2,6 +2,7 @@
 backend is tested in test_routing_attention_triton.py)."""
 from __future__ import annotations
 
+import types
 
 import pytest
 import torch
@@ -210,19 +211,20 @@ def test_auto_prefers_triton_on_cuda(monkeypatch):
     """On CUDA ``auto`` picks the Triton kernel when Triton imports (float32/16/bf16), ``chunked`` for
     float64 or without Triton; an explicit ``triton`` with float64 is an error naming the dtype."""
     monkeypatch.delenv(ENV, raising=False)
-    q = torch.empty(1, 4, 4, 4, device="meta")
+
+    def cuda(dtype=torch.float32):  # selection reads only the device and the dtype
+        return types.SimpleNamespace(device=torch.device("cuda"), dtype=dtype)
+
     monkeypatch.setattr(_op._triton, "is_available", lambda device_type: True)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        x = torch.empty(1, 4, 4, 4, dtype=dtype)
-        monkeypatch.setattr(_op, "_auto_available", lambda name, dt: name in _op.BACKENDS)  # as on CUDA
-        assert _op.resolve("auto", x) == "triton"
-    assert _op.resolve("auto", torch.empty(1, 4, 4, 4, dtype=torch.float64)) == "chunked"
-    with pytest.raises(RuntimeError, match="does not support dtype torch.float64"):
-        _op.resolve("triton", torch.empty(1, 4, 4, 4, dtype=torch.float64))
+        assert _op.resolve("auto", cuda(dtype)) == "triton"
+    assert _op.resolve("auto", cuda(torch.float64)) == "chunked"
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run here: does not support dtype torch.float64"):
+        _op.resolve("triton", cuda(torch.float64))
     monkeypatch.undo()
     monkeypatch.setattr(_op._triton, "is_available", lambda device_type: False)
-    assert not _op._auto_available("triton", "cuda")
-    assert _op.resolve("auto", q) == "chunked"
+    assert not _op.is_available("triton", "cuda")
+    assert _op.resolve("auto", cuda()) == "chunked"
 
 
 def test_opcheck_custom_op():

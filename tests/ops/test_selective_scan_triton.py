@@ -11,6 +11,7 @@ Sizes are tiny: the interpreter runs every program in Python.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -251,7 +252,7 @@ def test_time_major_layout_is_kept():
 
 def test_float64_falls_back_or_raises(monkeypatch):
     x = make_inputs(batch=1, dim=4, length=3, dstate=2, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="'triton' does not support dtype"):
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run here: does not support dtype"):
         selective_scan(**x, backend="triton")
 
 
@@ -259,14 +260,17 @@ def test_auto_never_picks_triton_on_cpu(monkeypatch):
     assert _op.is_available("triton", "cpu")
     x = make_inputs(length=3)
     assert _op.resolve("auto", x["u"]) in ("cpu", "chunked")  # whichever CPU backend auto prefers
-    monkeypatch.setitem(_op.FORWARD, "triton", None)  # would fail if called
+    triton = _op.SCAN.by_name["triton"]
+    monkeypatch.setitem(_op.SCAN.by_name, "triton", dataclasses.replace(triton, forward=None))  # would fail if called
     run(x, "auto", grads=True)
     assert "triton" not in _op.AUTO_ORDER  # opt-in until measured on a GPU
 
 
 def test_env_override_selects_triton(monkeypatch):
     calls = []
-    monkeypatch.setitem(_op.FORWARD, "triton", lambda *a: calls.append(1) or _triton.selective_scan_triton(*a))
+    triton = _op.SCAN.by_name["triton"]
+    monkeypatch.setitem(_op.SCAN.by_name, "triton", dataclasses.replace(
+        triton, forward=lambda *a: calls.append(1) or _triton.selective_scan_triton(*a)))
     monkeypatch.setenv(ENV, "triton")
     run(make_inputs(length=3), "auto")
     assert calls == [1]
@@ -276,7 +280,7 @@ def test_unavailable_without_interpreter_or_triton(monkeypatch):
     x = make_inputs(length=3)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not _op.is_available("triton", "cpu")
-    with pytest.raises(RuntimeError, match="'triton' is not available on device type 'cpu'"):
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run here: not available on device type 'cpu'"):
         selective_scan(**x, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(_triton.KERNELS, "_module", None)  # as if `import triton` had failed

@@ -28,8 +28,9 @@ other backend, CPU inference computes step 4 from the kept coefficients only
 (:meth:`MaskPredictor.approx_attention_kept_coef`: an ``embedding_bag`` of 8 basis rows per query, summed
 in the dense product's order, so the scores and kept keys are the official ones) instead of the dense
 ``(B, H, N - 1, K) @ (K, N)`` product over a mostly-zero coefficient tensor; with a C compiler, one C
-pass per query row computes those scores and selects the keys (:mod:`..ops.sparse_attention._keys_cpu`;
-``topk``'s keys except on exact ties, where the lowest indices are kept). CUDA, and FLOP counting on
+pass per query row computes those scores and selects the keys
+(:func:`visionzoo.ops.sparse_attention.sparsifiner_keys`; ``topk``'s keys except on exact ties, where the
+lowest indices are kept). CUDA, and FLOP counting on
 the meta device (``count_macs``), run the official dense product.
 
 Differences from the official code, all deliberate:
@@ -92,8 +93,7 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 
 from ..layers import plain_feature_indices
 from ..losses.sparsifiner import SparsifinerDistillLoss, attach_aux_loss, attn_self_distill_loss  # noqa: F401 (re-export)
-from ..ops.sparse_attention import sparse_attention, sparse_attention_backend
-from ..ops.sparse_attention._keys_cpu import kept_keys_cpu
+from ..ops.sparse_attention import sparse_attention, sparse_attention_backend, sparsifiner_keys
 from ._input import record_input_size
 from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
 from ._registry import ModelMeta, register_meta
@@ -320,7 +320,7 @@ class MaskPredictor(nn.Module):
 
         ``official=False`` computes the scores from the kept coefficients (same keys, less work) on CPU
         (where it was measured): in one C pass per row that also selects the keys
-        (:mod:`visionzoo.ops.sparse_attention._keys_cpu`; ties at the budget's last score keep the lowest
+        (:func:`visionzoo.ops.sparse_attention.sparsifiner_keys`; ties at the budget's last score keep the lowest
         indices) when the kernel builds, ``cpu_kernel`` is True and there are at least
         ``CPU_KERNEL_MIN_TOKENS`` tokens, else :meth:`approx_attention_kept_coef`
         and ``topk``; elsewhere (CUDA, and the meta device, so a FLOP counter sees
@@ -336,12 +336,7 @@ class MaskPredictor(nn.Module):
             else:
                 cols, weights, table = self.kept_coefficients(q, k, grid, token_index)
                 use_kernel = self.cpu_kernel and q.shape[2] >= CPU_KERNEL_MIN_TOKENS
-                idx = kept_keys_cpu(cols, weights, table, budget) if use_kernel else None
-                if idx is not None:
-                    return idx, None
-                B, H, M, t = cols.shape
-                approx = F.embedding_bag(cols.reshape(-1, t), table, per_sample_weights=weights.reshape(-1, t),
-                                         mode="sum").view(B, H, M, table.shape[-1])
+                return sparsifiner_keys(cols, weights, table, budget, backend="auto" if use_kernel else "torch"), None
             return approx.topk(budget, dim=-1, sorted=False).indices, None
 
 

@@ -8,7 +8,8 @@ order ``auto`` tries them in per device type. One function, :meth:`OpDecl.dispat
 * ``backend="auto"`` (the default) can be overridden per op with ``VISIONZOO_BACKEND_<OP>`` (e.g.
   ``VISIONZOO_BACKEND_SELECTIVE_SCAN=chunked``);
 * a backend asked for by name that cannot run stops with one line,
-  ``"<op>: backend 'x' cannot run here: <reason>"``;
+  ``"<op>: backend 'x' cannot run here: <reason>"``; one named by the environment variable stops so when
+  it cannot run on the device at all, and leaves inputs it does not take (a dtype, a size) to ``auto``;
 * ``auto`` walks the order and logs, once per (op, device, dtype), at INFO which backend runs and at
   DEBUG why each earlier one was skipped (``VISIONZOO_LOG=debug`` shows both, see :func:`configure_logging`);
 * a backend marked ``fallible`` (the hand-written Triton kernels) that raises on its first use while
@@ -166,20 +167,24 @@ class OpDecl:
         else:
             self.check_name(requested)
         device_type, dtype = x.device.type, getattr(x, "dtype", None)
-        if name != "auto":
-            backend = self.by_name[name]
-            if backend.native and tracing():
-                self._log(name, device_type, dtype, [(name, "a C kernel: not while tracing")], False)
-                return self._walk(device_type, dtype, x, facts)
-            reason = backend.why_not(x, facts)
-            if reason is not None:
-                raise RuntimeError(f"{self.name}: backend {name!r} cannot run here: {reason}")
-            self._log(name, device_type, dtype, [], True)
-            return backend, True
-        return self._walk(device_type, dtype, x, facts)
+        if name == "auto":
+            return self._walk(device_type, dtype, x, facts, [])
+        backend = self.by_name[name]
+        if backend.native and tracing():
+            return self._walk(device_type, dtype, x, facts, [(name, "a C kernel: not while tracing")])
+        # backend= is for this call: whatever stops it is an error. The environment variable applies to
+        # every call of the op, so inputs the backend does not take (a dtype, a size) go to ``auto``.
+        from_env = requested == "auto"
+        reason = backend.why_not_on(device_type) if from_env else backend.why_not(x, facts)
+        if reason is not None:
+            raise RuntimeError(f"{self.name}: backend {name!r} cannot run here: {reason}")
+        reason = backend.why_not(x, facts) if from_env else None
+        if reason is not None:
+            return self._walk(device_type, dtype, x, facts, [(name, f"{self.env_var}: {reason}")])
+        self._log(name, device_type, dtype, [], True)
+        return backend, True
 
-    def _walk(self, device_type, dtype, x, facts) -> tuple[Backend, bool]:
-        skipped = []
+    def _walk(self, device_type, dtype, x, facts, skipped) -> tuple[Backend, bool]:
         traced = tracing()
         for name in self.order(device_type):
             backend = self.by_name[name]
@@ -233,7 +238,8 @@ def triton_backend(name: str, launcher, forward=None, backward=None, **kwargs) -
         if launcher.is_available(device_type):
             return None
         why = getattr(launcher, "unavailable_reason", None)
-        return (why(device_type) if why is not None else None) or f"not available on device type {device_type!r}"
+        why = why(device_type) if why is not None else None
+        return f"not available on device type {device_type!r}" + (f": {why}" if why else "")
 
     return Backend(name, forward, backward, available=available, dtypes=tuple(launcher.SUPPORTED_DTYPES),
                    fallible=True, **kwargs)

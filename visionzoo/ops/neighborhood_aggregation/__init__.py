@@ -11,7 +11,8 @@ CVPR 2025, arXiv 2502.20087), whose weights do not come from ``q . k``. NATTEN >
 :func:`na2d_rpb` gives the relative-position bias NATTEN's ``na2d_qk(rpb=...)`` adds to the logits,
 so a ContMix / neighbourhood-attention layer is ``na2d_av(softmax(logits + na2d_rpb(rpb, H, W, K)), v, K)``.
 
-Backends (``backend=``, or ``auto``; ``VISIONZOO_BACKEND_NEIGHBORHOOD_AGGREGATION`` overrides ``auto``):
+Backends (``backend=``, or ``auto``; ``VISIONZOO_BACKEND_NEIGHBORHOOD_AGGREGATION`` overrides ``auto``;
+declared in ``_op.NA``):
 
 ``reference``  gather of every window + einsum, plain autograd (defines the semantics).
 ``torch``      ``dense`` for maps up to ``8 K^2`` pixels, else ``taps`` (see :mod:`._torch`); ``auto``
@@ -33,10 +34,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._dispatch import call
 from ._common import check_inputs, rpb_index, window_starts
-from ._natten import na2d_av_natten
-from ._op import BACKENDS, flops, na2d_av_op, resolve
-from ._reference import na2d_av_reference
+from ._op import BACKENDS, NA, OUTSIDE_OP, flops, na2d_av_op
 
 __all__ = ["na2d_av", "na2d_rpb", "na2d_av_flops", "window_starts", "BACKENDS"]
 
@@ -58,20 +58,15 @@ def na2d_av(attn: Tensor, value: Tensor, kernel_size: int, *, backend: str = "au
     Returns:
         ``(B, G, H, W, c)`` in ``value``'s dtype.
     """
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"na2d_av: unknown backend {backend!r}; known backends: auto, {', '.join(BACKENDS)}")
+    NA.check_name(backend, "na2d_av")
     check_inputs("na2d_av", attn, value, kernel_size)
     if attn.dtype != value.dtype:  # e.g. under autocast (fp32 softmax weights, bf16 values)
         common = torch.promote_types(attn.dtype, value.dtype)
         return na2d_av(attn.to(common), value.to(common), kernel_size, backend=backend).to(value.dtype)
-    name = resolve(backend, value)
-    if name == "reference":
-        return na2d_av_reference(attn, value, kernel_size)
-    if name == "natten":
-        return na2d_av_natten(attn, value, kernel_size)
-    if name == "triton":  # strided views are read in place (ContMix's value is a view of an NCHW map)
-        return na2d_av_op(attn, value, int(kernel_size), backend)
-    return na2d_av_op(attn.contiguous(), value.contiguous(), int(kernel_size), backend)
+    # reference and natten run as plain autograd ops; the others through the custom op, which selects
+    # the same backend again (and its backward) from the requested name.
+    return NA.dispatch(backend, value, lambda b: b.forward(attn, value, kernel_size) if b.name in OUTSIDE_OP
+                       else call(na2d_av_op, attn, value, int(kernel_size), backend))
 
 
 def na2d_rpb(rpb: Tensor, height: int, width: int, kernel_size: int) -> Tensor:

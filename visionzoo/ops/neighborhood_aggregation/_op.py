@@ -1,7 +1,11 @@
-"""The ``visionzoo::na2d_av`` custom op: fake kernel, FLOP formula and autograd for the fast backends.
+"""The ``visionzoo::na2d_av`` custom op and the op's declaration (:data:`NA`).
 
-``backend`` is passed as the requested name (``"auto"`` included) and resolved when the op runs, so
-``torch.compile`` never traces the environment-dependent choice.
+The op has a fake kernel, a FLOP formula, autograd (explicit backwards for ``attn`` and ``value``) and a
+plain-aten path (the reference gather + einsum, for exporters). ``backend`` is passed as the requested
+name (``"auto"`` included) and selected when the op runs (forward and backward alike, through
+``NA.dispatch``), so ``torch.compile`` never traces the environment-dependent choice. Autocast rule: the
+public entry runs ``attn`` and ``value`` in their promoted dtype (fp32 softmax weights with bf16 values
+under autocast) and returns ``value``'s dtype. Tracing rule: no backend calls ctypes.
 """
 from __future__ import annotations
 
@@ -9,39 +13,56 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from .._backend import resolve_backend
+from .._dispatch import Backend, OpDecl, register_aten_path, triton_backend
 from . import _triton
-from ._natten import natten_available
+from ._natten import na2d_av_natten, natten_available
+from ._reference import na2d_av_reference
 from ._torch import dense_backward, dense_forward, taps_backward, taps_forward, use_dense
 
-OP = "neighborhood_aggregation"
-BACKENDS = ("reference", "torch", "dense", "taps", "natten", "triton")
+
+# Forwards take (attn, value, kernel_size); backwards (attn, value, kernel_size, grad_out, needs) and
+# return (grad_attn, grad_value). The torch backends read contiguous inputs; triton reads any strides.
+def _torch_forward(attn, value, K):
+    fn = dense_forward if use_dense(value.shape[2], value.shape[3], K) else taps_forward
+    return fn(attn.contiguous(), value.contiguous(), K)
+
+
+def _torch_backward(attn, value, K, grad_out, needs):
+    fn = dense_backward if use_dense(value.shape[2], value.shape[3], K) else taps_backward
+    return fn(attn.contiguous(), value.contiguous(), K, grad_out.contiguous(), needs)
+
+
+def _contiguous(fn):
+    return lambda attn, value, K, *rest: fn(attn.contiguous(), value.contiguous(), K,
+                                            *(r.contiguous() if isinstance(r, Tensor) else r for r in rest))
+
+
+def _natten_available(device_type: str):
+    return None if natten_available() else "not available: needs natten<0.20 (with na2d_av)"
+
+
 # ``auto`` candidates per device type, best first. NATTEN's CPU kernel is slower than ``torch`` and a
 # NATTEN bridge is opt-in everywhere. On CUDA ``auto`` takes ``triton`` (chosen by design, not yet
 # measured against ``dense`` / ``taps`` on a GPU: benchmarks/bench_neighborhood_aggregation_cuda.py).
 # On CPU ``triton`` would run in Triton's interpreter (tests only), so ``auto`` never picks it there.
-AUTO_ORDER = {"cuda": ("triton", "torch")}
-AUTO_ORDER_DEFAULT = ("torch",)
-
-
-def is_available(name: str, device_type: str) -> bool:
-    if name == "natten":
-        return device_type in ("cpu", "cuda") and natten_available()
-    if name == "triton":
-        return _triton.is_available(device_type)
-    return name in BACKENDS
+# ``reference`` and ``natten`` run as plain autograd ops outside the custom op (the public entry).
+NA = OpDecl("neighborhood_aggregation", backends=(
+    Backend("reference", na2d_av_reference, _torch_backward),
+    Backend("torch", _torch_forward, _torch_backward),
+    Backend("dense", _contiguous(dense_forward), _contiguous(dense_backward)),
+    Backend("taps", _contiguous(taps_forward), _contiguous(taps_backward)),
+    Backend("natten", na2d_av_natten, _torch_backward, available=_natten_available, devices=("cpu", "cuda")),
+    triton_backend("triton", _triton, lambda attn, value, K: _triton.triton_forward(attn, value, K),
+                   lambda attn, value, K, grad_out, needs: _triton.triton_backward(attn, value, K, grad_out, needs)),
+), auto_order={"cuda": ("triton", "torch"), "default": ("torch",)})
+BACKENDS = NA.names
+is_available = NA.is_available
+OUTSIDE_OP = ("reference", "natten")  # plain autograd ops, called by the public entry directly
 
 
 def resolve(requested: str, x: Tensor) -> str:
-    """The backend that runs for ``x``; ``triton`` on a dtype it lacks (fp64) falls back to ``torch``
-    unless it was requested by name."""
-    order = AUTO_ORDER.get(x.device.type, AUTO_ORDER_DEFAULT)
-    name = resolve_backend(OP, requested, x.device.type, BACKENDS, order, is_available)
-    if name == "triton" and x.dtype not in _triton.SUPPORTED_DTYPES:
-        if requested == "triton":
-            raise RuntimeError(f"{OP}: backend 'triton' does not support dtype {x.dtype}")
-        name = "torch"
-    return name
+    """The backend that runs for ``x`` when ``requested`` is asked for."""
+    return NA.select(requested, x)
 
 
 def flops(batch: int, groups: int, height: int, width: int, kernel_size: int, channels: int) -> int:
@@ -49,30 +70,19 @@ def flops(batch: int, groups: int, height: int, width: int, kernel_size: int, ch
     return 2 * batch * groups * height * width * kernel_size * kernel_size * channels
 
 
-def _pick(name: str, height: int, width: int, kernel_size: int) -> str:
-    if name == "torch":
-        return "dense" if use_dense(height, width, kernel_size) else "taps"
-    return name
-
-
 @torch.library.custom_op("visionzoo::na2d_av", mutates_args=())
 def na2d_av_op(attn: Tensor, value: Tensor, kernel_size: int, backend: str) -> Tensor:
-    """``attn`` ``(B, G, H, W, K*K)``, ``value`` ``(B, G, H, W, c)`` -> ``(B, G, H, W, c)`` (contiguous output).
-
-    ``triton`` reads its inputs through their strides; the other backends get contiguous inputs from
-    :func:`..na2d_av`."""
-    H, W = value.shape[2], value.shape[3]
-    name = _pick(resolve(backend, value), H, W, kernel_size)
-    if name == "triton":
-        return _triton.triton_forward(attn, value, kernel_size)
-    if name == "dense":
-        return dense_forward(attn, value, kernel_size)
-    return taps_forward(attn, value, kernel_size)
+    """``attn`` ``(B, G, H, W, K*K)``, ``value`` ``(B, G, H, W, c)`` -> ``(B, G, H, W, c)`` (contiguous output)."""
+    return NA.dispatch(backend, value, lambda b: b.forward(attn, value, kernel_size))
 
 
 @na2d_av_op.register_fake
 def _(attn, value, kernel_size, backend):
     return value.new_empty(value.shape)
+
+
+register_aten_path(na2d_av_op)(lambda attn, value, kernel_size, backend="auto":
+                               na2d_av_reference(attn, value, kernel_size))
 
 
 def _setup_context(ctx, inputs, output):
@@ -88,15 +98,10 @@ def _backward(ctx, grad_out):
     needs = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]))
     if grad_out is None or not any(needs):
         return None, None, None, None
-    K = ctx.kernel_size
     # Under autocast the incoming gradient can be bf16/fp16 while the op ran in fp32.
     grad_out = grad_out.to(value.dtype)
-    name = _pick(resolve(ctx.backend, value), value.shape[2], value.shape[3], K)
-    if name == "triton":  # reads grad_out through its strides
-        grad_attn, grad_value = _triton.triton_backward(attn, value, K, grad_out, needs)
-        return grad_attn, grad_value, None, None
-    fn = dense_backward if name == "dense" else taps_backward
-    grad_attn, grad_value = fn(attn, value, K, grad_out.contiguous(), needs)
+    grad_attn, grad_value = NA.dispatch(ctx.backend, value,
+                                        lambda b: b.backward(attn, value, ctx.kernel_size, grad_out, needs))
     return grad_attn, grad_value, None, None
 
 

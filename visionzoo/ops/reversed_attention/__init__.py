@@ -12,7 +12,7 @@ a message controller ``m``::
     mass_j = sum_i dependency[j, i]           what parent j receives (DependencyViT-Lite's pruning score)
 
 Backends (``backend=`` argument or ``auto``; ``auto`` can be overridden with the environment variable
-``VISIONZOO_BACKEND_REVERSED_ATTENTION``, see :mod:`visionzoo.ops._backend`):
+``VISIONZOO_BACKEND_REVERSED_ATTENTION``; declared in ``_op.RA``, see :mod:`visionzoo.ops._dispatch`):
 
 ``reference``
     Dense, from the paper's equations; memory O(B H N^2). Plain autograd. The only backend with
@@ -26,10 +26,9 @@ Backends (``backend=`` argument or ``auto``; ``auto`` can be overridden with the
 N=1024, forward and backward; benchmarks/dependencyvit_cpu.md) unless attention dropout is active,
 which only ``reference`` implements.
 
-FLOPs: both backends are written with ``torch.matmul`` only, which ``FlopCounterMode`` (and so
-:func:`visionzoo.utils.count_macs`) already counts: ``2 * B * H * N^2 * (Dk + Dv)`` FLOPs per call for
-either backend, the same as a standard attention. No custom op is registered because none is needed
-to be counted, traced on the meta device, or compiled; a Triton kernel would be the point to add one.
+``chunked`` runs as the custom op ``torch.ops.visionzoo.reversed_attention`` (:mod:`._op`; fake kernel,
+autograd, plain-aten path); ``reference`` as plain autograd ops. FLOPs: ``2 * B * H * N^2 * (Dk + Dv)`` per
+call for either backend, the same as a standard attention (the reference's matmuls, the op's formula).
 """
 from __future__ import annotations
 
@@ -37,35 +36,23 @@ from typing import Optional, Union
 
 from torch import Tensor
 
-from .._backend import resolve_backend
-from ._chunked import reversed_attention_chunked
-from ._reference import reversed_attention_reference
+from .._dispatch import call
+from ._op import BACKENDS, RA, flops, reversed_attention_op
 
 __all__ = ["reversed_attention", "reversed_attention_flops", "resolve", "BACKENDS"]
 
 OP = "reversed_attention"
-BACKENDS = ("reference", "chunked")
 
 
 def reversed_attention_flops(batch: int, heads: int, length: int, head_dim: int,
                              v_head_dim: Optional[int] = None) -> int:
     """FLOPs (multiply-add = 2) of one reversed attention call: ``q k^T`` plus ``A^T v``."""
-    dv = head_dim if v_head_dim is None else v_head_dim
-    return 2 * batch * heads * length * length * (head_dim + dv)
-
-
-def _is_available(name: str, device_type: str) -> bool:
-    return name in BACKENDS
+    return flops(batch, heads, length, head_dim, head_dim if v_head_dim is None else v_head_dim)
 
 
 def resolve(requested: str, q: Tensor, dropout_p: float = 0.0) -> str:
     """The backend that runs for ``q`` (B, H, N, D) when ``requested`` is asked for."""
-    order = ("reference",) if dropout_p > 0.0 else ("chunked", "reference")
-    name = resolve_backend(OP, requested, q.device.type, BACKENDS, order, _is_available)
-    if name == "chunked" and dropout_p > 0.0:
-        raise ValueError(f"{OP}: the 'chunked' backend has no attention dropout (dropout_p={dropout_p}); "
-                         f"use backend='reference' or 'auto', or dropout_p=0")
-    return name
+    return RA.select(requested, q, dropout_p=dropout_p)
 
 
 def _validate(q, k, v, head_weight, message) -> None:
@@ -128,10 +115,10 @@ def reversed_attention(
         The dependency map and the mass are detached (no gradient).
 
     Raises:
-        ValueError: bad shapes/dtypes/devices, an unknown backend, or dropout with ``chunked``.
+        ValueError: bad shapes/dtypes/devices or an unknown backend.
+        RuntimeError: a backend that cannot run (``chunked`` with dropout).
     """
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"{OP}: unknown backend {backend!r}; known backends: auto, {', '.join(BACKENDS)}")
+    RA.check_name(backend)
     if not isinstance(q, Tensor):
         raise TypeError(f"{OP}: q must be a torch.Tensor, got {type(q).__name__}")
     _validate(q, k, v, head_weight, message)
@@ -144,13 +131,15 @@ def reversed_attention(
     if message is not None:
         m = message[:, None, :]
         weight = m.expand(q.shape[:3]) if weight is None else weight * m
-    name = resolve(backend, q, dropout_p)
-    if name == "reference":
-        out, dependency, mass = reversed_attention_reference(q, k, v, weight, scale, dropout_p,
-                                                             return_dependency, return_mass)
-    else:
-        out, dependency, mass = reversed_attention_chunked(q, k, v, weight, scale, chunk_size,
-                                                           return_dependency, return_mass)
+
+    def run(b):
+        if b.name == "reference":  # plain autograd ops; the only backend with attention dropout
+            return b.forward(q, k, v, weight, scale, dropout_p, return_dependency, return_mass)
+        out, dependency, mass = call(reversed_attention_op, q, k, v, weight, scale, chunk_size or 0,
+                                     bool(return_dependency), bool(return_mass), backend)
+        return out, dependency.detach() if return_dependency else None, mass.detach() if return_mass else None
+
+    out, dependency, mass = RA.dispatch(backend, q, run, dropout_p=dropout_p)
     if return_dependency or return_mass:
         return out, dependency, mass
     return out

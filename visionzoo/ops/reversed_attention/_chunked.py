@@ -53,88 +53,72 @@ def _block_probs(q_blk: Tensor, k_t: Tensor, scale: float) -> Tensor:
     return probs
 
 
-class _ChunkedReversedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, weight, scale, chunk, return_dependency, return_mass):
-        B, H, N, _ = q.shape
-        acc = _acc_dtype(v)
-        out = v.new_zeros((B, H, N, v.shape[-1]), dtype=acc)
-        dependency = q.new_zeros((B, N, N)) if return_dependency else None
-        mass = q.new_zeros((B, N), dtype=acc) if return_mass else None
-        k_t = k.transpose(-2, -1)
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            sent = _block_probs(q[:, :, s:e], k_t, scale)  # A_I, then A_I * w_I (B, H, c, N)
-            if weight is not None:
-                sent.mul_(weight[:, :, s:e, None])
-            out += torch.matmul(sent.transpose(-2, -1), v[:, :, s:e]).to(acc)  # (B, H, N, Dv)
-            if return_dependency or return_mass:
-                dep = sent.sum(dim=1)  # (B, c, N): child i -> parent j
-                if return_dependency:
-                    dependency[:, :, s:e] = dep.transpose(-2, -1)
-                if return_mass:
-                    mass += dep.sum(dim=1).to(acc)
-        ctx.save_for_backward(q, k, v, weight)
-        ctx.scale, ctx.chunk = scale, chunk
-        ctx.mark_non_differentiable(*[t for t in (dependency, mass) if t is not None])
-        mass = mass.to(q.dtype) if mass is not None else None
-        return out.to(v.dtype), dependency, mass
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_dependency, _grad_mass):
-        q, k, v, weight = ctx.saved_tensors
-        scale, chunk = ctx.scale, ctx.chunk
-        need_q, need_k, need_v, need_w = ctx.needs_input_grad[:4]
-        need_w = need_w and weight is not None
-        B, H, N, _ = q.shape
-        dq = torch.empty_like(q) if need_q else None
-        dk = torch.zeros_like(k, dtype=_acc_dtype(k)) if need_k else None
-        dv = torch.empty_like(v) if need_v else None
-        dw = torch.empty_like(weight) if need_w else None
-        if grad_out is None:
-            grad_out = v.new_zeros((B, H, N, v.shape[-1]))
-        grad_out = grad_out.to(v.dtype)
-        g_t = grad_out.transpose(-2, -1)  # (B, H, Dv, N)
-        k_t = k.transpose(-2, -1)
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            q_blk = q[:, :, s:e]
-            w_blk = weight[:, :, s:e, None] if weight is not None else None  # (B, H, c, 1)
-            probs = _block_probs(q_blk, k_t, scale)  # A_I (B, H, c, N)
-            if need_v:  # dv_I = (A_I * w_I) G = w_I * (A_I G)
-                dv_blk = torch.matmul(probs, grad_out)
-                dv[:, :, s:e] = dv_blk * w_blk if w_blk is not None else dv_blk
-            if not (need_q or need_k or need_w):
-                continue
-            d_scores = torch.matmul(v[:, :, s:e], g_t)  # dW_I (B, H, c, N)
-            d_scores.mul_(probs)  # A_I * dW_I
-            dw_blk = d_scores.sum(dim=-1, keepdim=True)  # (B, H, c, 1)
-            if need_w:
-                dw[:, :, s:e] = dw_blk.squeeze(-1)
-            if need_q or need_k:
-                d_scores.addcmul_(probs, dw_blk, value=-1.0)  # A_I * (dW_I - dw_I)
-                d_scores.mul_(w_blk * scale if w_blk is not None else scale)  # dS_I
-                if need_q:
-                    dq[:, :, s:e] = torch.matmul(d_scores, k)
-                if need_k:
-                    dk += torch.matmul(d_scores.transpose(-2, -1), q_blk).to(dk.dtype)
-        if dk is not None:
-            dk = dk.to(k.dtype)
-        return dq, dk, dv, dw, None, None, None, None
-
-
-def reversed_attention_chunked(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    weight: Optional[Tensor],
-    scale: float,
-    chunk_size: Optional[int] = None,
-    return_dependency: bool = False,
-    return_mass: bool = False,
-) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Block-wise reversed attention on validated inputs; same shapes and outputs as the reference."""
+def reversed_attention_chunked(q: Tensor, k: Tensor, v: Tensor, weight: Optional[Tensor], scale: float, chunk: int,
+                               return_dependency: bool, return_mass: bool
+                               ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Block-wise reversed attention on validated inputs; same shapes and outputs as the reference.
+    ``chunk``: rows per block, 0 for :func:`default_chunk_size`."""
     B, H, N, _ = q.shape
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(B, H, N)
-    return _ChunkedReversedAttention.apply(q, k, v, weight, float(scale), int(chunk),
-                                           bool(return_dependency), bool(return_mass))
+    chunk = chunk or default_chunk_size(B, H, N)
+    acc = _acc_dtype(v)
+    out = v.new_zeros((B, H, N, v.shape[-1]), dtype=acc)
+    dependency = q.new_zeros((B, N, N)) if return_dependency else None
+    mass = q.new_zeros((B, N), dtype=acc) if return_mass else None
+    k_t = k.transpose(-2, -1)
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        sent = _block_probs(q[:, :, s:e], k_t, scale)  # A_I, then A_I * w_I (B, H, c, N)
+        if weight is not None:
+            sent.mul_(weight[:, :, s:e, None])
+        out += torch.matmul(sent.transpose(-2, -1), v[:, :, s:e]).to(acc)  # (B, H, N, Dv)
+        if return_dependency or return_mass:
+            dep = sent.sum(dim=1)  # (B, c, N): child i -> parent j
+            if return_dependency:
+                dependency[:, :, s:e] = dep.transpose(-2, -1)
+            if return_mass:
+                mass += dep.sum(dim=1).to(acc)
+    return out.to(v.dtype), dependency, mass.to(q.dtype) if mass is not None else None
+
+
+def reversed_attention_chunked_backward(q: Tensor, k: Tensor, v: Tensor, weight: Optional[Tensor], scale: float,
+                                        chunk: int, grad_out: Optional[Tensor], needs: tuple
+                                        ) -> tuple[Optional[Tensor], ...]:
+    """Gradients of ``(q, k, v, weight)`` (``needs``: which are wanted), recomputing each block."""
+    need_q, need_k, need_v, need_w = needs
+    need_w = need_w and weight is not None
+    B, H, N, _ = q.shape
+    chunk = chunk or default_chunk_size(B, H, N)
+    dq = torch.empty_like(q) if need_q else None
+    dk = torch.zeros_like(k, dtype=_acc_dtype(k)) if need_k else None
+    dv = torch.empty_like(v) if need_v else None
+    dw = torch.empty_like(weight) if need_w else None
+    if grad_out is None:
+        grad_out = v.new_zeros((B, H, N, v.shape[-1]))
+    grad_out = grad_out.to(v.dtype)
+    g_t = grad_out.transpose(-2, -1)  # (B, H, Dv, N)
+    k_t = k.transpose(-2, -1)
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        q_blk = q[:, :, s:e]
+        w_blk = weight[:, :, s:e, None] if weight is not None else None  # (B, H, c, 1)
+        probs = _block_probs(q_blk, k_t, scale)  # A_I (B, H, c, N)
+        if need_v:  # dv_I = (A_I * w_I) G = w_I * (A_I G)
+            dv_blk = torch.matmul(probs, grad_out)
+            dv[:, :, s:e] = dv_blk * w_blk if w_blk is not None else dv_blk
+        if not (need_q or need_k or need_w):
+            continue
+        d_scores = torch.matmul(v[:, :, s:e], g_t)  # dW_I (B, H, c, N)
+        d_scores.mul_(probs)  # A_I * dW_I
+        dw_blk = d_scores.sum(dim=-1, keepdim=True)  # (B, H, c, 1)
+        if need_w:
+            dw[:, :, s:e] = dw_blk.squeeze(-1)
+        if need_q or need_k:
+            d_scores.addcmul_(probs, dw_blk, value=-1.0)  # A_I * (dW_I - dw_I)
+            d_scores.mul_(w_blk * scale if w_blk is not None else scale)  # dS_I
+            if need_q:
+                dq[:, :, s:e] = torch.matmul(d_scores, k)
+            if need_k:
+                dk += torch.matmul(d_scores.transpose(-2, -1), q_blk).to(dk.dtype)
+    if dk is not None:
+        dk = dk.to(k.dtype)
+    return dq, dk, dv, dw

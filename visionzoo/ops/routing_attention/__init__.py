@@ -15,7 +15,8 @@ Semantics (the official checkpoint-compatible ``bra_legacy``, ``kv_downsample_mo
 ``scale`` is ``C_qk ** -0.5`` in BiFormer, the full query/key width rather than the head width — a
 quirk of the released models that their weights depend on; it is a required argument here.
 
-Backends (``backend=``, or ``auto``; ``VISIONZOO_BACKEND_ROUTING_ATTENTION`` overrides ``auto``):
+Backends (``backend=``, or ``auto``; ``VISIONZOO_BACKEND_ROUTING_ATTENTION`` overrides ``auto``; declared
+in ``_op.ROUTING``):
 
 ``reference``
     The official algorithm: gathers a ``topk``-fold redundant K/V tensor, dense attention per region.
@@ -44,9 +45,7 @@ from typing import Tuple, Union
 
 from torch import Tensor
 
-from ._common import from_regions, route, to_regions
-from ._op import BACKENDS, bra_op, bra_triton_op, flops as _flops, resolve
-from ._reference import bra_reference
+from ._op import BACKENDS, ROUTING, flops as _flops
 
 __all__ = ["bi_level_routing_attention", "routing_attention_flops", "BACKENDS"]
 
@@ -86,9 +85,7 @@ def bi_level_routing_attention(
     Returns:
         ``(B, H, W, C_v)`` in ``v``'s dtype (and the routing indices if asked).
     """
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"bi_level_routing_attention: unknown backend {backend!r}; "
-                         f"known backends: auto, {', '.join(BACKENDS)}")
+    ROUTING.check_name(backend, "bi_level_routing_attention")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor) or x.dim() != 4:
             raise ValueError(f"bi_level_routing_attention: {name} must be a 4-d (B, H, W, C) tensor, "
@@ -109,15 +106,6 @@ def bi_level_routing_attention(
     if not 1 <= topk <= n_h * n_w:
         raise ValueError(f"bi_level_routing_attention: topk={topk} must be in [1, {n_h * n_w}] "
                          f"({n_h}x{n_w} regions)")
-    name = resolve(backend, q)
-    if name == "reference":
-        # Plain autograd, outside the custom op: the official algorithm with the official memory
-        # behaviour in training too (autograd keeps the topk-fold gathered K/V and the scores).
-        idx = route(q, k, n_h, n_w, topk, scale)
-        qh, kh, vh = (to_regions(x, n_h, n_w, num_heads) for x in (q, k, v))
-        out = from_regions(bra_reference(qh, kh, vh, idx, scale), n_h, n_w, H, W)
-    elif name == "triton":
-        out, idx, _ = bra_triton_op(q, k, v, int(num_heads), int(n_h), int(n_w), int(topk), float(scale))
-    else:
-        out, idx = bra_op(q, k, v, int(num_heads), int(n_h), int(n_w), int(topk), float(scale), name)
+    args = (q, k, v, int(num_heads), int(n_h), int(n_w), int(topk), float(scale))
+    out, idx = ROUTING.dispatch(backend, q, lambda b: b.forward(*args))
     return (out, idx) if return_routing else out

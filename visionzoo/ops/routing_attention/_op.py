@@ -11,7 +11,9 @@ Each has a fake (meta) kernel, so shapes propagate on the meta device and under 
 FLOP formula for ``FlopCounterMode`` (routing matmul + both attention matmuls, as fvcore counts the
 official module's ``@`` ops; the gather and the region means are not FLOPs there either); and an
 autograd formula. The routing indices are an output, so the backward sees exactly the forward's
-routing. The public function resolves ``auto`` once (:func:`resolve`) and calls the op of that backend.
+routing; and a plain-aten path (the reference, for exporters). The public function selects the backend
+once (``ROUTING.dispatch``) and calls the op of that backend. Autocast rule: none registered; ``q``, ``k``,
+``v`` must share a dtype and the output is in ``v``'s. Tracing rule: no backend calls ctypes.
 """
 from __future__ import annotations
 
@@ -19,45 +21,47 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from .._backend import env_override, resolve_backend
+from .._dispatch import Backend, OpDecl, call, register_aten_path, triton_backend
 from . import _triton
 from ._chunked import bra_chunked, bra_chunked_backward
 from ._common import from_regions, route, to_regions
 from ._reference import bra_reference
 
-OP = "routing_attention"
-BACKENDS = ("reference", "chunked", "triton")
-# ``auto`` candidates, best first. ``triton`` only on CUDA (on CPU it runs in Triton's slow interpreter,
-# for tests): chosen there without a measurement on this project's machines, see benchmarks/biformer_cpu.md
-# and benchmarks/bench_routing_attention_cuda.py. Off CUDA, and for dtypes the kernel does not take
-# (float64), ``chunked``.
-AUTO_ORDER = ("triton", "chunked")
+
+# Every forward takes the validated spatial (q, k, v, num_heads, n_h, n_w, topk, scale) and returns
+# (out, idx). ``reference`` runs as plain autograd ops, outside the custom op, so that training keeps the
+# official memory behaviour too (autograd holds the topk-fold gathered K/V and the scores).
+def _reference_forward(q, k, v, num_heads, n_h, n_w, topk, scale):
+    idx = route(q, k, n_h, n_w, topk, scale)
+    return _reference_spatial(q, k, v, idx, num_heads, n_h, n_w, scale), idx
 
 
-def is_available(name: str, device_type: str) -> bool:
-    """``triton`` runs on CUDA, and on CPU only under ``TRITON_INTERPRET=1`` (Triton's interpreter)."""
-    if name == "triton":
-        return _triton.is_available(device_type)
-    return name in BACKENDS
+def _chunked_forward(*args):
+    return call(bra_op, *args, "chunked")
 
 
-def _auto_available(name: str, device_type: str) -> bool:
-    if name == "triton":
-        return device_type == "cuda" and _triton.is_available(device_type)
-    return is_available(name, device_type)
+def _triton_forward(*args):
+    out, idx, _ = call(bra_triton_op, *args)
+    return out, idx
+
+
+# ``auto`` candidates per device type, best first. ``triton`` only on CUDA (on CPU it runs in Triton's
+# slow interpreter, for tests): chosen there without a measurement on this project's machines, see
+# benchmarks/biformer_cpu.md and benchmarks/bench_routing_attention_cuda.py. Off CUDA, and for dtypes the
+# kernel does not take (float64), ``chunked``. (Maintained kernels, e.g. a ``flex`` backend, go in front
+# of ``triton`` in the CUDA order: ``ROUTING.add(backend, auto_before={"cuda": "triton"})``.)
+ROUTING = OpDecl("routing_attention", backends=(
+    Backend("reference", _reference_forward),
+    Backend("chunked", _chunked_forward),
+    triton_backend("triton", _triton, _triton_forward),
+), auto_order={"cuda": ("triton", "chunked"), "default": ("chunked",)})
+BACKENDS = ROUTING.names
+is_available = ROUTING.is_available
 
 
 def resolve(requested: str, x: Tensor) -> str:
     """The backend that runs for ``x`` when ``requested`` is asked for."""
-    chosen_by_name = requested != "auto" or env_override(OP) is not None
-    name = resolve_backend(OP, requested, x.device.type, BACKENDS, AUTO_ORDER,
-                           is_available if chosen_by_name else _auto_available)
-    if name == "triton" and x.dtype not in _triton.SUPPORTED_DTYPES and x.device.type != "meta":
-        if requested == "triton":
-            raise RuntimeError(f"bi_level_routing_attention: backend 'triton' does not support dtype {x.dtype} "
-                               f"(float32, float16, bfloat16)")
-        name = "chunked"
-    return name
+    return ROUTING.select(requested, x)
 
 
 def flops(batch: int, n_h: int, n_w: int, region_tokens: int, topk: int, c_qk: int, c_v: int) -> int:
@@ -85,6 +89,10 @@ def bra_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, n_h: int, n_w: int, 
     if backend == "reference":
         return _reference_spatial(q, k, v, idx, num_heads, n_h, n_w, scale), idx
     return bra_chunked(q, k, v, idx, num_heads, n_h, n_w, scale), idx
+
+
+register_aten_path(bra_op)(lambda q, k, v, num_heads, n_h, n_w, topk, scale, backend="auto":
+                           _reference_forward(q, k, v, num_heads, n_h, n_w, topk, scale))
 
 
 @bra_op.register_fake
@@ -132,6 +140,15 @@ def bra_triton_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, n_h: int, n_w
     idx = route(q, k, n_h, n_w, topk, scale)
     out, lse = _triton.bra_triton_forward(q, k, v, idx, num_heads, n_h, n_w, scale)
     return out, idx, lse
+
+
+@register_aten_path(bra_triton_op)
+def _bra_triton_aten(q, k, v, num_heads, n_h, n_w, topk, scale):
+    """The Triton op's outputs in plain aten ops: the reference, with its base-2 log-sum-exp rows."""
+    H, W = q.shape[1], q.shape[2]
+    idx = route(q, k, n_h, n_w, topk, scale)
+    out, lse = bra_reference(*(to_regions(x, n_h, n_w, num_heads) for x in (q, k, v)), idx, scale, return_lse=True)
+    return from_regions(out, n_h, n_w, H, W), idx, from_regions(lse, n_h, n_w, H, W)
 
 
 @bra_triton_op.register_fake

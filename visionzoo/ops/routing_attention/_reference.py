@@ -8,13 +8,18 @@ of K and V, which is what the other backends avoid.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 
-def bra_reference(qh: Tensor, kh: Tensor, vh: Tensor, idx: Tensor, scale: float) -> Tensor:
+def bra_reference(qh: Tensor, kh: Tensor, vh: Tensor, idx: Tensor, scale: float, return_lse: bool = False):
     """Region-major ``qh``, ``kh`` ``(B, m, S2, w2, d_qk)``, ``vh`` ``(B, m, S2, w2, d_v)`` and routing
-    ``idx`` ``(B, S2, topk)`` -> ``(B, m, S2, w2, d_v)``. Differentiable with autograd."""
+    ``idx`` ``(B, S2, topk)`` -> ``(B, m, S2, w2, d_v)``. Differentiable with autograd.
+
+    ``return_lse=True`` also returns the base-2 log-sum-exp of each query's scaled scores,
+    ``(B, m, S2, w2, 1)`` fp32 (the row statistic the Triton kernel keeps for its backward)."""
     B, m, S2, w2, d_qk = qh.shape
     d_v, topk = vh.shape[-1], idx.shape[-1]
     c_qk, c_v = m * d_qk, m * d_v
@@ -35,6 +40,10 @@ def bra_reference(qh: Tensor, kh: Tensor, vh: Tensor, idx: Tensor, scale: float)
     v_sel = v_sel.reshape(B, S2, topk, w2, m, d_v).permute(0, 1, 4, 2, 3, 5).reshape(B * S2, m, topk * w2, d_v)
     q_pix = qh.transpose(1, 2).reshape(B * S2, m, w2, d_qk)
 
-    attn = torch.softmax((q_pix * scale) @ k_sel, dim=-1)  # (B*S2, m, w2, topk*w2)
-    out = attn @ v_sel  # (B*S2, m, w2, d_v)
-    return out.view(B, S2, m, w2, d_v).transpose(1, 2)
+    logits = (q_pix * scale) @ k_sel  # (B*S2, m, w2, topk*w2)
+    out = torch.softmax(logits, dim=-1) @ v_sel  # (B*S2, m, w2, d_v)
+    out = out.view(B, S2, m, w2, d_v).transpose(1, 2)
+    if not return_lse:
+        return out
+    lse = torch.logsumexp(logits.float(), dim=-1) * math.log2(math.e)  # (B*S2, m, w2)
+    return out, lse.view(B, S2, m, w2, 1).transpose(1, 2)

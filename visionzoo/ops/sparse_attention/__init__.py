@@ -15,7 +15,8 @@ That is exactly the official dense-then-mask computation (``masked_fill(-inf)``,
 ``nan_to_num``) for the official mask, which is ``topk`` over every row but the class row plus a dense
 class row.
 
-Backends (``backend=``, or ``auto``; ``VISIONZOO_BACKEND_SPARSE_ATTENTION`` overrides ``auto``):
+Backends (``backend=``, or ``auto``; ``VISIONZOO_BACKEND_SPARSE_ATTENTION`` overrides ``auto``; declared in
+``_op.SPARSE``):
 
 ``reference``
     The official algorithm, dense scores then mask, as plain autograd ops outside the custom op (a
@@ -42,17 +43,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._op import BACKENDS, flops as _flops, resolve, sparse_attention_op
-from ._reference import keep_mask, sparse_attention_reference
+from .._dispatch import call
+from ._op import BACKENDS, KEYS, SPARSE, flops as _flops, resolve, sparse_attention_op
+from ._reference import keep_mask
 
-__all__ = ["sparse_attention", "sparse_attention_flops", "sparse_attention_backend", "keep_mask", "BACKENDS"]
+__all__ = ["sparse_attention", "sparse_attention_flops", "sparse_attention_backend", "sparsifiner_keys", "keep_mask",
+           "BACKENDS"]
 
 
 def sparse_attention_backend(backend: str, x: Tensor) -> str:
     """The backend ``sparse_attention(..., backend=backend)`` runs for tensors like ``x`` (``auto`` resolved,
     ``VISIONZOO_BACKEND_SPARSE_ATTENTION`` honoured); ``ValueError`` for an unknown name."""
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"sparse_attention: unknown backend {backend!r}; known backends: auto, {', '.join(BACKENDS)}")
+    SPARSE.check_name(backend)
     return resolve(backend, x)
 
 
@@ -78,8 +80,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float,
     Returns:
         ``(B, H, N, d_v)`` in ``v``'s dtype.
     """
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"sparse_attention: unknown backend {backend!r}; known backends: auto, {', '.join(BACKENDS)}")
+    SPARSE.check_name(backend)
     for name, x in (("q", q), ("k", k), ("v", v), ("idx", idx)):
         if not isinstance(x, Tensor) or x.dim() != 4:
             raise ValueError(f"sparse_attention: {name} must be a 4-d tensor, got "
@@ -98,7 +99,33 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float,
     if tuple(idx.shape[:3]) != (B, H, N - dense_rows) or not 1 <= idx.shape[3] <= N:
         raise ValueError(f"sparse_attention: idx must have shape (B, H, N - dense_rows, K) = ({B}, {H}, "
                          f"{N - dense_rows}, K) with 1 <= K <= {N}, got {tuple(idx.shape)}")
-    idx = idx.long()
-    if resolve(backend, q) == "reference":
-        return sparse_attention_reference(q, k, v, idx, scale, dense_rows)
-    return sparse_attention_op(q, k, v, idx, float(scale), int(dense_rows), backend)
+    args = (q, k, v, idx.long(), float(scale), int(dense_rows))
+    # reference runs as plain autograd ops (a FLOP counter sees its dense matmuls); the others through the
+    # custom op, which selects the same backend again (and its backward) from the requested name.
+    return SPARSE.dispatch(backend, q, lambda b: b.forward(*args) if b.name == "reference"
+                           else call(sparse_attention_op, *args, backend))
+
+
+def sparsifiner_keys(cols: Tensor, weights: Tensor, table: Tensor, budget: int, *, backend: str = "auto") -> Tensor:
+    """Sparsifiner's key selection: the ``budget`` highest-scoring keys of every query row, with the scores
+    a sum of thresholded basis rows (no gradient).
+
+    Args:
+        cols: ``(..., T)`` int64 rows of ``table`` kept per query row, ascending.
+        weights: ``(..., T)`` their coefficients.
+        table: ``(R, N)`` basis rows (one row per kept coefficient position).
+        budget: keys kept per row, ``1 <= budget <= N``.
+        backend: ``"auto"``, ``"cpu"`` (one C pass per row, CPU fp32, ``N <= 8192``: scores and selection
+            in L1, kept keys ascending; ties at the last kept score keep the lowest indices) or ``"torch"``
+            (``embedding_bag`` + ``topk``, any device; kept keys in ``topk``'s order).
+            ``VISIONZOO_BACKEND_SPARSE_KEYS`` overrides ``auto``; the C kernel never runs while tracing.
+
+    Returns:
+        ``(..., budget)`` int64 key indices; the same set from both backends (up to ties).
+    """
+    KEYS.check_name(backend, "sparsifiner_keys")
+    if cols.shape != weights.shape or table.dim() != 2 or not 1 <= budget <= table.shape[-1]:
+        raise ValueError(f"sparsifiner_keys: cols {tuple(cols.shape)} and weights {tuple(weights.shape)} must match, "
+                         f"table must be (R, N), got {tuple(table.shape)}, and 1 <= budget={budget} <= N")
+    return KEYS.dispatch(backend, table, lambda b: b.forward(cols, weights, table, budget), keys=table.shape[-1],
+                         weights_dtype=weights.dtype)

@@ -7,43 +7,59 @@ connections only (``P`` dense rows of ``N`` keys plus ``N - P`` rows of ``K`` ke
 dispatches to the backend's backward. ``reference`` runs outside the op as plain autograd ops, so a
 FLOP counter sees its dense matmuls: the official cost as executed.
 
-``backend`` is the name the caller asked for (``"auto"`` included), resolved when the op runs.
+``backend`` is the name the caller asked for (``"auto"`` included), selected when the op runs (forward
+and backward alike, ``SPARSE.dispatch``). The op's plain-aten path (for exporters) is the reference.
+Autocast rule: none registered; ``q``, ``k``, ``v`` share a dtype, the output is in ``v``'s. Tracing rule:
+the attention backends call no ctypes; the key selection's ``cpu`` backend (:data:`KEYS`) is ``native``
+and never runs while tracing.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from .._backend import resolve_backend
-from . import _triton
+from .._dispatch import Backend, OpDecl, register_aten_path, triton_backend
+from . import _keys_cpu, _triton
 from ._gather import sparse_attention_gather, sparse_attention_gather_backward
 from ._masked import sparse_attention_masked, sparse_attention_masked_backward
+from ._reference import sparse_attention_reference
 
-OP = "sparse_attention"
-BACKENDS = ("reference", "masked", "gather", "triton")
-# ``auto`` candidates, best first, per device type. ``triton`` only on CUDA (on CPU it runs in Triton's
+
+# Forwards take (q, k, v, idx, scale, dense_rows); backwards (q, k, v, idx, scale, dense_rows, out,
+# grad_out, needs) -> (dq, dk, dv). ``reference`` runs outside the custom op (plain autograd ops).
+def _masked_forward(*args):
+    return sparse_attention_masked(*args).contiguous()
+
+
+def _masked_backward(q, k, v, idx, scale, dense_rows, out, grad_out, needs):
+    return sparse_attention_masked_backward(q, k, v, idx, scale, dense_rows, grad_out, needs)
+
+
+def _gather_backward(q, k, v, idx, scale, dense_rows, out, grad_out, needs):
+    return sparse_attention_gather_backward(q, k, v, idx, scale, dense_rows, grad_out, needs)
+
+
+# ``auto`` candidates per device type, best first. ``triton`` only on CUDA (on CPU it runs in Triton's
 # slow interpreter, for tests). On CUDA it is chosen without a measurement in this repository yet
-# (benchmarks/bench_sparse_attention_cuda.py is the check); fp64 falls back to ``masked``.
-AUTO_ORDER = {"cuda": ("triton", "masked")}
-AUTO_ORDER_DEFAULT = ("masked",)
-
-
-def is_available(name: str, device_type: str) -> bool:
-    """``triton`` runs on CUDA, and on CPU only under ``TRITON_INTERPRET=1``; the others run anywhere."""
-    if name == "triton":
-        return _triton.is_available(device_type)
-    return name in BACKENDS
+# (benchmarks/bench_sparse_attention_cuda.py is the check); fp64 falls back to ``masked``. (Maintained
+# kernels, e.g. ``flex``, go in front of ``triton``: ``SPARSE.add(backend, auto_before={"cuda": "triton"})``.)
+SPARSE = OpDecl("sparse_attention", backends=(
+    Backend("reference", sparse_attention_reference, _masked_backward),
+    Backend("masked", _masked_forward, _masked_backward),
+    Backend("gather", sparse_attention_gather, _gather_backward),
+    triton_backend("triton", _triton, _triton.sparse_attention_triton,
+                   lambda *args: _triton.sparse_attention_triton_backward(*args)),
+), auto_order={"cuda": ("triton", "masked"), "default": ("masked",)})
+BACKENDS = SPARSE.names
+is_available = SPARSE.is_available
 
 
 def resolve(requested: str, x: Tensor) -> str:
-    order = AUTO_ORDER.get(x.device.type, AUTO_ORDER_DEFAULT)
-    name = resolve_backend(OP, requested, x.device.type, BACKENDS, order, is_available)
-    if name == "triton" and x.dtype not in _triton.SUPPORTED_DTYPES:
-        if requested == "triton":
-            raise RuntimeError(f"{OP}: backend 'triton' supports float32/float16/bfloat16, not {x.dtype}")
-        name = "masked"
-    return name
+    return SPARSE.select(requested, x)
 
 
 def flops(batch: int, heads: int, num_tokens: int, kept: int, dense_rows: int, d_qk: int, d_v: int) -> int:
@@ -57,12 +73,11 @@ def flops(batch: int, heads: int, num_tokens: int, kept: int, dense_rows: int, d
 def sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float, dense_rows: int,
                         backend: str) -> Tensor:
     """``q``, ``k`` ``(B, H, N, d)``, ``v`` ``(B, H, N, d_v)``, ``idx`` ``(B, H, N - P, K)`` -> ``(B, H, N, d_v)``."""
-    name = resolve(backend, q)
-    if name == "gather":
-        return sparse_attention_gather(q, k, v, idx, scale, dense_rows)
-    if name == "triton":
-        return _triton.sparse_attention_triton(q, k, v, idx, scale, dense_rows)
-    return sparse_attention_masked(q, k, v, idx, scale, dense_rows).contiguous()
+    return SPARSE.dispatch(backend, q, lambda b: b.forward(q, k, v, idx, scale, dense_rows))
+
+
+register_aten_path(sparse_attention_op)(lambda q, k, v, idx, scale, dense_rows, backend="auto":
+                                         sparse_attention_reference(q, k, v, idx, scale, dense_rows))
 
 
 @sparse_attention_op.register_fake
@@ -84,14 +99,7 @@ def _backward(ctx, grad_out):
     needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
     if not any(needs):
         return (None,) * 7
-    scale, dense_rows = ctx.args
-    name = resolve(ctx.backend, q)
-    if name == "gather":
-        grads = sparse_attention_gather_backward(q, k, v, idx, scale, dense_rows, grad_out, needs)
-    elif name == "triton":
-        grads = _triton.sparse_attention_triton_backward(q, k, v, idx, scale, dense_rows, out, grad_out, needs)
-    else:
-        grads = sparse_attention_masked_backward(q, k, v, idx, scale, dense_rows, grad_out, needs)
+    grads = SPARSE.dispatch(ctx.backend, q, lambda b: b.backward(q, k, v, idx, *ctx.args, out, grad_out, needs))
     return (*grads, None, None, None, None)
 
 
@@ -102,3 +110,28 @@ sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
 def _flop_formula(q_shape, k_shape, v_shape, idx_shape, scale, dense_rows, *args, out_shape=None, **kwargs) -> int:
     B, H, N, d = q_shape
     return flops(B, H, N, idx_shape[-1], dense_rows, d, v_shape[-1])
+
+
+# ---------------------------------------------------------------- Sparsifiner's key selection
+def _keys_torch(cols: Tensor, weights: Tensor, table: Tensor, budget: int) -> Tensor:
+    """Scores as one ``embedding_bag`` (the kept basis rows summed in ascending order), then ``topk``."""
+    T = cols.shape[-1]
+    scores = F.embedding_bag(cols.reshape(-1, T), table, per_sample_weights=weights.reshape(-1, T), mode="sum")
+    return scores.view(*cols.shape[:-1], table.shape[-1]).topk(budget, dim=-1, sorted=False).indices
+
+
+def _keys_cpu_available(device_type: str) -> Optional[str]:
+    return None if _keys_cpu.load() is not None else "no C compiler, the build failed or VISIONZOO_CPU_KERNELS=0"
+
+
+def _keys_cpu_can_run(x, keys: Optional[int] = None, weights_dtype=torch.float32) -> Optional[str]:
+    if weights_dtype != torch.float32:
+        return f"takes fp32 weights, got {weights_dtype}"
+    return None if keys is None or keys <= _keys_cpu.NMAX else f"takes N <= {_keys_cpu.NMAX} keys, got {keys}"
+
+
+KEYS = OpDecl("sparse_keys", backends=(
+    Backend("torch", _keys_torch),
+    Backend("cpu", _keys_cpu.kept_keys_cpu, available=_keys_cpu_available, can_run=_keys_cpu_can_run,
+            devices=("cpu",), dtypes=(torch.float32,), native=True),
+), auto_order={"cpu": ("cpu", "torch"), "default": ("torch",)})
