@@ -58,8 +58,8 @@ def test_out_norms_map_to_each_family_kwarg():
     assert _build(model_name="test_biformer", out_norms=True).timm_model.feature_norms is not None
     assert _build(model_name="test_patnet", out_norms=False).timm_model.feature_norms is None
     assert _build(model_name="test_patnet").timm_model.feature_norms is not None
-    assert _build(model_name="test_overlock", out_norms=False).timm_model.extra_norm is None
-    assert _build(model_name="test_overlock").timm_model.extra_norm is not None  # dense default: on
+    assert _build(model_name="test_overlock", out_norms=False).timm_model.feature_norms is None
+    assert _build(model_name="test_overlock").timm_model.feature_norms is not None  # dense default: on
     with pytest.raises(ValueError, match="out_norms=True, but vim has no dense output norms"):
         _build(model_name="test_vim", out_norms=True)
 
@@ -175,11 +175,9 @@ def _randomised(name, **kwargs):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_init_cfg_loads_visionzoo_state_dict(name, tmp_path):
-    from visionzoo.mm.backbone import OUT_NORM_KWARGS
-    from visionzoo.models import VISIONZOO_MODELS
+    from visionzoo.layers.dense import probe_dense
 
-    norm_key = OUT_NORM_KWARGS.get(VISIONZOO_MODELS[name].family)
-    src = _randomised(name, **({norm_key: True} if norm_key else {}))
+    src = _randomised(name, **({"feature_norms": True} if probe_dense(name).feature_norms else {}))
     path = tmp_path / "w.pth"
     torch.save(src.state_dict(), path)
     bb = _build(model_name=name, init_cfg=dict(type="Pretrained", checkpoint=str(path)))

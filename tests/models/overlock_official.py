@@ -203,7 +203,7 @@ def official_overlock_forward(sd: Dict[str, torch.Tensor], x: torch.Tensor, cfg:
 
 
 def to_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """visionzoo keys -> the official layout (head.{0,1,4}, aux_head.{0,2} as 1x1 convs)."""
+    """visionzoo keys -> the official layout (head.{0,1,4}, aux_head.{0,2} as 1x1 convs, extra_norm)."""
     out = {}
     for k, v in state_dict.items():
         v = v.clone()
@@ -217,5 +217,7 @@ def to_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             k = "aux_head.0." + k[len("aux_head.norm."):]
         elif k.startswith("aux_head.fc."):
             k, v = "aux_head.2." + k[len("aux_head.fc."):], (v[:, :, None, None] if v.ndim == 2 else v)
+        elif k.startswith("feature_norms."):
+            k = "extra_norm." + k[len("feature_norms."):]
         out[k] = v
     return out

@@ -8,9 +8,9 @@ scale, as ViTDet), giving strides 4/8/16/32 too.
 
 Family options the papers' dense variants need:
 
-* ``out_norms``: the extra per-output norms of the official dense backbones, one name for what the
-  families call ``feature_norms`` (BiFormer, PATNet) and ``extra_norm`` (OverLoCK). Default: on, as
-  the families' ``features_only`` default; plain families have none.
+* ``out_norms``: the extra per-output norms of the official dense backbones (the families'
+  ``feature_norms``: BiFormer, OverLoCK, PATNet). Default: on, as the families' ``features_only``
+  default; plain families have none.
 * OverLoCK's context-fused stride-32 output of the official detection backbone:
   ``model_kwargs=dict(h_proj=True)``.
 * BiFormer: ``auto_pad=True`` by default here (the official dense backbones pad BRA inputs), and
@@ -23,6 +23,10 @@ stay in eval mode while training), ``with_cp`` (activation checkpointing, the mo
 ``set_grad_checkpointing``), ``init_cfg=dict(type="Pretrained", checkpoint=PATH, prefix=None)``
 (tensors only; see :mod:`visionzoo.mm.checkpoint`). ``pretrained=True`` loads the model's official
 timm weights at construction; a path string is taken as ``init_cfg`` (mmdet's older convention).
+
+The model, its meta-device probe, the pyramid and the outputs come from
+:class:`visionzoo.layers.DenseBackbone` (shared with ``visionzoo.tasks``); this module adds the
+mmengine shell: registration, ``init_cfg``, ``frozen_stages``, ``norm_eval`` and ``with_cp``.
 """
 from __future__ import annotations
 
@@ -36,15 +40,13 @@ from timm.models._manipulate import group_with_matcher
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers import SimpleFeaturePyramid
+from ..layers.dense import DenseBackbone, probe_dense
 from ..models import VISIONZOO_MODELS
 from ._registry import MODELS
 from .checkpoint import load_backbone_checkpoint
 
-__all__ = ["OUT_NORM_KWARGS", "VisionZooBackbone"]
+__all__ = ["VisionZooBackbone"]
 
-# What each family calls its dense-prediction output norms (the ``out_norms`` option).
-OUT_NORM_KWARGS: dict[str, str] = {"biformer": "feature_norms", "patnet": "feature_norms", "overlock": "extra_norm"}
 # Defaults of the official dense backbones that the classification defaults lack.
 _DENSE_DEFAULTS: dict[str, dict[str, Any]] = {"biformer": dict(auto_pad=True)}
 
@@ -54,7 +56,7 @@ def _config_error(where: str, message: str) -> ValueError:
 
 
 @MODELS.register_module(name="Backbone")
-class VisionZooBackbone(BaseModule):
+class VisionZooBackbone(DenseBackbone, BaseModule):
     """Any visionzoo model (or timm model) as an OpenMMLab backbone.
 
     timm models that timm wraps with their ``forward_intermediates`` (``FeatureGetterNet``) get every
@@ -67,8 +69,8 @@ class VisionZooBackbone(BaseModule):
             the four blocks the official plain dense backbones tap, e.g. Vim's [5, 11, 17, 23]).
         pretrained: ``True`` loads the official timm weights now; a path is taken as ``init_cfg``.
         drop_path_rate: stochastic depth of the backbone.
-        out_norms: the official dense output norms (BiFormer/PATNet ``feature_norms``, OverLoCK
-            ``extra_norm``); ``None`` keeps the family's ``features_only`` default (on).
+        out_norms: the official dense output norms (the families' ``feature_norms``); ``None`` keeps
+            the family's ``features_only`` default (on).
         pyramid: plain backbones only: ``"auto"``/``True`` adds the simple feature pyramid, ``False``
             returns the stride-16 maps as they are.
         pyramid_channels: ``None`` keeps the backbone width (Vim recipe); an int adds ViTDet's projection.
@@ -109,11 +111,8 @@ class VisionZooBackbone(BaseModule):
             init_cfg = dict(type="Pretrained", checkpoint=pretrained)
             pretrained = False
         checkpoint_cfg = self._parse_init_cfg(where, init_cfg)
-        super().__init__(init_cfg=init_cfg)
-        self._checkpoint = checkpoint_cfg
-        self.model_name = model_name
         meta = VISIONZOO_MODELS.get(model_name)
-        self.family = meta.family if meta else None
+        family = meta.family if meta else None
 
         kwargs = dict(model_kwargs or {})
         for key in ("features_only", "out_indices", "pretrained"):
@@ -121,60 +120,24 @@ class VisionZooBackbone(BaseModule):
                 raise _config_error(where, f"model_kwargs may not set {key!r}; it is an option of visionzoo.Backbone")
         if drop_path_rate is not None:
             kwargs["drop_path_rate"] = drop_path_rate
-        norm_key = OUT_NORM_KWARGS.get(self.family)
-        if norm_key is not None:  # explicit, so the meta probe below (not features_only) builds the same model
-            kwargs[norm_key] = bool(out_norms) if out_norms is not None else kwargs.get(norm_key, True)
-        elif out_norms:
-            raise _config_error(where, f"out_norms=True, but {self.family or model_name} has no dense "
-                                       f"output norms (only {', '.join(sorted(OUT_NORM_KWARGS))} have)")
-        for key, value in _DENSE_DEFAULTS.get(self.family, {}).items():
+        for key, value in _DENSE_DEFAULTS.get(family, {}).items():
             kwargs.setdefault(key, value)
-
-        # The unpruned model on the meta device: its feature levels and state-dict keys, no memory.
-        with torch.device("meta"):
-            probe = timm.create_model(model_name, pretrained=False, **kwargs)
-        levels = list(probe.feature_info)
-        self._full_keys = frozenset(probe.state_dict())
-        self._level_modules = [info["module"] for info in levels]
-        n = len(levels)
-        self.plain = len({info["reduction"] for info in levels}) == 1
-        if self.plain:
-            kwargs.setdefault("dynamic_img_size", True)
-        if out_indices is not None:
-            out_indices = tuple(int(i) for i in out_indices)
-            bad = [i for i in out_indices if not -n <= i < n]
-            if bad or not out_indices:
-                raise _config_error(where, f"out_indices {out_indices} out of range: {model_name} has {n} feature "
-                                           f"levels (indices 0..{n - 1})")
-            out_indices = tuple(i % n for i in out_indices)
+        probe = probe_dense(model_name, **kwargs)
+        if out_norms and not probe.feature_norms:
+            raise _config_error(where, f"out_norms=True, but {family or model_name} has no dense output norms "
+                                       f"(its constructor takes no feature_norms)")
+        n = len(probe.modules)
         if not -1 <= frozen_stages <= n:
             raise _config_error(where, f"frozen_stages={frozen_stages} out of range: {model_name} has {n} "
                                        f"feature levels (use -1..{n})")
-
-        feature_kwargs = dict(kwargs, features_only=True, pretrained=bool(pretrained))
-        if out_indices is not None:
-            feature_kwargs["out_indices"] = out_indices
-        self.body = timm.create_model(model_name, **feature_kwargs)
-        channels = self.body.feature_info.channels()
-        reductions = self.body.feature_info.reduction()
-        self.out_indices = tuple(self.body.feature_info.out_indices)
-
-        self.pyramid: SimpleFeaturePyramid | None = None
-        if pyramid not in ("auto", True, False):
-            raise _config_error(where, f"pyramid must be 'auto', True or False, got {pyramid!r}")
-        if pyramid is True and not self.plain:
-            raise _config_error(where, f"pyramid=True is for plain backbones; {model_name} already has strides "
-                                       f"{tuple(reductions)}")
-        if self.plain and pyramid in ("auto", True):
-            self._per_level = len(channels) == 4
-            self.pyramid = SimpleFeaturePyramid(channels[-1], out_channels=pyramid_channels)
-            self.out_channels = [self.pyramid.out_channels] * 4
-            self.strides = [int(reductions[-1] / f) for f in self.pyramid.scale_factors]
-        else:
-            if pyramid_channels is not None:
-                raise _config_error(where, "pyramid_channels needs the simple feature pyramid (plain backbones)")
-            self.out_channels = list(channels)
-            self.strides = list(reductions)
+        try:
+            super().__init__(model_name, bool(pretrained), out_indices=out_indices, pyramid=pyramid,
+                             pyramid_channels=pyramid_channels, feature_norms=out_norms, model_kwargs=kwargs,
+                             init_cfg=init_cfg)
+        except ValueError as e:  # the adapter's one-line configuration errors, named after this type
+            raise _config_error(where, str(e)) from e
+        self._checkpoint = checkpoint_cfg
+        self.family = family
 
         needs = [opt for opt, used in (("frozen_stages", frozen_stages >= 0), ("with_cp", with_cp)) if used]
         if needs and not hasattr(self.timm_model, "group_matcher"):
@@ -206,11 +169,6 @@ class VisionZooBackbone(BaseModule):
             raise _config_error(where, f"init_cfg has unsupported keys {sorted(unknown)}")
         return cfg
 
-    @property
-    def timm_model(self) -> nn.Module:
-        """The timm model inside the features wrapper (owner of ``group_matcher``)."""
-        return getattr(self.body, "model", self.body)
-
     def layer_ids(self) -> tuple[dict[str, int], int]:
         """``{timm parameter name: layer id}`` in the family's forward order (its fine
         ``group_matcher``), and the number of layers."""
@@ -225,7 +183,7 @@ class VisionZooBackbone(BaseModule):
         if self.frozen_stages == 0:
             boundary = 0
         else:
-            module = self._level_modules[self.frozen_stages - 1] + "."
+            module = self.level_modules[self.frozen_stages - 1] + "."
             inside = [i for name, i in ids.items() if name.startswith(module)]
             boundary = max(inside) if inside else max(ids.values())
         return {name for name, i in ids.items() if i <= boundary}
@@ -251,7 +209,7 @@ class VisionZooBackbone(BaseModule):
         if self._checkpoint is not None:
             load_backbone_checkpoint(
                 self.timm_model, self._checkpoint["checkpoint"], model_name=self.model_name,
-                full_keys=self._full_keys, pyramid=self.pyramid, prefix=self._checkpoint.get("prefix"),
+                full_keys=self.full_state_keys(), pyramid=self.pyramid, prefix=self._checkpoint.get("prefix"),
                 use_ema=bool(self._checkpoint.get("use_ema", False)),
             )
         self._is_init = True
@@ -268,9 +226,4 @@ class VisionZooBackbone(BaseModule):
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feats = self.body(x)
-        if isinstance(feats, dict):
-            feats = list(feats.values())
-        if self.pyramid is None:
-            return tuple(feats)
-        return tuple(self.pyramid(list(feats) if self._per_level else feats[-1]))
+        return tuple(super().forward(x))

@@ -51,19 +51,18 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, Mlp, SelectAdaptivePool2d, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._hub import download_cached_file
-from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_module
-from ._input import record_input_size
 
 from ..ops.routing_attention import bi_level_routing_attention
+from ._input import record_input_size
 from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
 from ._registry import ModelMeta, register_meta
+from ._shared import MAP_POOLS, check_pool, prune_stages, run_blocks, stage_intermediates
 
 __all__ = ["BiFormer"]
 
@@ -213,17 +212,7 @@ class BiFormerStage(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
-        return self.blocks(x)
-
-
-def _check_pool(global_pool: str) -> None:
-    if global_pool not in ("avg", "max", "avgmax", ""):
-        raise ValueError(f"BiFormer: global_pool must be 'avg', 'max', 'avgmax' or '', got {global_pool!r}")
+        return run_blocks(self, self.blocks, self.downsample(x))
 
 
 def _default_n_win(img_size: Tuple[int, int]) -> Tuple[int, int]:
@@ -278,9 +267,7 @@ class BiFormer(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        _check_pool(global_pool)
-        # timm's input traits: the model takes only img_size-like inputs unless BRA pads (auto_pad)
-        self._traits = dict(fixed_input_size=not auto_pad)
+        check_pool("BiFormer", global_pool, MAP_POOLS)
         if layout not in ("biformer", "stl"):
             raise ValueError(f"BiFormer: layout must be 'biformer' or 'stl', got {layout!r}")
         if len(depths) != 4 or len(dims) != 4 or len(topks) != 4:
@@ -292,6 +279,8 @@ class BiFormer(nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.img_size = to_2tuple(img_size)
         self.n_win = to_2tuple(n_win) if n_win is not None else _default_n_win(self.img_size)
+        # timm's input traits: the model takes only img_size-like inputs unless BRA pads (auto_pad)
+        self._traits = dict(fixed_input_size=not auto_pad)
         self.layout = layout
 
         if layout == "biformer":
@@ -381,7 +370,7 @@ class BiFormer(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            _check_pool(global_pool)
+            check_pool("BiFormer", global_pool, MAP_POOLS)
             self.global_pool_type = global_pool
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         ref = next(self.parameters())  # the final norm may have been pruned (features_only)
@@ -393,9 +382,6 @@ class BiFormer(nn.Module):
         for m in self.modules():
             if isinstance(m, BiLevelRoutingAttention):
                 m.backend = backend
-        if auto_pad is not None:
-            self._traits = dict(self._traits, fixed_input_size=not auto_pad)
-        record_input_size(self, self.img_size)
 
     def set_input_size(self, img_size: Union[int, Tuple[int, int]], n_win: Optional[Union[int, Tuple[int, int]]] = None,
                        auto_pad: Optional[bool] = None) -> None:
@@ -407,6 +393,9 @@ class BiFormer(nn.Module):
                 m.n_win = self.n_win
                 if auto_pad is not None:
                     m.auto_pad = auto_pad
+        if auto_pad is not None:
+            self._traits = dict(self._traits, fixed_input_size=not auto_pad)
+        record_input_size(self, self.img_size)
 
     def load_pretrained(self, checkpoint_path: str) -> None:
         """Load an official classification file (``{"model": ...}``), an official mmdet / mmseg dense
@@ -429,18 +418,7 @@ class BiFormer(nn.Module):
             indices: last n stages if int, all if None, else the listed stage indices.
             norm: pass each output through its dense-prediction LayerNorm2d (needs ``feature_norms=True``).
         """
-        if output_fmt != "NCHW":
-            raise ValueError(f"BiFormer: output_fmt must be 'NCHW', got {output_fmt!r}")
-        if norm and self.feature_norms is None:
-            raise ValueError("BiFormer: norm=True needs a model built with feature_norms=True")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        x = self.stem(x)
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(self.feature_norms[i](x) if norm else x)
+        x, intermediates = stage_intermediates(self, self.stem, x, indices, norm, stop_early, output_fmt)
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
@@ -451,11 +429,7 @@ class BiFormer(nn.Module):
         prune_norm: bool = False,
         prune_head: bool = True,
     ) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if self.feature_norms is not None:
-            self.feature_norms = None if prune_norm else self.feature_norms[:max_index + 1]
-        pruned_end = max_index < len(self.feature_info) - 1
+        take_indices, max_index, pruned_end = prune_stages(self, indices, prune_norm)
         if prune_norm or pruned_end:
             self.norm = nn.Identity()
         if pruned_end:

@@ -52,7 +52,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Un
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed, trunc_normal_
@@ -63,6 +62,7 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 from ..layers import PatchEmbed, plain_feature_indices
 from ..ops.reversed_attention import reversed_attention
 from ._registry import ModelMeta, register_meta
+from ._shared import check_pool, run_block
 
 __all__ = ["DependencyViT", "ReversedAttention", "TokenPruner"]
 
@@ -312,8 +312,7 @@ class DependencyViT(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"DependencyViT: global_pool must be 'avg' or '', got {global_pool!r}")
+        check_pool("DependencyViT", global_pool, ("avg", ""))
         if depth < 1:
             raise ValueError(f"DependencyViT: depth must be >= 1, got {depth}")
         prune_layers = sorted(set(int(i) for i in prune_layers))
@@ -388,8 +387,7 @@ class DependencyViT(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"DependencyViT: global_pool must be 'avg' or '', got {global_pool!r}")
+            check_pool("DependencyViT", global_pool, ("avg", ""))
             self.global_pool = global_pool
         device, dtype = self.pos_embed.device, self.pos_embed.dtype
         self.head = (nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype) if num_classes > 0
@@ -420,12 +418,6 @@ class DependencyViT(nn.Module):
         x = add_pos_embed(x, self.pos_embed, self.patch_embed.grid_size)
         return self.pos_drop(x), grid  # x: (B, H*W, D)
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor, m: Optional[torch.Tensor],
-                   token_index: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(block, x, m, token_index, use_reentrant=False)
-        return block(x, m, token_index)
-
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -454,7 +446,7 @@ class DependencyViT(nn.Module):
         m, token_index, full = None, None, x
         intermediates = []
         for i, block in enumerate(blocks):
-            x, m, token_index = self._run_block(block, x, m, token_index)
+            x, m, token_index = run_block(self, block, x, m, token_index)
             full = scatter_tokens(full, x, token_index)  # (B, H*W, D)
             if i in take_indices:
                 y = self.norm(full) if norm else full
@@ -513,7 +505,7 @@ class DependencyViT(nn.Module):
         x, _ = self._embed(x)
         m, token_index = None, None
         for block in self.blocks:
-            x, m, token_index = self._run_block(block, x, m, token_index)
+            x, m, token_index = run_block(self, block, x, m, token_index)
         return self.norm(x) * m[..., None]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

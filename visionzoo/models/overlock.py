@@ -42,8 +42,9 @@ into the deploy form (``checkpoint_filter_fn`` folds a training-form file on loa
 file cannot be loaded into the training form (the branches are gone) and raises a ``ValueError``.
 
 Dense prediction: ``features_only=True`` gives strides 4/8/16/32 with the official dense channels
-``[C0, C1, C2 + Cc, C3 + Cc]``, each through an ``extra_norm`` LayerNorm (on by default there); with
-``h_proj=True`` the stride-32 output adds ``h_proj(extra_norm[4](ctx))`` as the official detection
+``[C0, C1, C2 + Cc, C3 + Cc]``, each through a ``feature_norms`` LayerNorm (the official ``extra_norm``; on
+by default there); with ``h_proj=True`` the stride-32 output adds ``h_proj(feature_norms[4](ctx))`` as the
+official detection
 backbone does (the segmentation backbone does not). Any input of at least 32x32 works; the context is
 resized to the stride-16 map's size (the official classifier uses ``scale_factor=2``, which fails when
 the stride-16 map is odd; the two agree otherwise).
@@ -51,12 +52,12 @@ the stride-16 map is odd; the two agree otherwise).
 from __future__ import annotations
 
 import argparse
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d, trunc_normal_
@@ -67,6 +68,7 @@ from timm.models._features_fx import register_notrace_module
 from ..ops.neighborhood_aggregation import na2d_av, na2d_rpb
 from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
 from ._registry import ModelMeta, register_meta
+from ._shared import MAP_POOLS, check_pool, run_block, run_blocks, take_nchw_indices
 
 __all__ = ["OverLoCK", "ContMixBlock", "RepConvBlock", "DilatedReparamBlock"]
 
@@ -440,13 +442,6 @@ class AuxHead(nn.Module):
         return self.fc(self.norm(x).mean((2, 3)))
 
 
-def _check_pool(global_pool: str, num_classes: int) -> None:
-    if global_pool not in ("avg", "max", "avgmax", ""):
-        raise ValueError(f"OverLoCK: global_pool must be 'avg', 'max', 'avgmax' or '', got {global_pool!r}")
-    if global_pool == "" and num_classes > 0:
-        raise ValueError("OverLoCK: global_pool='' (unpooled output) needs num_classes=0")
-
-
 # --- model -------------------------------------------------------------------------------------
 class OverLoCK(nn.Module):
     """OverLoCK: Base-Net (stages 1-3), Overview-Net (stage 4 at stride 32) and ContMix Focus-Net.
@@ -465,9 +460,10 @@ class OverLoCK(nn.Module):
         drop_path_rate: stochastic depth, linear over all blocks (RepConv then ContMix, as official).
         deploy: build DilatedReparam blocks folded (default; the paper's parameter counts).
         use_aux_head: build the Overview-Net's auxiliary classifier (official training form).
-        extra_norm, h_proj: dense-prediction norms / the detection backbone's context projection.
+        feature_norms, h_proj: dense-prediction norms / the detection backbone's context projection.
         contmix_backend: ``na2d_av`` backend for every ContMix block.
         img_size: accepted for timm's API and validated; any input of at least 32x32 works.
+        extra_norm: deprecated name of ``feature_norms``.
     """
 
     aux_loss_weight = 0.4  # official recipe (train.py): loss = CE(main) + 0.4 * CE(aux)
@@ -492,19 +488,23 @@ class OverLoCK(nn.Module):
         drop_path_rate: float = 0.0,
         deploy: bool = True,
         use_aux_head: bool = False,
-        extra_norm: bool = False,
+        feature_norms: bool = False,
         h_proj: bool = False,
         contmix_backend: str = "auto",
         img_size: Optional[Union[int, Tuple[int, int]]] = None,
+        extra_norm: Optional[bool] = None,
     ):
         super().__init__()
-        _check_pool(global_pool, num_classes)
+        if extra_norm is not None:
+            warnings.warn("OverLoCK: extra_norm is deprecated; use feature_norms", DeprecationWarning, stacklevel=2)
+            feature_norms = extra_norm
+        check_pool("OverLoCK", global_pool, MAP_POOLS, num_classes)
         if len(depths) != 4 or len(dims) != 4 or len(kernel_sizes) != 4 or len(sub_depths) != 2 or sub_depths[1] < 1:
             raise ValueError("OverLoCK: depths, dims, kernel_sizes need 4 entries and sub_depths 2 (the second >= 1)")
         if dims[3] % 4:
             raise ValueError(f"OverLoCK: dims[3]={dims[3]} must be divisible by 4 (context width C3 / 4)")
-        if h_proj and not extra_norm:
-            raise ValueError("OverLoCK: h_proj=True (detection backbone) needs extra_norm=True")
+        if h_proj and not feature_norms:
+            raise ValueError("OverLoCK: h_proj=True (detection backbone) needs feature_norms=True")
         if img_size is not None and min((img_size, img_size) if isinstance(img_size, int) else img_size) < 32:
             raise ValueError(f"OverLoCK needs images of at least 32x32 (stride 32), got img_size={img_size}")
         ctx_dim = dims[3] // 4
@@ -549,9 +549,9 @@ class OverLoCK(nn.Module):
             dict(num_chs=dims[2] + ctx_dim, reduction=16, module="sub_blocks3"),
             dict(num_chs=fusion_dim, reduction=32, module="sub_blocks4"),
         ]
-        self.extra_norm = nn.ModuleList(
+        self.feature_norms = nn.ModuleList(
             [LayerNorm2d(info["num_chs"], eps=1e-6) for info in self.feature_info] + [LayerNorm2d(dims[3], eps=1e-6)]
-        ) if extra_norm else None
+        ) if feature_norms else None
         self.h_proj = nn.Sequential(nn.Conv2d(dims[3], fusion_dim, 1), LayerScale(fusion_dim, 1e-5)) if h_proj else None
 
         self.aux_head = AuxHead(dims[3], num_classes) if use_aux_head else None
@@ -589,7 +589,7 @@ class OverLoCK(nn.Module):
                 (r"^blocks(\d+)\.(\d+)", None),
                 (r"^(?:high_level_proj|sub_blocks3)", (5,)),
                 (r"^(?:patch_embedx|sub_blocks4)", (6,)),
-                (r"^(?:extra_norm|h_proj|aux_head|conv_head|norm_head)", (99999,)),
+                (r"^(?:feature_norms|h_proj|aux_head|conv_head|norm_head)", (99999,)),
             ],
         )
 
@@ -603,7 +603,7 @@ class OverLoCK(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
         """New classifier (and auxiliary classifier); ``global_pool`` defaults to ``'avg'``."""
-        _check_pool(global_pool, num_classes)
+        check_pool("OverLoCK", global_pool, MAP_POOLS, num_classes)
         self.num_classes = num_classes
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool)
         ref = self.patch_embed1[0].weight
@@ -626,51 +626,41 @@ class OverLoCK(nn.Module):
         load_checkpoint_strict(self, checkpoint_path, checkpoint_filter_fn, safe_globals=_CHECKPOINT_GLOBALS)
 
     # --- forward ----------------------------------------------------------------------------
-    def _run(self, block: nn.Module, *args):
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
-    def _stage(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        for block in blocks:
-            x = self._run(block, x)
-        return x
-
     def _forward(self, x: torch.Tensor, take: Sequence[int] = (), norm: bool = False, last: int = 3
                  ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
         """Run stages up to ``last``; returns (final map, Overview-Net context or x, taken stage outputs)."""
         feats: List[torch.Tensor] = []
-        x = self._stage(self.blocks1, self.patch_embed1(x))  # (B, C0, H/4, W/4)
+        x = run_blocks(self, self.blocks1, self.patch_embed1(x))  # (B, C0, H/4, W/4)
         if 0 in take:
-            feats.append(self.extra_norm[0](x) if norm else x)
+            feats.append(self.feature_norms[0](x) if norm else x)
         if last < 1:
             return x, x, feats
-        x = self._stage(self.blocks2, self.patch_embed2(x))  # (B, C1, H/8, W/8)
+        x = run_blocks(self, self.blocks2, self.patch_embed2(x))  # (B, C1, H/8, W/8)
         if 1 in take:
-            feats.append(self.extra_norm[1](x) if norm else x)
+            feats.append(self.feature_norms[1](x) if norm else x)
         if last < 2:
             return x, x, feats
-        x = self._stage(self.blocks3, self.patch_embed3(x))  # (B, C2, H/16, W/16)
-        ctx_cls = self._stage(self.blocks4, self.patch_embed4(x))  # Overview-Net: (B, C3, H/32, W/32)
+        x = run_blocks(self, self.blocks3, self.patch_embed3(x))  # (B, C2, H/16, W/16)
+        ctx_cls = run_blocks(self, self.blocks4, self.patch_embed4(x))  # Overview-Net: (B, C3, H/32, W/32)
         ctx_ori = self.high_level_proj(ctx_cls)  # (B, Cc, H/32, W/32)
         ctx_up = F.interpolate(ctx_ori, size=x.shape[-2:], mode="bilinear", align_corners=False)
         ctx = ctx_up
         for block in self.sub_blocks3:
-            x, ctx = self._run(block, x, ctx, ctx_up)
+            x, ctx = run_block(self, block, x, ctx, ctx_up)
         if 2 in take or last < 3:
             feat = torch.cat([x, ctx], dim=1)  # (B, C2 + Cc, H/16, W/16)
             if 2 in take:
-                feats.append(self.extra_norm[2](feat) if norm else feat)
+                feats.append(self.feature_norms[2](feat) if norm else feat)
             if last < 3:
                 return feat, ctx_cls, feats
         x, ctx = self.patch_embedx(x, ctx)
         for block in self.sub_blocks4:
-            x, ctx = self._run(block, x, ctx, ctx_ori)  # the last returns (cat[x, ctx], None)
+            x, ctx = run_block(self, block, x, ctx, ctx_ori)  # the last returns (cat[x, ctx], None)
         if 3 in take:
             if norm:
-                feat = self.extra_norm[3](x)
+                feat = self.feature_norms[3](x)
                 if self.h_proj is not None:
-                    feat = feat + self.h_proj(self.extra_norm[4](ctx_cls))
+                    feat = feat + self.h_proj(self.feature_norms[4](ctx_cls))
                 feats.append(feat)
             else:
                 feats.append(x)
@@ -689,13 +679,9 @@ class OverLoCK(nn.Module):
 
         Args:
             indices: last n stages if int, all if None, else the listed stage indices.
-            norm: apply ``extra_norm`` (and ``h_proj`` at stride 32 when built), as the official dense backbones.
+            norm: apply ``feature_norms`` (and ``h_proj`` at stride 32 when built), as the official dense backbones.
         """
-        if output_fmt != "NCHW":
-            raise ValueError(f"OverLoCK: output_fmt must be 'NCHW', got {output_fmt!r}")
-        if norm and self.extra_norm is None:
-            raise ValueError("OverLoCK: norm=True needs a model built with extra_norm=True")
-        take_indices, max_index = feature_take_indices(4, indices)
+        take_indices, max_index = take_nchw_indices(self, 4, indices, norm, output_fmt)
         last = min(max_index if stop_early else 3, self._num_stages - 1)
         final, _, intermediates = self._forward(x, take_indices, norm, last)
         if intermediates_only:
@@ -719,9 +705,9 @@ class OverLoCK(nn.Module):
         if max_index < 1:
             self.patch_embed2, self.blocks2 = None, nn.ModuleList()
         if prune_norm:
-            self.extra_norm = None
-        elif self.extra_norm is not None and max_index < 3:
-            self.extra_norm = self.extra_norm[:max_index + 1]
+            self.feature_norms = None
+        elif self.feature_norms is not None and max_index < 3:
+            self.feature_norms = self.feature_norms[:max_index + 1]
         if prune_head or max_index < 3:
             self.aux_head = None
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
@@ -764,7 +750,8 @@ def _safe_globals() -> Tuple[Any, ...]:
 
 
 _CHECKPOINT_GLOBALS = _safe_globals()
-_HEAD_RENAMES = {"head.0.": "conv_head.", "head.1.": "norm_head.", "aux_head.0.": "aux_head.norm."}
+_HEAD_RENAMES = {"head.0.": "conv_head.", "head.1.": "norm_head.", "aux_head.0.": "aux_head.norm.",
+                 "extra_norm.": "feature_norms."}
 
 
 def _bn_entries(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
@@ -800,7 +787,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: OverLoCK) -> Dict[st
       ``aux_head.2`` -> linear ``head`` / ``aux_head.fc``, ``aux_head.0`` -> ``aux_head.norm``.
     * Training-form DilatedReparam entries are folded when the model is deployed (the default); a
       ``_reparam`` file for a training-form model raises a ``ValueError``.
-    * Parts only one side has: the aux head, ``extra_norm`` and ``h_proj`` are dropped when the model lacks
+    * The official dense norms ``extra_norm`` are ``feature_norms`` (visionzoo files from before the rename too).
+    * Parts only one side has: the aux head, ``feature_norms`` and ``h_proj`` are dropped when the model lacks
       them; when the file lacks them (or the head, for dense files) the model keeps its fresh init, as the
       official dense backbones do with their non-strict loads.
     visionzoo state dicts pass unchanged.
@@ -832,7 +820,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: OverLoCK) -> Dict[st
     state_dict = _fold_reparam_blocks(state_dict, model)
 
     own = model.state_dict()
-    optional = ("aux_head.", "extra_norm.", "h_proj.", "conv_head.", "norm_head.", "head.")
+    optional = ("aux_head.", "feature_norms.", "h_proj.", "conv_head.", "norm_head.", "head.")
     state_dict = {k: v for k, v in state_dict.items() if not (k.startswith(optional) and k not in own)}
     for prefix in optional:
         if not any(k.startswith(prefix) for k in state_dict):
@@ -843,14 +831,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: OverLoCK) -> Dict[st
 def _create_overlock(variant: str, pretrained: bool = False, **kwargs) -> OverLoCK:
     # Official files are training states ({"model": ...} or mmengine dicts): files / URLs go through load_pretrained.
     route_sources_to_load_pretrained(kwargs)
-    if kwargs.get("features_only"):
-        kwargs.setdefault("extra_norm", True)  # the official dense backbones norm every output
+    if kwargs.get("features_only") and kwargs.get("extra_norm") is None:
+        kwargs.setdefault("feature_norms", True)  # the official dense backbones norm every output
+    norm = kwargs.get("feature_norms", False) if kwargs.get("extra_norm") is None else kwargs["extra_norm"]
     return build_model_with_cfg(
         OverLoCK,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3), norm=kwargs.get("extra_norm", False)),
+        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3), norm=norm),
         **kwargs,
     )
 

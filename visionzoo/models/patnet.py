@@ -67,16 +67,15 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_module
 
 from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
 from ._registry import ModelMeta, register_meta
+from ._shared import MAP_POOLS, check_pool, prune_stages, run_blocks, stage_intermediates
 
 __all__ = ["PATNet"]
 
@@ -442,20 +441,7 @@ class PatnetStage(nn.Module):
         ])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
-        return self.blocks(x)
-
-
-def _check_pool(global_pool: str, num_classes: int) -> None:
-    # Pools that keep the width (the 1x1 pre-logits conv expects num_features channels).
-    if global_pool not in ("avg", "max", "avgmax", ""):
-        raise ValueError(f"PATNet: global_pool must be 'avg', 'max', 'avgmax' or '', got {global_pool!r}")
-    if global_pool == "" and num_classes > 0:
-        raise ValueError("PATNet: global_pool='' (unpooled output) needs num_classes=0")
+        return run_blocks(self, self.blocks, self.downsample(x))
 
 
 def _act_layer(act_layer: Union[str, Callable[[], nn.Module]]) -> Callable[[], nn.Module]:
@@ -515,7 +501,7 @@ class PATNet(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        _check_pool(global_pool, num_classes)
+        check_pool("PATNet", global_pool, MAP_POOLS, num_classes)  # pools keeping the 1x1 head conv's width
         dd = dict(device=device, dtype=dtype)
         act = _act_layer(act_layer)
         num_stages = len(depths)
@@ -599,7 +585,7 @@ class PATNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
         """New classifier (``global_pool`` defaults to ``'avg'``, as in timm's CNNs with a conv head)."""
-        _check_pool(global_pool, num_classes)
+        check_pool("PATNet", global_pool, MAP_POOLS, num_classes)
         self.num_classes = num_classes
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool)
         ref = self.patch_embed.proj.weight
@@ -639,18 +625,7 @@ class PATNet(nn.Module):
             indices: last n stages if int, all if None, else the listed stage indices.
             norm: pass each output through its dense-prediction BN (needs ``feature_norms=True``).
         """
-        if output_fmt != "NCHW":
-            raise ValueError(f"PATNet: output_fmt must be 'NCHW', got {output_fmt!r}")
-        if norm and self.feature_norms is None:
-            raise ValueError("PATNet: norm=True needs a model built with feature_norms=True")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        x = self.patch_embed(x)
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(self.feature_norms[i](x) if norm else x)
+        x, intermediates = stage_intermediates(self, self.patch_embed, x, indices, norm, stop_early, output_fmt)
         if intermediates_only:
             return intermediates
         return x, intermediates
@@ -661,11 +636,7 @@ class PATNet(nn.Module):
         prune_norm: bool = False,
         prune_head: bool = True,
     ) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if self.feature_norms is not None:
-            self.feature_norms = None if prune_norm else self.feature_norms[:max_index + 1]
-        pruned_end = max_index < len(self.feature_info) - 1
+        take_indices, max_index, pruned_end = prune_stages(self, indices, prune_norm)
         if pruned_end:
             self.num_features = self.feature_info[max_index]["num_chs"]
         if prune_head or pruned_end:

@@ -83,7 +83,6 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
@@ -97,6 +96,7 @@ from ..ops.sparse_attention import sparse_attention, sparse_attention_backend, s
 from ._input import record_input_size
 from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
 from ._registry import ModelMeta, register_meta
+from ._shared import TOKEN_POOLS, check_pool, run_block
 
 __all__ = ["Sparsifiner", "SparsifinerDistillLoss"]
 
@@ -552,8 +552,7 @@ class Sparsifiner(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"Sparsifiner: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        check_pool("Sparsifiner", global_pool, TOKEN_POOLS)
         if stem not in ("linear", "lvvit"):
             raise ValueError(f"Sparsifiner: stem must be 'linear' or 'lvvit', got {stem!r}")
         if not 0.0 < attn_keep_rate <= 1.0 or not 0.0 < token_keep_rate <= 1.0:
@@ -637,8 +636,7 @@ class Sparsifiner(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ("token", "avg", ""):
-                raise ValueError(f"Sparsifiner: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+            check_pool("Sparsifiner", global_pool, TOKEN_POOLS)
             self.global_pool = global_pool
         dd = dict(device=self.cls_token.device, dtype=self.cls_token.dtype)
         self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
@@ -677,11 +675,6 @@ class Sparsifiner(nn.Module):
         x = add_cls_and_pos_embed(x, self.cls_token, self.pos_embed, self.grid_size)
         return self.pos_drop(x), grid
 
-    def _run_block(self, block: nn.Module, x, grid, token_index, mode="sparse"):
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(block, x, grid, token_index, mode, use_reentrant=False)
-        return block(x, grid, token_index, mode)
-
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -709,7 +702,7 @@ class Sparsifiner(nn.Module):
         token_index = None
         intermediates, prefix = [], []
         for i, block in enumerate(blocks):
-            x, token_index, _, _ = self._run_block(block, x, grid, token_index)
+            x, token_index, _, _ = run_block(self, block, x, grid, token_index)
             if i in take_indices:
                 y = self.norm(x) if norm else x
                 prefix.append(y[:, 0])
@@ -738,7 +731,7 @@ class Sparsifiner(nn.Module):
         x, grid = self._embed(x)
         token_index = None
         for block in self.blocks:
-            x, token_index, _, _ = self._run_block(block, x, grid, token_index)
+            x, token_index, _, _ = run_block(self, block, x, grid, token_index)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -778,7 +771,7 @@ class Sparsifiner(nn.Module):
         token_index = None
         approx_list, attn_list = [], []
         for block in self.blocks:
-            x, token_index, approx, attn = self._run_block(block, x, grid, token_index, mode)
+            x, token_index, approx, attn = run_block(self, block, x, grid, token_index, mode)
             approx_list.append(approx)
             attn_list.append(attn)
         x = self.norm(x)

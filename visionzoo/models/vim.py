@@ -47,7 +47,6 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, lecun_normal_, trunc_normal_
@@ -60,6 +59,7 @@ from ..ops.selective_scan import MambaBranch, bimamba_inner
 from ._input import record_input_size
 from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
 from ._registry import ModelMeta, register_meta
+from ._shared import TOKEN_POOLS, check_pool, run_block
 
 __all__ = ["VisionMamba"]
 
@@ -240,8 +240,7 @@ class VisionMamba(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"Vim: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        check_pool("Vim", global_pool, TOKEN_POOLS)
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -319,8 +318,7 @@ class VisionMamba(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ("token", "avg", ""):
-                raise ValueError(f"Vim: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+            check_pool("Vim", global_pool, TOKEN_POOLS)
             self.global_pool = global_pool
         device, dtype = self.cls_token.device, self.cls_token.dtype
         self.head = nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
@@ -360,11 +358,6 @@ class VisionMamba(nn.Module):
             x = x.float()
         return x, H, W  # x: (B, H*W + 1, D)
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
-
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -392,7 +385,7 @@ class VisionMamba(nn.Module):
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         intermediates, prefix = [], []
         for i, block in enumerate(blocks):
-            x = self._run_block(block, x)
+            x = run_block(self, block, x)
             if i in take_indices:
                 y = self.norm(x) if norm else x
                 prefix.append(y[:, mid])
@@ -424,7 +417,7 @@ class VisionMamba(nn.Module):
         """(B, C, H, W) -> normalised tokens (B, H'*W' + 1, D), class token at index H'*W' // 2."""
         x, _, _ = self._embed(x)
         for block in self.blocks:
-            x = self._run_block(block, x)
+            x = run_block(self, block, x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -1,0 +1,90 @@
+"""timm plumbing the families share, so that each model file keeps only what its paper defines.
+
+* :func:`check_pool`: the one ``global_pool`` check (each family passes the pools its head takes);
+* :func:`run_block` / :func:`run_blocks`: activation checkpointing through timm's ``checkpoint`` /
+  ``checkpoint_seq`` (non-reentrant unless ``TIMM_REENTRANT_CKPT`` is set), on while
+  ``set_grad_checkpointing(True)`` is in force and gradients are recorded;
+* :func:`stage_intermediates` / :func:`prune_stages`: ``forward_intermediates`` and
+  ``prune_intermediate_layers`` of the hierarchical families built as stem -> ``stages`` (an
+  ``nn.Sequential``, one stage per feature level) with optional per-stage ``feature_norms``
+  (BiFormer, PATNet); :func:`take_nchw_indices` is their argument check, shared with OverLoCK.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from timm.models._manipulate import checkpoint, checkpoint_seq
+from timm.models._features import feature_take_indices
+from torch import nn
+
+# SelectAdaptivePool2d pools that keep the width (CNN-style heads) and the pools of class-token models.
+MAP_POOLS = ("avg", "max", "avgmax", "")
+TOKEN_POOLS = ("token", "avg", "")
+
+
+def check_pool(family: str, global_pool: str, pools: Sequence[str], num_classes: Optional[int] = None) -> None:
+    """One-line ``ValueError`` for a ``global_pool`` outside ``pools``; with ``num_classes``, also for an
+    unpooled output (``''``) feeding a classifier."""
+    if global_pool not in pools:
+        names = [repr(p) for p in pools]
+        raise ValueError(f"{family}: global_pool must be {', '.join(names[:-1])} or {names[-1]}, got {global_pool!r}")
+    if num_classes is not None and global_pool == "" and num_classes > 0:
+        raise ValueError(f"{family}: global_pool='' (unpooled output) needs num_classes=0")
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    return model.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+
+
+def run_block(model: nn.Module, block: nn.Module, *args):
+    """``block(*args)``, recomputed in backward (timm's ``checkpoint``) while ``model`` checkpoints."""
+    return checkpoint(block, *args) if _checkpointing(model) else block(*args)
+
+
+def run_blocks(model: nn.Module, blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """``x`` through ``blocks`` in order; one checkpoint per block (timm's ``checkpoint_seq``) while
+    ``model`` checkpoints."""
+    if _checkpointing(model):
+        return checkpoint_seq(blocks, x)
+    for block in blocks:
+        x = block(x)
+    return x
+
+
+def take_nchw_indices(model: nn.Module, num_levels: int, indices: Optional[Union[int, List[int]]], norm: bool,
+                      output_fmt: str) -> Tuple[List[int], int]:
+    """Check ``forward_intermediates``' arguments of a model with NCHW stage outputs and optional
+    ``feature_norms``; return timm's ``feature_take_indices``."""
+    family = type(model).__name__
+    if output_fmt != "NCHW":
+        raise ValueError(f"{family}: output_fmt must be 'NCHW', got {output_fmt!r}")
+    if norm and model.feature_norms is None:
+        raise ValueError(f"{family}: norm=True needs a model built with feature_norms=True")
+    return feature_take_indices(num_levels, indices)
+
+
+def stage_intermediates(model: nn.Module, stem: nn.Module, x: torch.Tensor,
+                        indices: Optional[Union[int, List[int]]], norm: bool, stop_early: bool,
+                        output_fmt: str) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """(last stage output, chosen stage outputs (B, C_i, H / s_i, W / s_i), each through its
+    ``feature_norms`` entry when ``norm``) of ``model.stages`` run on ``stem(x)``."""
+    take_indices, max_index = take_nchw_indices(model, len(model.stages), indices, norm, output_fmt)
+    x = stem(x)
+    stages = model.stages[:max_index + 1] if stop_early else model.stages
+    intermediates = []
+    for i, stage in enumerate(stages):
+        x = stage(x)
+        if i in take_indices:
+            intermediates.append(model.feature_norms[i](x) if norm else x)
+    return x, intermediates
+
+
+def prune_stages(model: nn.Module, indices: Union[int, List[int]], prune_norm: bool) -> Tuple[List[int], int, bool]:
+    """Drop the stages (and ``feature_norms``) after the last of ``indices``; return timm's
+    ``feature_take_indices`` and whether the last stage went (the head must then be reset)."""
+    take_indices, max_index = feature_take_indices(len(model.stages), indices)
+    model.stages = model.stages[:max_index + 1]
+    if model.feature_norms is not None:
+        model.feature_norms = None if prune_norm else model.feature_norms[:max_index + 1]
+    return take_indices, max_index, max_index < len(model.feature_info) - 1
