@@ -586,11 +586,6 @@ def main(argv=None):
 
 
 
-def cli() -> None:
-    """The ``visionzoo-benchmark`` console command: ``main`` without its return value (the rows), which a
-    console script would hand to ``sys.exit``."""
-    main()
 
-
-if __name__ == "__main__":
+def cli() -> None:  # visionzoo-benchmark: a console script would pass main's rows to sys.exit
     main()

@@ -15,7 +15,8 @@ Steps:
 3. The model is built exactly as ``timm.create_model(name, pretrained=True,
    pretrained_cfg_overlay=dict(file=...))`` builds it (the family's ``checkpoint_filter_fn``, strict key
    matching), and its own state dict is written (``.safetensors``, or ``.pth``) atomically.
-4. The written file is loaded back the same way with ``strict=True`` and compared tensor by tensor.
+4. The written file is loaded back the same way with ``strict=True`` and compared tensor by tensor
+   while it is still a temporary file; only a file that passes is renamed to the output name.
 
 Every failure exits with a single ``convert: ...`` line (exit status 1), never a traceback.
 """
@@ -35,6 +36,7 @@ import torch
 import visionzoo  # noqa: F401
 from visionzoo.cli import REPO as ROOT
 from visionzoo.models import VISIONZOO_MODELS
+from visionzoo.models._loading import UnsafeCheckpointError, torch_load_restricted
 
 MANIFEST = ROOT / "checkpoints" / "manifest.yaml"
 MANIFEST_FIELDS = ("family", "variant", "source", "file", "sha256", "key_format", "container", "paper_metric")
@@ -131,13 +133,12 @@ def _safe_globals() -> list[Any]:
 
 
 def read_checkpoint(path: Path) -> Any:
-    """Read ``path`` safely; any failure is a one-line :class:`ConvertError`."""
+    """Read ``path`` safely; any failure is a one-line :class:`ConvertError` (a file that pickles more
+    than tensors and the allowed classes is named as such, with the object torch refused)."""
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path), device="cpu")
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load_restricted(path, _safe_globals())
+    except UnsafeCheckpointError as e:
+        raise ConvertError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - whatever the reader raises, the file is unreadable
         size = path.stat().st_size
         raise ConvertError(f"{path} is truncated or not a checkpoint ({size:,} bytes; reading it failed with "
@@ -213,10 +214,11 @@ def _build(name: str, file: Path) -> torch.nn.Module:
     return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(file)})
 
 
-def _write(state_dict: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
+def _write(state_dict: dict[str, torch.Tensor], out: Path, metadata: dict[str, str], check) -> None:
+    """Write atomically: a temporary file in the same folder (same suffix, so it loads like the output),
+    ``check(tmp)``, then a rename. On any failure the temporary file is removed and ``out`` untouched."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix="." + out.stem + ".", suffix=".tmp" + out.suffix, dir=out.parent)
     os.close(fd)
     try:
         if out.suffix == ".safetensors":
@@ -224,6 +226,7 @@ def _write(state_dict: dict[str, torch.Tensor], out: Path, metadata: dict[str, s
             save_file(state_dict, tmp, metadata=metadata)
         else:
             torch.save(state_dict, tmp)
+        check(Path(tmp))
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -264,15 +267,17 @@ def convert(model: str, checkpoint: str, output: str, ema: bool = False, tag: st
     metadata = {"format": "pt", "visionzoo_model": model, "source_file": src.name, "source_sha256": digest}
     if found_tag:
         metadata["manifest_tag"] = found_tag
-    _write(weights, out, metadata)
 
-    try:  # the written file must load the timm way, strictly, to the same tensors
-        reloaded = _build(model, out).state_dict()
-    except Exception as e:  # noqa: BLE001
-        raise ConvertError(f"the written {out} does not load back into {model}: {_one_line(e)}") from None
-    differ = [k for k, v in weights.items() if k not in reloaded or not torch.equal(reloaded[k], v)]
-    if differ or len(reloaded) != len(weights):
-        raise ConvertError(f"the written {out} reloads with different tensors: {', '.join(differ[:5])}")
+    def reloads_identically(tmp: Path) -> None:  # the written file must load the timm way, strictly
+        try:
+            reloaded = _build(model, tmp).state_dict()
+        except Exception as e:  # noqa: BLE001
+            raise ConvertError(f"the written {out} does not load back into {model}: {_one_line(e)}") from None
+        differ = [k for k, v in weights.items() if k not in reloaded or not torch.equal(reloaded[k], v)]
+        if differ or len(reloaded) != len(weights):
+            raise ConvertError(f"the written {out} reloads with different tensors: {', '.join(differ[:5])}")
+
+    _write(weights, out, metadata, reloads_identically)
 
     return {"model": model, "output": str(out), "tensors": len(weights), "values": sum(v.numel() for v in weights.values()),
                 "sha256": digest, "manifest_tag": found_tag, "checksum_verified": checked,
@@ -309,11 +314,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 
-def cli() -> None:
-    """The ``visionzoo-convert`` console command: ``main`` without its return value (the conversion summary), which a
-    console script would hand to ``sys.exit``."""
-    main()
 
-
-if __name__ == "__main__":
+def cli() -> None:  # visionzoo-convert: a console script would pass main's conversion summary to sys.exit
     main()

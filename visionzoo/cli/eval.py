@@ -12,6 +12,3 @@ from visionzoo.cli import train
 def main(argv: list[str] | None = None) -> None:
     train.main(argv, config_name="eval")
 
-
-if __name__ == "__main__":
-    main()

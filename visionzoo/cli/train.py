@@ -63,6 +63,3 @@ def main(argv: list[str] | None = None, config_name: str = "train") -> None:
 
     _entry()
 
-
-if __name__ == "__main__":
-    main()

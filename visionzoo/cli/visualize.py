@@ -460,11 +460,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 
-def cli() -> None:
-    """The ``visionzoo-visualize`` console command: ``main`` without its return value (the written paths), which a
-    console script would hand to ``sys.exit``."""
-    main()
 
-
-if __name__ == "__main__":
+def cli() -> None:  # visionzoo-visualize: a console script would pass main's written paths to sys.exit
     main()

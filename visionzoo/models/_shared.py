@@ -1,5 +1,7 @@
 """timm plumbing the families share, so that each model file keeps only what its paper defines.
 
+* :func:`build_family_model`: every family's ``_create_*`` (timm's ``build_model_with_cfg`` with the
+  families' loading and feature conventions);
 * :func:`check_pool`: the one ``global_pool`` check (each family passes the pools its head takes);
 * :func:`run_block` / :func:`run_blocks`: activation checkpointing through timm's ``checkpoint`` /
   ``checkpoint_seq`` (non-reentrant unless ``TIMM_REENTRANT_CKPT`` is set), on while
@@ -11,16 +13,41 @@
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+import inspect
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
-from timm.models._manipulate import checkpoint, checkpoint_seq
+from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint, checkpoint_seq
 from torch import nn
+
+from ._loading import route_sources_to_load_pretrained
 
 # SelectAdaptivePool2d pools that keep the width (CNN-style heads) and the pools of class-token models.
 MAP_POOLS = ("avg", "max", "avgmax", "")
 TOKEN_POOLS = ("token", "avg", "")
+
+
+def build_family_model(model_cls: type, variant: str, pretrained: bool, filter_fn: Callable,
+                       out_indices: Sequence[int], **kwargs: Any) -> nn.Module:
+    """timm's ``build_model_with_cfg`` the way every family calls it.
+
+    * A model with its own ``load_pretrained`` (the official files are whole training states) gets
+      ``pretrained_cfg_overlay`` files / URLs too (:func:`route_sources_to_load_pretrained`).
+    * ``features_only`` uses ``forward_intermediates`` (timm's ``getter``) at ``out_indices``; a family
+      with dense output norms (a ``feature_norms`` keyword) builds and applies them there by default,
+      as the official dense backbones norm every output.
+    """
+    if hasattr(model_cls, "load_pretrained"):
+        route_sources_to_load_pretrained(kwargs)
+    feature_cfg: dict[str, Any] = dict(feature_cls="getter", out_indices=tuple(out_indices))
+    if "feature_norms" in inspect.signature(model_cls).parameters:
+        if kwargs.get("features_only"):
+            kwargs.setdefault("feature_norms", True)
+        feature_cfg["norm"] = kwargs.get("feature_norms", False)
+    return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn,
+                                feature_cfg=feature_cfg, **kwargs)
 
 
 def check_pool(family: str, global_pool: str, pools: Sequence[str], num_classes: Optional[int] = None) -> None:

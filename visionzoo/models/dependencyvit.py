@@ -55,14 +55,14 @@ from torch import nn
 
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 from ..layers import PatchEmbed, plain_feature_indices
 from ..ops.reversed_attention import reversed_attention
 from ._registry import ModelMeta, register_meta
-from ._shared import check_pool, run_block
+from ._shared import build_family_model, check_pool, run_block
 
 __all__ = ["DependencyViT", "ReversedAttention", "TokenPruner"]
 
@@ -549,16 +549,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DependencyV
 
 
 def _create_dependencyvit(variant: str, pretrained: bool = False, **kwargs) -> DependencyViT:
-    depth = kwargs.get("depth", 12)
-    out_indices = plain_feature_indices(depth)
-    return build_model_with_cfg(
-        DependencyViT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
+    out_indices = plain_feature_indices(kwargs.get("depth", 12))
+    return build_family_model(DependencyViT, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:

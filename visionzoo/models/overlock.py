@@ -61,14 +61,14 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_module
 
 from ..ops.neighborhood_aggregation import na2d_av, na2d_rpb
-from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
+from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
-from ._shared import MAP_POOLS, check_pool, run_block, run_blocks, take_nchw_indices
+from ._shared import MAP_POOLS, build_family_model, check_pool, run_block, run_blocks, take_nchw_indices
 
 __all__ = ["OverLoCK", "ContMixBlock", "RepConvBlock", "DilatedReparamBlock"]
 
@@ -829,19 +829,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: OverLoCK) -> Dict[st
 
 
 def _create_overlock(variant: str, pretrained: bool = False, **kwargs) -> OverLoCK:
-    # Official files are training states ({"model": ...} or mmengine dicts): files / URLs go through load_pretrained.
-    route_sources_to_load_pretrained(kwargs)
-    if kwargs.get("features_only") and kwargs.get("extra_norm") is None:
-        kwargs.setdefault("feature_norms", True)  # the official dense backbones norm every output
-    norm = kwargs.get("feature_norms", False) if kwargs.get("extra_norm") is None else kwargs["extra_norm"]
-    return build_model_with_cfg(
-        OverLoCK,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3), norm=norm),
-        **kwargs,
-    )
+    if kwargs.get("extra_norm") is not None:  # the old name of feature_norms (the constructor warns)
+        kwargs.setdefault("feature_norms", kwargs["extra_norm"])
+    return build_family_model(OverLoCK, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
 
 
 _RELEASE = "https://github.com/LMMMEng/OverLoCK/releases/download/v1/"

@@ -70,12 +70,12 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features_fx import register_notrace_module
 
-from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
+from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
-from ._shared import MAP_POOLS, check_pool, prune_stages, run_blocks, stage_intermediates
+from ._shared import MAP_POOLS, build_family_model, check_pool, prune_stages, run_blocks, stage_intermediates
 
 __all__ = ["PATNet"]
 
@@ -728,18 +728,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: PATNet) -> Dict[str,
 
 
 def _create_patnet(variant: str, pretrained: bool = False, **kwargs) -> PATNet:
-    # Official files are whole training states: local files / URLs go through load_pretrained too.
-    route_sources_to_load_pretrained(kwargs)
-    if kwargs.get("features_only"):
-        kwargs.setdefault("feature_norms", True)  # the official fork_feat backbones norm every output
-    return build_model_with_cfg(
-        PATNet,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3), norm=kwargs.get("feature_norms", False)),
-        **kwargs,
-    )
+    return build_family_model(PATNet, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:

@@ -86,7 +86,7 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
@@ -94,9 +94,9 @@ from ..layers import plain_feature_indices
 from ..losses.sparsifiner import SparsifinerDistillLoss, attach_aux_loss, attn_self_distill_loss  # noqa: F401 (re-export)
 from ..ops.sparse_attention import sparse_attention, sparse_attention_backend, sparsifiner_keys
 from ._input import record_input_size
-from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
+from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
-from ._shared import TOKEN_POOLS, check_pool, run_block
+from ._shared import TOKEN_POOLS, build_family_model, check_pool, run_block
 
 __all__ = ["Sparsifiner", "SparsifinerDistillLoss"]
 
@@ -818,17 +818,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Sparsifiner
 
 
 def _create_sparsifiner(variant: str, pretrained: bool = False, **kwargs) -> Sparsifiner:
-    depth = kwargs.get("depth", 12)
-    route_sources_to_load_pretrained(kwargs)
-    out_indices = plain_feature_indices(depth)
-    return build_model_with_cfg(
-        Sparsifiner,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
+    out_indices = plain_feature_indices(kwargs.get("depth", 12))
+    return build_family_model(Sparsifiner, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:

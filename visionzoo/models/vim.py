@@ -50,16 +50,16 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, lecun_normal_, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 from ..layers import PatchEmbed, plain_feature_indices, resample_pos_embed_with_inner_token
 from ..ops.selective_scan import MambaBranch, bimamba_inner
 from ._input import record_input_size
-from ._loading import load_checkpoint_strict, route_sources_to_load_pretrained
+from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
-from ._shared import TOKEN_POOLS, check_pool, run_block
+from ._shared import TOKEN_POOLS, build_family_model, check_pool, run_block
 
 __all__ = ["VisionMamba"]
 
@@ -460,18 +460,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionMamba
 
 def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
     # Default features: the blocks the official segmentation backbone taps ([5, 11, 17, 23] at depth 24).
-    depth = kwargs.get("depth", 24)
-    # Official files are whole training states: local files / URLs go through load_pretrained too.
-    route_sources_to_load_pretrained(kwargs)
-    out_indices = plain_feature_indices(depth)
-    return build_model_with_cfg(
-        VisionMamba,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
+    out_indices = plain_feature_indices(kwargs.get("depth", 24))
+    return build_family_model(VisionMamba, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:
