@@ -585,7 +585,5 @@ def main(argv=None):
     return rows
 
 
-
-
 def cli() -> None:  # visionzoo-benchmark: a console script would pass main's rows to sys.exit
     main()

@@ -313,7 +313,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return info
 
 
-
-
 def cli() -> None:  # visionzoo-convert: a console script would pass main's conversion summary to sys.exit
     main()

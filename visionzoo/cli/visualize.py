@@ -459,7 +459,5 @@ def main(argv: list[str] | None = None) -> list[Path]:
     return paths
 
 
-
-
 def cli() -> None:  # visionzoo-visualize: a console script would pass main's written paths to sys.exit
     main()
