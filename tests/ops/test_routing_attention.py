@@ -204,18 +204,22 @@ def test_auto_backend_and_env_override(monkeypatch):
     monkeypatch.delenv(ENV)
     with pytest.raises(ValueError, match="unknown backend 'flash'"):
         bi_level_routing_attention(q, k, v, 1, 2, 2, 0.5, backend="flash")
-    assert set(BACKENDS) == {"reference", "chunked", "triton"}
+    assert set(BACKENDS) == {"reference", "chunked", "flex", "triton"}
 
 
 def test_auto_prefers_triton_on_cuda(monkeypatch):
-    """On CUDA ``auto`` picks the Triton kernel when Triton imports (float32/16/bf16), ``chunked`` for
-    float64 or without Triton; an explicit ``triton`` with float64 is an error naming the dtype."""
+    """On CUDA ``auto`` picks FlexAttention when it is there, else the Triton kernel when Triton imports
+    (float32/16/bf16), ``chunked`` for float64 or without Triton; an explicit ``triton`` with float64 is
+    an error naming the dtype."""
     monkeypatch.delenv(ENV, raising=False)
 
     def cuda(dtype=torch.float32):  # selection reads only the device and the dtype
         return types.SimpleNamespace(device=torch.device("cuda"), dtype=dtype)
 
     monkeypatch.setattr(_op._triton, "is_available", lambda device_type: True)
+    monkeypatch.setattr(_op._flex, "unavailable_reason", lambda device_type: None)
+    assert _op.resolve("auto", cuda()) == "flex"  # the maintained kernel leads
+    monkeypatch.setattr(_op._flex, "unavailable_reason", lambda device_type: "no FlexAttention")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         assert _op.resolve("auto", cuda(dtype)) == "triton"
     assert _op.resolve("auto", cuda(torch.float64)) == "chunked"
@@ -223,6 +227,7 @@ def test_auto_prefers_triton_on_cuda(monkeypatch):
         _op.resolve("triton", cuda(torch.float64))
     monkeypatch.undo()
     monkeypatch.setattr(_op._triton, "is_available", lambda device_type: False)
+    monkeypatch.setattr(_op._flex, "unavailable_reason", lambda device_type: "no FlexAttention")
     assert not _op.is_available("triton", "cuda")
     assert _op.resolve("auto", cuda()) == "chunked"
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from .. import _flex
 from .._dispatch import Backend, OpDecl, call, register_aten_path, triton_backend
 from . import _triton
 from ._chunked import bra_chunked, bra_chunked_backward
@@ -40,6 +41,12 @@ def _chunked_forward(*args):
     return call(bra_op, *args, "chunked")
 
 
+def _flex_forward(*args):
+    from ._flex import bra_flex  # torch.nn.attention.flex_attention, imported on first use
+
+    return bra_flex(*args)
+
+
 def _triton_forward(*args):
     out, idx, _ = call(bra_triton_op, *args)
     return out, idx
@@ -48,13 +55,14 @@ def _triton_forward(*args):
 # ``auto`` candidates per device type, best first. ``triton`` only on CUDA (on CPU it runs in Triton's
 # slow interpreter, for tests): chosen there without a measurement on this project's machines, see
 # benchmarks/biformer_cpu.md and benchmarks/bench_routing_attention_cuda.py. Off CUDA, and for dtypes the
-# kernel does not take (float64), ``chunked``. (Maintained kernels, e.g. a ``flex`` backend, go in front
-# of ``triton`` in the CUDA order: ``ROUTING.add(backend, auto_before={"cuda": "triton"})``.)
+# kernel does not take (float64), ``chunked``. ``flex`` (PyTorch's maintained FlexAttention kernel, compiled
+# on first use; plain autograd) leads on CUDA, before the hand-written ``triton``; on CPU only by name.
 ROUTING = OpDecl("routing_attention", backends=(
     Backend("reference", _reference_forward),
     Backend("chunked", _chunked_forward),
+    Backend("flex", _flex_forward, available=lambda d: _flex.unavailable_reason(d), fallible=True),
     triton_backend("triton", _triton, _triton_forward),
-), auto_order={"cuda": ("triton", "chunked"), "default": ("chunked",)})
+), auto_order={"cuda": ("flex", "triton", "chunked"), "default": ("chunked",)})
 BACKENDS = ROUTING.names
 is_available = ROUTING.is_available
 

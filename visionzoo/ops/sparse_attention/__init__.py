@@ -102,7 +102,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float,
     args = (q, k, v, idx.long(), float(scale), int(dense_rows))
     # reference runs as plain autograd ops (a FLOP counter sees its dense matmuls); the others through the
     # custom op, which selects the same backend again (and its backward) from the requested name.
-    return SPARSE.dispatch(backend, q, lambda b: b.forward(*args) if b.name == "reference"
+    return SPARSE.dispatch(backend, q, lambda b: b.forward(*args) if b.name in ("reference", "flex")
                            else call(sparse_attention_op, *args, backend))
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from .. import _flex
 from .._dispatch import Backend, OpDecl, register_aten_path, triton_backend
 from . import _keys_cpu, _triton
 from ._gather import sparse_attention_gather, sparse_attention_gather_backward
@@ -39,21 +40,29 @@ def _masked_backward(q, k, v, idx, scale, dense_rows, out, grad_out, needs):
     return sparse_attention_masked_backward(q, k, v, idx, scale, dense_rows, grad_out, needs)
 
 
+def _flex_forward(*args):
+    from ._flex import sparse_attention_flex  # torch.nn.attention.flex_attention, imported on first use
+
+    return sparse_attention_flex(*args)
+
+
 def _gather_backward(q, k, v, idx, scale, dense_rows, out, grad_out, needs):
     return sparse_attention_gather_backward(q, k, v, idx, scale, dense_rows, grad_out, needs)
 
 
 # ``auto`` candidates per device type, best first. ``triton`` only on CUDA (on CPU it runs in Triton's
 # slow interpreter, for tests). On CUDA it is chosen without a measurement in this repository yet
-# (benchmarks/bench_sparse_attention_cuda.py is the check); fp64 falls back to ``masked``. (Maintained
-# kernels, e.g. ``flex``, go in front of ``triton``: ``SPARSE.add(backend, auto_before={"cuda": "triton"})``.)
+# (benchmarks/bench_sparse_attention_cuda.py is the check); fp64 falls back to ``masked``. ``flex``
+# (PyTorch's maintained FlexAttention kernel, compiled on first use; plain autograd, run by the public
+# entry like ``reference``) leads on CUDA, before the hand-written ``triton``; on CPU only by name.
 SPARSE = OpDecl("sparse_attention", backends=(
     Backend("reference", sparse_attention_reference, _masked_backward),
     Backend("masked", _masked_forward, _masked_backward),
     Backend("gather", sparse_attention_gather, _gather_backward),
+    Backend("flex", _flex_forward, available=lambda d: _flex.unavailable_reason(d), fallible=True),
     triton_backend("triton", _triton, _triton.sparse_attention_triton,
                    lambda *args: _triton.sparse_attention_triton_backward(*args)),
-), auto_order={"cuda": ("triton", "masked"), "default": ("masked",)})
+), auto_order={"cuda": ("flex", "triton", "masked"), "default": ("masked",)})
 BACKENDS = SPARSE.names
 is_available = SPARSE.is_available
 
