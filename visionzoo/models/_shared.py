@@ -30,18 +30,19 @@ TOKEN_POOLS = ("token", "avg", "")
 
 
 def build_family_model(model_cls: type, variant: str, pretrained: bool, filter_fn: Callable,
-                       out_indices: Sequence[int], **kwargs: Any) -> nn.Module:
+                       feature_indices: Sequence[int], **kwargs: Any) -> nn.Module:
     """timm's ``build_model_with_cfg`` the way every family calls it.
 
     * A model with its own ``load_pretrained`` (the official files are whole training states) gets
       ``pretrained_cfg_overlay`` files / URLs too (:func:`route_sources_to_load_pretrained`).
-    * ``features_only`` uses ``forward_intermediates`` (timm's ``getter``) at ``out_indices``; a family
+    * ``features_only`` uses ``forward_intermediates`` (timm's ``getter``), by default at
+      ``feature_indices`` (a caller's ``out_indices`` picks others); a family
       with dense output norms (a ``feature_norms`` keyword) builds and applies them there by default,
       as the official dense backbones norm every output.
     """
     if hasattr(model_cls, "load_pretrained"):
         route_sources_to_load_pretrained(kwargs)
-    feature_cfg: dict[str, Any] = dict(feature_cls="getter", out_indices=tuple(out_indices))
+    feature_cfg: dict[str, Any] = dict(feature_cls="getter", out_indices=tuple(feature_indices))
     if "feature_norms" in inspect.signature(model_cls).parameters:
         if kwargs.get("features_only"):
             kwargs.setdefault("feature_norms", True)
