@@ -6,8 +6,14 @@ a loop that keeps the state in registers and never leaves the core does the same
 of that. Built, cached and loaded by :mod:`visionzoo.ops._cpu_build` (compiled on first use with the
 system C compiler; unavailable without one, and ``auto`` then uses ``chunked``).
 
-The backward is a C reverse scan too (:mod:`._cpu_bwd`: states recomputed per chunk from checkpoints);
-without its kernel it is the ``chunked`` analytic backward.
+The backward is a C reverse scan too (:mod:`._cpu_bwd`: states recomputed per chunk from checkpoints,
+which the forward can hand over: ``checkpoints=True``); without its kernel it is the ``chunked`` analytic
+backward.
+
+Threads: a kernel call takes a list of jobs (:class:`ScanArgs`, one per scan direction, same batch and
+channels) and splits (batch element, 8-channel block) items over ``torch.get_num_threads()`` OpenMP
+threads, every job of an item on the same thread in job order (:mod:`.._cpu_build`). So batch 1 uses every
+thread too, and the output is bitwise the same for any thread count.
 """
 from __future__ import annotations
 

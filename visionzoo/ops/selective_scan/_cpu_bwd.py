@@ -3,7 +3,8 @@
 Why: the ``chunked`` analytic backward runs one small PyTorch op per time step and writes the states
 and ``exp(delta A)`` of every block to memory; at the Vim-Tiny size it took ~20 ms of a ~23 ms
 forward+backward on one core. The kernel keeps one chunk of states per 8-channel block in cache
-(recomputed from checkpoints) and does the whole reverse scan in registers. Built, cached and loaded
+(recomputed from the forward's checkpoints, or from its own, a pass over the sequence) and does the
+whole reverse scan in registers; (batch, group, slice) items run on ``torch.get_num_threads()`` threads. Built, cached and loaded
 like the forward (:mod:`visionzoo.ops._cpu_build`) and wrapped in an opaque custom op
 (``visionzoo::selective_scan_cpu_backward``, so ``torch.compile`` graphs call it). Without a
 compiler, for non-fp32 or non-CPU inputs or ``N`` beyond the kernel's limit,

@@ -16,7 +16,8 @@
  *   d delta = (d delta' + d(delta' u) u) * sigmoid(delta + bias)  (the factor only with softplus)
  *
  * Work items: one batch element, one group, and one slice of that group's channel blocks (the Python
- * side uses one slice per group unless the threads do not divide the (batch, group) pairs evenly). An
+ * side cuts groups into slices when there are few (batch, group) pairs, by the shapes alone; items are
+ * split over the threads by vz_parallel, so no result depends on the thread count). An
  * item writes its own slice of the dB, dC partial sums (batch, G, N, L per slice; summed over slices in
  * Python), so no two threads write the same memory. The sequence is cut into chunks of VZ_BT steps: a
  * forward pass per channel block stores the state at the start of every chunk; then the chunks are
