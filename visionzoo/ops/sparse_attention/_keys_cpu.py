@@ -11,7 +11,8 @@ choice is unspecified.
 
 Built and loaded by :mod:`visionzoo.ops._cpu_build` (system C compiler, first use); unavailable without
 one (callers then use ``embedding_bag`` + ``topk``). Rows are split over ``torch.get_num_threads()``
-threads.
+threads in C (``vz_parallel``, :mod:`.._cpu_build`); each row is one thread's, so the result does not
+depend on the thread count.
 """
 from __future__ import annotations
 
@@ -58,8 +59,8 @@ def kept_keys_cpu(cols: Tensor, weights: Tensor, table: Tensor, budget: int) -> 
     out = torch.empty(*cols.shape[:-1], budget, dtype=torch.int64)
     if rows == 0:
         return out
-    head = (T, N, budget, ptr(cols), ptr(weights), ptr(table), ptr(out))
-    if any(_cpu_build.run_items(lib.vz_sparsifiner_keys, head, rows)):
+    if lib.vz_sparsifiner_keys(T, N, budget, ptr(cols), ptr(weights), ptr(table), ptr(out), rows,
+                               _cpu_build.threads()):
         raise RuntimeError(f"sparsifiner key selection: the cpu kernel rejected its inputs (NaN/inf scores or "
                            f"N={N} > {NMAX})")
     return out

@@ -11,6 +11,8 @@
 
 #define VZ_NMAX 8192
 #define VZ_BUCKETS 256
+#define VZ_CB 8 /* _simd.h's vector width (unused here; the header gives vz_parallel) */
+#include "../_simd.h"
 
 static float kth_largest(float *a, int64_t n, int64_t k) {
     /* value of rank k (0 = largest) of a[0..n); reorders a */
@@ -37,9 +39,20 @@ static float kth_largest(float *a, int64_t n, int64_t k) {
     return a[k];
 }
 
-int vz_sparsifiner_keys(int64_t T, int64_t N, int64_t K, const int64_t *cols, const float *w,
-                        const float *table, int64_t *out, int64_t begin, int64_t end) {
-    if (N < 1 || N > VZ_NMAX || K < 1 || K > N) return 1;
+typedef struct {
+    int64_t T, N, K;
+    const int64_t *cols;
+    const float *w, *table;
+    int64_t *out;
+} keys_ctx;
+
+/* Rows [begin, end). Returns 0, or 2 on NaN / inf scores, 3 if a row's selection came out short. */
+static int keys_range(const void *p, int64_t begin, int64_t end) {
+    const keys_ctx *ctx = p;
+    const int64_t T = ctx->T, N = ctx->N, K = ctx->K;
+    const int64_t *cols = ctx->cols;
+    const float *w = ctx->w, *table = ctx->table;
+    int64_t *out = ctx->out;
     float score[VZ_NMAX], work[VZ_NMAX];
     int32_t bucket[VZ_NMAX];
     int64_t count[VZ_BUCKETS];
@@ -88,4 +101,13 @@ int vz_sparsifiner_keys(int64_t T, int64_t N, int64_t K, const int64_t *cols, co
         if (m != K) return 3;
     }
     return 0;
+}
+
+/* rows query rows over nthreads threads (each row on one thread). Returns 0, 1 when N or K is out of
+ * range, else keys_range's status. */
+int vz_sparsifiner_keys(int64_t T, int64_t N, int64_t K, const int64_t *cols, const float *w,
+                        const float *table, int64_t *out, int64_t rows, int64_t nthreads) {
+    if (N < 1 || N > VZ_NMAX || K < 1 || K > N) return 1;
+    const keys_ctx ctx = {T, N, K, cols, w, table, out};
+    return vz_parallel(rows, nthreads, keys_range, &ctx);
 }
