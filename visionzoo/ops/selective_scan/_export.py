@@ -1,0 +1,103 @@
+"""The selective scan for exporters: one ``torch.ops.higher_order.scan`` over the time steps.
+
+The plain-aten reference unrolls the recurrence into a few ops per time step, so an exported graph grows
+with the number of tokens (Vim-Ti at 224: ~50 nodes per step and layer). Here everything that does not
+depend on the previous state runs once for the whole sequence, vectorised (``softplus``, ``exp(delta A)``,
+``delta B u``, the ``C`` contraction, ``D`` and the gate), and only the state update
+``h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t`` (one multiply and one add on a ``(batch, dim, N)``
+state) runs in torch's ``scan`` higher-order op. ``torch.export`` records that op with a symbolic length,
+and the dynamo ONNX exporter writes it as one ONNX ``Scan`` whose body is those two nodes: the node count
+of the graph does not depend on the token count, and one file takes any sequence length (any image size
+the model accepts with ``dynamic_img_size=True``).
+
+Same semantics, arguments and outputs as :func:`._reference.selective_scan_reference` and the custom ops
+(exact in fp32: the same products and sums as the reference's recurrence). Inference only: the scan
+op's autograd is not wired up here (exporters trace without gradients).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch._higher_order_ops.scan import scan
+
+from ._reference import compute_dtype
+
+
+def _step(carry: tuple[Tensor, Tensor], xs: tuple[Tensor, Tensor, Tensor, Tensor]):
+    """One time step, whole: the per-step tensors stay in cache (no ``(L, batch, N, dim)`` tensor).
+
+    ``carry = (h, A)``: ``A`` rides along unchanged (a closure over it does not trace with a dynamic batch).
+    """
+    h, A = carry
+    dt, dtu, B, C = xs
+    h = torch.addcmul(dtu * B, torch.exp(dt * A), h)
+    return (h, A.clone()), (h * C).sum(1)
+
+
+def selective_scan_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``(out (batch, dim, L), last_state (batch, dim, N))`` with the recurrence in one scan op.
+
+    Shapes as :func:`._reference.selective_scan_reference` (``B, C``: ``(batch, G, N, L)``).
+    """
+    ct = compute_dtype(u)
+    batch, dim, length = u.shape
+    groups, N = B.shape[1], A.shape[1]
+    dt = delta.to(ct)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(ct)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    u_c = u.to(ct)
+    # Time-major with the state index outside the channels, (L, batch, N, G, dim / G): every broadcast
+    # below repeats whole contiguous rows of channels, which runtimes (onnxruntime) do fast.
+    dt_t = dt.permute(2, 0, 1).reshape(length, batch, 1, groups, dim // groups)
+    dtu_t = (dt * u_c).permute(2, 0, 1).reshape(length, batch, 1, groups, dim // groups)
+    B_t = B.to(ct).permute(3, 0, 2, 1).unsqueeze(-1)  # (L, batch, N, G, 1)
+    C_t = C.to(ct).permute(3, 0, 2, 1).unsqueeze(-1)
+    A_t = A.to(ct).t().reshape(N, groups, dim // groups)
+
+    h0 = dt_t.new_zeros(batch, N, groups, dim // groups)
+    (last, _), y = scan(_step, (h0, A_t), (dt_t, dtu_t, B_t, C_t))  # y: (L, batch, G, dim/G)
+    y = y.reshape(length, batch, dim).permute(1, 2, 0)  # (batch, dim, L)
+    if D is not None:
+        y = y + u_c * D.to(ct)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    return y.to(u.dtype), last.reshape(batch, N, dim).transpose(1, 2)
+
+
+def selective_scan_op_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
+    """``visionzoo::selective_scan`` (same arguments) as a scan op, for an exporter's decomposition table."""
+    return selective_scan_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def selective_scan_bidirectional_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reduce,
+                                      reversed_inputs, backend):
+    """``visionzoo::selective_scan_bidirectional`` (same arguments, see :mod:`._bidirectional`) as one scan
+    op over both directions' channels, the backward half in reversed time order."""
+    from ._bidirectional import _scan_order
+
+    dim = u.shape[1] // 2
+    stacked, last = selective_scan_scan(*_scan_order(u, delta, A, B, C, D, z, delta_bias, reversed_inputs),
+                                        delta_softplus)
+    out_f, out_b = stacked[:, :dim], stacked[:, dim:].flip(-1)
+    if reduce == "none":
+        out = torch.cat([out_f, out_b], dim=1)
+    else:
+        out = out_f + out_b
+        if reduce == "mean":
+            out = out * 0.5
+    return out, last.to(compute_dtype(u))
