@@ -43,8 +43,10 @@ list_models = _vz_only(list_models)
 list_pretrained = _vz_only(list_pretrained)
 '''
 
+# network tests, timm's own NaFlexViT tests, and every TorchScript test (also the FX + TorchScript one
+# that names timm's regnetx_002, which the narrowed list_models no longer holds)
 DESELECT = ("not test_model_inference and not test_model_load_pretrained and not test_model_features_pretrained"
-            " and not naflexvit")
+            " and not naflexvit and not torchscript")
 
 
 def patch(source: str) -> str:

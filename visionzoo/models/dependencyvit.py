@@ -61,6 +61,8 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 
 from ..layers import PatchEmbed, plain_feature_indices
 from ..ops.reversed_attention import reversed_attention
+from ._input import record_input_size
+from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
 from ._shared import build_family_model, check_pool, run_block
 
@@ -405,6 +407,12 @@ class DependencyViT(nn.Module):
         with torch.no_grad():
             pos = resample_abs_pos_embed(self.pos_embed.data, self.patch_embed.grid_size, old_grid, num_prefix_tokens=0)
         self.pos_embed = nn.Parameter(pos)
+        record_input_size(self, self.patch_embed.img_size)
+
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load a visionzoo (or timm PR #2062 layout) file strictly, training-state containers included;
+        integer tensors for float weights and NaN / inf values are refused (``load_checkpoint_strict``)."""
+        load_checkpoint_strict(self, checkpoint_path, checkpoint_filter_fn)
 
     def set_attn_backend(self, backend: str) -> None:
         """Reversed-attention backend of every block (``'auto'``, ``'chunked'``, ``'reference'``)."""

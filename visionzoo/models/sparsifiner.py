@@ -70,9 +70,12 @@ own dense maps, which :meth:`Sparsifiner.forward_distill` returns.
 
 Variants: ``sparsifiner_deit_small`` (DeiT-S base: D=384, 12 blocks, 6 heads, LN eps 1e-6) and
 ``sparsifiner_lvvit_small`` (LV-ViT-S base: 16 blocks, mlp ratio 3, no qkv bias, residual branches
-divided by ``skip_lam = 2``, a 4-conv patch stem, ``aux_head`` over patch tokens; the eval output is
-``head(cls) + 0.5 * max_tokens(aux_head(tokens))`` as in TokenLabeling, training returns the class
-logits only, as the official code does).
+divided by ``skip_lam = 2``, a 4-conv patch stem, ``aux_head`` over patch tokens; the output is
+``head(cls) + 0.5 * max_tokens(aux_head(tokens))`` as in TokenLabeling's evaluation). The official code
+returns the class logits alone in training, which leaves ``aux_head`` without gradient (no token labels
+in this recipe) and stops DDP on unused parameters; here training returns the same output as
+evaluation, so the aux head fine-tunes with the class label. ``forward_distill`` keeps the official
+training outputs.
 """
 from __future__ import annotations
 
@@ -500,7 +503,7 @@ class Sparsifiner(nn.Module):
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias, norm_eps: the ViT.
         stem: ``"linear"`` (ViT patchify) or ``"lvvit"`` (4-conv stem).
         skip_lam: residual branch divisor (LV-ViT: 2).
-        aux_head: LV-ViT's per-token head; eval logits add ``0.5 * max over tokens``.
+        aux_head: LV-ViT's per-token head; the logits add ``0.5 * max over tokens`` (train and eval).
         attn_keep_rate: fraction of keys each query keeps (0.25).
         reduce_n_factor, reduce_c_factor: predictor ranks ``K = N // reduce_n_factor``, ``c = d // reduce_c_factor``.
         basis_threshold, coef_topk: predictor sparsification at inference / sparse training (0.02, 8).
@@ -742,7 +745,7 @@ class Sparsifiner(nn.Module):
         if pre_logits:
             return pooled
         out = self.head(pooled)
-        if self.aux_head is not None and self.num_classes > 0 and not self.training:
+        if self.aux_head is not None and self.num_classes > 0:
             out = out + 0.5 * self.aux_head(x[:, 1:]).max(dim=1)[0]  # TokenLabeling's inference output
         return out
 
