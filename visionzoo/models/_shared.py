@@ -6,10 +6,12 @@
 * :func:`run_block` / :func:`run_blocks`: activation checkpointing through timm's ``checkpoint`` /
   ``checkpoint_seq`` (non-reentrant unless ``TIMM_REENTRANT_CKPT`` is set), on while
   ``set_grad_checkpointing(True)`` is in force and gradients are recorded;
-* :func:`stage_intermediates` / :func:`prune_stages`: ``forward_intermediates`` and
-  ``prune_intermediate_layers`` of the hierarchical families built as stem -> ``stages`` (an
-  ``nn.Sequential``, one stage per feature level) with optional per-stage ``feature_norms``
-  (BiFormer, PATNet); :func:`take_nchw_indices` is their argument check, shared with OverLoCK.
+* :class:`TimmApi`: the parts of timm's model API every family implements alike: the
+  ``forward_intermediates`` signature and argument checks (each family computes its levels in
+  ``_intermediates``), ``set_grad_checkpointing`` and ``get_classifier``;
+* :func:`stage_intermediates` / :func:`prune_stages`: those levels and ``prune_intermediate_layers``
+  for the hierarchical families built as stem -> ``stages`` (an ``nn.Sequential``, one stage per
+  feature level) with optional per-stage ``feature_norms`` (BiFormer, PATNet).
 """
 from __future__ import annotations
 
@@ -36,9 +38,9 @@ def build_family_model(model_cls: type, variant: str, pretrained: bool, filter_f
     * A model with its own ``load_pretrained`` (the official files are whole training states) gets
       ``pretrained_cfg_overlay`` files / URLs too (:func:`route_sources_to_load_pretrained`).
     * ``features_only`` uses ``forward_intermediates`` (timm's ``getter``), by default at
-      ``feature_indices`` (a caller's ``out_indices`` picks others); a family
-      with dense output norms (a ``feature_norms`` keyword) builds and applies them there by default,
-      as the official dense backbones norm every output.
+      ``feature_indices`` (a caller's ``out_indices`` picks others); a family with dense output norms
+      (a ``feature_norms`` keyword) builds and applies them there by default, as the official dense
+      backbones norm every output.
     """
     if hasattr(model_cls, "load_pretrained"):
         route_sources_to_load_pretrained(kwargs)
@@ -80,24 +82,57 @@ def run_blocks(model: nn.Module, blocks: Sequence[nn.Module], x: torch.Tensor) -
     return x
 
 
-def take_nchw_indices(model: nn.Module, num_levels: int, indices: Optional[Union[int, List[int]]], norm: bool,
-                      output_fmt: str) -> Tuple[List[int], int]:
-    """Check ``forward_intermediates``' arguments of a model with NCHW stage outputs and optional
-    ``feature_norms``; return timm's ``feature_take_indices``."""
-    family = type(model).__name__
-    if output_fmt != "NCHW":
-        raise ValueError(f"{family}: output_fmt must be 'NCHW', got {output_fmt!r}")
-    if norm and model.feature_norms is None:
-        raise ValueError(f"{family}: norm=True needs a model built with feature_norms=True")
-    return feature_take_indices(num_levels, indices)
+class TimmApi:
+    """timm's model API as every family implements it (a mixin before ``nn.Module``).
+
+    ``forward_intermediates`` checks the arguments; the family's ``_intermediates(x, indices, norm,
+    stop_early, output_fmt, **kwargs)`` returns (final features, intermediates). ``output_fmts``: the
+    layouts the family can return. ``grad_checkpointing`` flags (the model's, or its stages') are
+    read by :func:`run_block` / :func:`run_blocks`; the classifier is ``head``.
+    """
+
+    output_fmts: Tuple[str, ...] = ("NCHW",)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for module in self.modules():
+            if hasattr(module, "grad_checkpointing"):
+                module.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        **kwargs: Any,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The feature levels ``indices`` picks (the last n if an int, all if None, else the listed ones),
+        and the final features unless ``intermediates_only``; ``stop_early`` stops after the last level
+        taken. ``norm``: a family's dense output norms (``feature_norms``), else its final norm. The
+        levels each family returns: its ``_intermediates``."""
+        family = type(self).__name__
+        if output_fmt not in self.output_fmts:
+            raise ValueError(f"{family}: output_fmt must be {' or '.join(map(repr, self.output_fmts))}, "
+                             f"got {output_fmt!r}")
+        if norm and getattr(self, "feature_norms", True) is None:
+            raise ValueError(f"{family}: norm=True needs a model built with feature_norms=True")
+        final, intermediates = self._intermediates(x, indices, norm, stop_early, output_fmt, **kwargs)
+        return intermediates if intermediates_only else (final, intermediates)
 
 
 def stage_intermediates(model: nn.Module, stem: nn.Module, x: torch.Tensor,
-                        indices: Optional[Union[int, List[int]]], norm: bool, stop_early: bool,
-                        output_fmt: str) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+                        indices: Optional[Union[int, List[int]]], norm: bool,
+                        stop_early: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """(last stage output, chosen stage outputs (B, C_i, H / s_i, W / s_i), each through its
     ``feature_norms`` entry when ``norm``) of ``model.stages`` run on ``stem(x)``."""
-    take_indices, max_index = take_nchw_indices(model, len(model.stages), indices, norm, output_fmt)
+    take_indices, max_index = feature_take_indices(len(model.stages), indices)
     x = stem(x)
     stages = model.stages[:max_index + 1] if stop_early else model.stages
     intermediates = []

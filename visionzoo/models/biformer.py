@@ -62,7 +62,8 @@ from ..ops.routing_attention import bi_level_routing_attention
 from ._input import record_input_size
 from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
-from ._shared import MAP_POOLS, build_family_model, check_pool, prune_stages, run_blocks, stage_intermediates
+from ._shared import (MAP_POOLS, TimmApi, build_family_model, check_pool, prune_stages, run_blocks,
+                      stage_intermediates)
 
 __all__ = ["BiFormer"]
 
@@ -220,7 +221,7 @@ def _default_n_win(img_size: Tuple[int, int]) -> Tuple[int, int]:
     return tuple(max(1, round(s / 32)) for s in img_size)
 
 
-class BiFormer(nn.Module):
+class BiFormer(TimmApi, nn.Module):
     """BiFormer (T/S/B) and BiFormer-STL.
 
     Args:
@@ -358,15 +359,6 @@ class BiFormer(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
@@ -403,24 +395,10 @@ class BiFormer(nn.Module):
         load_checkpoint_strict(self, checkpoint_path, checkpoint_filter_fn, safe_globals=(argparse.Namespace,))
 
     # --- forward ----------------------------------------------------------------------------
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (B, dims[i], H / s_i, W / s_i) at strides ``s_i`` = 4, 8, 16, 32.
-
-        Args:
-            indices: last n stages if int, all if None, else the listed stage indices.
-            norm: pass each output through its dense-prediction LayerNorm2d (needs ``feature_norms=True``).
-        """
-        x, intermediates = stage_intermediates(self, self.stem, x, indices, norm, stop_early, output_fmt)
-        if intermediates_only:
-            return intermediates
+    def _intermediates(self, x: torch.Tensor, indices, norm: bool, stop_early: bool, output_fmt: str):
+        """Stage outputs (B, dims[i], H / s_i, W / s_i) at strides ``s_i`` = 4, 8, 16, 32, with ``norm``
+        through their dense-prediction LayerNorm2d (``feature_norms``)."""
+        x, intermediates = stage_intermediates(self, self.stem, x, indices, norm, stop_early)
         return self.norm(x), intermediates
 
     def prune_intermediate_layers(

@@ -64,7 +64,7 @@ from ..ops.reversed_attention import reversed_attention
 from ._input import record_input_size
 from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
-from ._shared import build_family_model, check_pool, run_block
+from ._shared import TimmApi, build_family_model, check_pool, run_block
 
 __all__ = ["DependencyViT", "ReversedAttention", "TokenPruner"]
 
@@ -263,7 +263,7 @@ def scatter_tokens(canvas: torch.Tensor, x: torch.Tensor, token_index: Optional[
     return canvas.scatter(1, token_index[..., None].expand(-1, -1, x.shape[-1]), x)
 
 
-class DependencyViT(nn.Module):
+class DependencyViT(TimmApi, nn.Module):
     """DependencyViT (and DependencyViT-Lite with ``prune_layers``).
 
     Args:
@@ -378,14 +378,6 @@ class DependencyViT(nn.Module):
             blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
@@ -426,27 +418,15 @@ class DependencyViT(nn.Module):
         x = add_pos_embed(x, self.pos_embed, self.patch_embed.grid_size)
         return self.pos_drop(x), grid  # x: (B, H*W, D)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Block outputs on the full patch grid (stride ``patch_size``).
+    output_fmts = ("NCHW", "NLC")
 
-        Args:
-            indices: last n blocks if int, all if None, else the listed block indices.
-            norm: apply the final LayerNorm to the intermediates.
-            output_fmt: ``'NCHW'`` (B, D, H, W) maps or ``'NLC'`` (B, H*W, D) tokens.
+    def _intermediates(self, x: torch.Tensor, indices, norm: bool, stop_early: bool, output_fmt: str):
+        """Block outputs on the full patch grid (stride ``patch_size``), through the final LayerNorm with
+        ``norm``: ``'NCHW'`` (B, D, H, W) maps or ``'NLC'`` (B, H*W, D) tokens.
 
         With token pruning, positions pruned earlier hold the features those tokens had at the end of
         the last block they went through. The final output is :meth:`forward_features`' (kept tokens only).
         """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"DependencyViT: output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         x, (H, W) = self._embed(x)
         B = x.shape[0]
@@ -461,8 +441,6 @@ class DependencyViT(nn.Module):
                 if output_fmt == "NCHW":
                     y = y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
                 intermediates.append(y)
-        if intermediates_only:
-            return intermediates
         return self.norm(x) * m[..., None], intermediates
 
     def prune_intermediate_layers(

@@ -68,7 +68,7 @@ from timm.models._features_fx import register_notrace_module
 from ..ops.neighborhood_aggregation import na2d_av, na2d_rpb
 from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
-from ._shared import MAP_POOLS, build_family_model, check_pool, run_block, run_blocks, take_nchw_indices
+from ._shared import MAP_POOLS, TimmApi, build_family_model, check_pool, run_block, run_blocks
 
 __all__ = ["OverLoCK", "ContMixBlock", "RepConvBlock", "DilatedReparamBlock"]
 
@@ -443,7 +443,7 @@ class AuxHead(nn.Module):
 
 
 # --- model -------------------------------------------------------------------------------------
-class OverLoCK(nn.Module):
+class OverLoCK(TimmApi, nn.Module):
     """OverLoCK: Base-Net (stages 1-3), Overview-Net (stage 4 at stride 32) and ContMix Focus-Net.
 
     Args:
@@ -593,14 +593,6 @@ class OverLoCK(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
         """New classifier (and auxiliary classifier); ``global_pool`` defaults to ``'avg'``."""
         check_pool("OverLoCK", global_pool, MAP_POOLS, num_classes)
@@ -666,26 +658,12 @@ class OverLoCK(nn.Module):
                 feats.append(x)
         return x, ctx_cls, feats
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs at strides 4, 8, 16, 32 with channels ``[C0, C1, C2 + Cc, C3 + Cc]``.
-
-        Args:
-            indices: last n stages if int, all if None, else the listed stage indices.
-            norm: apply ``feature_norms`` (and ``h_proj`` at stride 32 when built), as the official dense backbones.
-        """
-        take_indices, max_index = take_nchw_indices(self, 4, indices, norm, output_fmt)
+    def _intermediates(self, x: torch.Tensor, indices, norm: bool, stop_early: bool, output_fmt: str):
+        """Stage outputs at strides 4, 8, 16, 32 with channels ``[C0, C1, C2 + Cc, C3 + Cc]``; ``norm``
+        applies ``feature_norms`` (and ``h_proj`` at stride 32 when built), as the official dense backbones."""
+        take_indices, max_index = feature_take_indices(4, indices)
         last = min(max_index if stop_early else 3, self._num_stages - 1)
         final, _, intermediates = self._forward(x, take_indices, norm, last)
-        if intermediates_only:
-            return intermediates
         return final, intermediates
 
     def prune_intermediate_layers(

@@ -75,7 +75,8 @@ from timm.models._features_fx import register_notrace_module
 
 from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
-from ._shared import MAP_POOLS, build_family_model, check_pool, prune_stages, run_blocks, stage_intermediates
+from ._shared import (MAP_POOLS, TimmApi, build_family_model, check_pool, prune_stages, run_blocks,
+                      stage_intermediates)
 
 __all__ = ["PATNet"]
 
@@ -209,7 +210,8 @@ class RPEAttention(nn.Module):
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0,
         )  # (B, heads, N, d)
-        x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        # contiguous() first: with a symbolic batch, the exporters' reshape decomposition would try a view here.
+        x = self.proj_drop(self.proj(x.transpose(1, 2).contiguous().view(B, N, C)))
         return x.transpose(1, 2).reshape(B, C, H, W)
 
 
@@ -455,7 +457,7 @@ def _act_layer(act_layer: Union[str, Callable[[], nn.Module]]) -> Callable[[], n
     raise ValueError(f"PATNet: act_layer must be 'gelu', 'relu' or a module class, got {act_layer!r}")
 
 
-class PATNet(nn.Module):
+class PATNet(TimmApi, nn.Module):
     """PATNet (PartialNet with ``auto_div=False``), a four-stage partial-attention network.
 
     Args:
@@ -574,15 +576,6 @@ class PATNet(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
         """New classifier (``global_pool`` defaults to ``'avg'``, as in timm's CNNs with a conv head)."""
         check_pool("PATNet", global_pool, MAP_POOLS, num_classes)
@@ -610,25 +603,10 @@ class PATNet(nn.Module):
         load_checkpoint_strict(self, checkpoint_path, checkpoint_filter_fn, safe_globals=_CHECKPOINT_GLOBALS)
 
     # --- forward ----------------------------------------------------------------------------
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (B, C_i, H / s_i, W / s_i) at strides ``s_i`` = 4, 8, 16, 32.
-
-        Args:
-            indices: last n stages if int, all if None, else the listed stage indices.
-            norm: pass each output through its dense-prediction BN (needs ``feature_norms=True``).
-        """
-        x, intermediates = stage_intermediates(self, self.patch_embed, x, indices, norm, stop_early, output_fmt)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+    def _intermediates(self, x: torch.Tensor, indices, norm: bool, stop_early: bool, output_fmt: str):
+        """Stage outputs (B, C_i, H / s_i, W / s_i) at strides ``s_i`` = 4, 8, 16, 32, with ``norm``
+        through their dense-prediction BN (``feature_norms``)."""
+        return stage_intermediates(self, self.patch_embed, x, indices, norm, stop_early)
 
     def prune_intermediate_layers(
         self,

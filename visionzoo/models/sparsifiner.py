@@ -99,7 +99,7 @@ from ..ops.sparse_attention import sparse_attention, sparse_attention_backend, s
 from ._input import record_input_size
 from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
-from ._shared import TOKEN_POOLS, build_family_model, check_pool, run_block
+from ._shared import TOKEN_POOLS, TimmApi, build_family_model, check_pool, run_block
 
 __all__ = ["Sparsifiner", "SparsifinerDistillLoss"]
 
@@ -493,7 +493,7 @@ def scatter_to_grid(tokens: torch.Tensor, token_index: Optional[torch.Tensor], n
     return out.scatter(1, token_index.unsqueeze(-1).expand(-1, -1, D), tokens)
 
 
-class Sparsifiner(nn.Module):
+class Sparsifiner(TimmApi, nn.Module):
     """Sparsifiner on a DeiT (``stem="linear"``) or LV-ViT (``stem="lvvit"``) base.
 
     Args:
@@ -628,14 +628,6 @@ class Sparsifiner(nn.Module):
         return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
@@ -678,26 +670,13 @@ class Sparsifiner(nn.Module):
         x = add_cls_and_pos_embed(x, self.cls_token, self.pos_embed, self.grid_size)
         return self.pos_drop(x), grid
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Block outputs at stride ``patch_size``; pruned tokens are zeros in the maps (official semantics).
+    output_fmts = ("NCHW", "NLC")
 
-        Args:
-            indices: last n blocks if int, all if None, else the listed block indices.
-            return_prefix_tokens: also return each intermediate's class token (B, D).
-            norm: apply the final norm to the intermediates.
-            output_fmt: ``'NCHW'`` (B, D, h, w) or ``'NLC'`` (B, h*w, D).
-        """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"Sparsifiner: output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+    def _intermediates(self, x: torch.Tensor, indices, norm: bool, stop_early: bool, output_fmt: str,
+                       return_prefix_tokens: bool = False):
+        """Block outputs at stride ``patch_size``, through the final norm with ``norm``: ``'NCHW'`` (B, D, h, w)
+        or ``'NLC'`` (B, h*w, D); pruned tokens are zeros in the maps (official semantics);
+        ``return_prefix_tokens`` pairs each with its class token (B, D)."""
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         x, grid = self._embed(x)
         B = x.shape[0]
@@ -715,8 +694,6 @@ class Sparsifiner(nn.Module):
                 intermediates.append(spatial)
         if return_prefix_tokens:
             intermediates = list(zip(intermediates, prefix))
-        if intermediates_only:
-            return intermediates
         return self.norm(x), intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,

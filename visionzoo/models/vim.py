@@ -59,7 +59,7 @@ from ..ops.selective_scan import MambaBranch, bimamba_inner
 from ._input import record_input_size
 from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
-from ._shared import TOKEN_POOLS, build_family_model, check_pool, run_block
+from ._shared import TOKEN_POOLS, TimmApi, build_family_model, check_pool, run_block
 
 __all__ = ["VisionMamba"]
 
@@ -198,7 +198,7 @@ class VimBlock(nn.Module):
         return x + self.drop_path(self.mixer(self.norm(x)))
 
 
-class VisionMamba(nn.Module):
+class VisionMamba(TimmApi, nn.Module):
     """Vision Mamba (v2, middle class token, outputs divided by 2).
 
     Args:
@@ -307,14 +307,6 @@ class VisionMamba(nn.Module):
             blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
@@ -358,27 +350,13 @@ class VisionMamba(nn.Module):
             x = x.float()
         return x, H, W  # x: (B, H*W + 1, D)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Block outputs (the residual stream after each chosen block, stride ``stride``).
+    output_fmts = ("NCHW", "NLC")
 
-        Args:
-            indices: last n blocks if int, all if None, else the listed block indices.
-            return_prefix_tokens: also return each intermediate's class token (B, D).
-            norm: apply the final RMSNorm to the intermediates.
-            output_fmt: ``'NCHW'`` (B, D, H, W) maps or ``'NLC'`` (B, H*W, D) tokens; the class
-                token is removed from the spatial output either way.
-        """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"Vim: output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+    def _intermediates(self, x: torch.Tensor, indices, norm: bool, stop_early: bool, output_fmt: str,
+                       return_prefix_tokens: bool = False):
+        """Block outputs (the residual stream after each chosen block, stride ``stride``), through the final
+        RMSNorm with ``norm``: ``'NCHW'`` (B, D, H, W) maps or ``'NLC'`` (B, H*W, D) tokens, the class token
+        removed either way; ``return_prefix_tokens`` pairs each with its class token (B, D)."""
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         x, H, W = self._embed(x)
         B, mid = x.shape[0], (H * W) // 2
@@ -395,8 +373,6 @@ class VisionMamba(nn.Module):
                 intermediates.append(spatial)
         if return_prefix_tokens:
             intermediates = list(zip(intermediates, prefix))
-        if intermediates_only:
-            return intermediates
         return self.norm(x), intermediates
 
     def prune_intermediate_layers(
