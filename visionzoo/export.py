@@ -267,6 +267,9 @@ def check(model: torch.nn.Module, path: Union[str, os.PathLike], img_size: Optio
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
+    """The innermost cause of ``e`` (the exporters wrap the real error in long advice texts), as one line."""
+    while e.__cause__ is not None:
+        e = e.__cause__
     lines = [s.strip() for s in str(e).splitlines() if s.strip()]
-    text = lines[0] if lines else type(e).__name__
+    text = lines[0] if lines else ""
     return f"{type(e).__name__}: {text}"[:limit]

@@ -210,8 +210,9 @@ class RPEAttention(nn.Module):
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0,
         )  # (B, heads, N, d)
-        # contiguous() first: with a symbolic batch, the exporters' reshape decomposition would try a view here.
-        x = self.proj_drop(self.proj(x.transpose(1, 2).contiguous().view(B, N, C)))
+        # An explicit copy: SDPA's output strides differ between its kernels and its decomposition, and a
+        # reshape traced as a view of the kernel's layout fails when an exporter decomposes SDPA.
+        x = self.proj_drop(self.proj(x.transpose(1, 2).clone(memory_format=torch.contiguous_format).view(B, N, C)))
         return x.transpose(1, 2).reshape(B, C, H, W)
 
 

@@ -16,10 +16,11 @@ from torch import Tensor
 def keep_mask(idx: Tensor, num_keys: int, dense_rows: int) -> Tensor:
     """``idx`` ``(B, H, N - P, K)`` -> boolean connectivity ``(B, H, N, N)``; the first ``P`` rows are all True."""
     B, H, M, _ = idx.shape
-    mask = torch.zeros(B, H, dense_rows + M, num_keys, dtype=torch.bool, device=idx.device)
-    mask[:, :, :dense_rows] = True
-    mask[:, :, dense_rows:].scatter_(-1, idx, True)
-    return mask
+    # Out of place, with a tensor source: exporters take it (ONNX ScatterElements), not an in-place
+    # scatter of a Python bool into a slice.
+    rows = torch.zeros(B, H, M, num_keys, dtype=torch.bool, device=idx.device)
+    rows = rows.scatter(-1, idx, torch.ones_like(idx, dtype=torch.bool))
+    return torch.cat([rows.new_ones(B, H, dense_rows, num_keys), rows], dim=2)
 
 
 def sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float,
