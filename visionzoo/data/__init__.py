@@ -59,6 +59,9 @@ def build_datasets(task: str, data: Dict[str, Any], mean: Tuple[float, ...] = (0
         tr = cls(data.get("num_train", 1000), transform=tf, seed=data.get("seed", 0), **common) if train else None
         va = cls(data.get("num_val", 200), transform=tf, seed=data.get("seed", 0) + 1_000_000, **common)
         return DataBundle(tr, va, va.num_classes, collate)
+    if data.get("root") in (None, "", "???"):  # "???": the config's mandatory value, never set
+        raise InputError(f"data.root is not set: pass data.root=<folder> holding the {fmt} layout "
+                         f"(see configs/data/*.yaml)")
     if fmt == "imagefolder":
         if task != "classification":
             raise InputError(f"data format 'imagefolder' is for classification, not {task}")

@@ -82,7 +82,7 @@ class ADE20KSegmentation(Dataset):
 
 def build_ade20k(data: Dict[str, Any], mean, std, train: bool = True):
     from . import DataBundle
-    from .transforms import segmentation_transform
+    from .transforms import check_max_size, segmentation_transform
 
     root = Path(str(data["root"])).expanduser()
     if not root.is_dir():
@@ -92,6 +92,7 @@ def build_ade20k(data: Dict[str, Any], mean, std, train: bool = True):
     tf = dict(mean=mean, std=std, crop_size=int(data.get("img_size", 512)), scale=int(data.get("scale", 512)),
               ratio_range=tuple(data.get("ratio_range", (0.5, 2.0))), ignore_index=kw["ignore_index"],
               max_size=data.get("max_size"))
+    check_max_size(tf["max_size"], {"scale": tf["scale"]})
     val = ADE20KSegmentation(root, data.get("val_split", "validation"), segmentation_transform(False, **tf), **kw)
     tr = ADE20KSegmentation(root, data.get("train_split", "training"), segmentation_transform(True, **tf), **kw) if train else None
     return DataBundle(tr, val, kw["num_classes"])

@@ -6,8 +6,8 @@ contiguous labels ``1..C`` in sorted id order (0 is the detector's background); 
 annotations are left out (as torchvision's reference scripts do for training). Instance masks
 (polygons or RLE) are decoded by pycocotools' ``annToMask`` when the model predicts masks.
 
-A missing file, a file that is not JSON, or a JSON without the COCO keys stops with one line that
-names the file.
+A missing file, a file that is not JSON, a JSON without the COCO keys, or an annotation whose ``bbox``
+is not four numbers stops with one line that names the file (and the annotation).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def load_coco(ann_file: str | Path):
         raise InputError(f"corrupt annotation file {ann_file}: not valid JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(dataset, dict) or not all(k in dataset for k in ("images", "annotations", "categories")):
         raise InputError(f"corrupt annotation file {ann_file}: a COCO json needs 'images', 'annotations' and 'categories'")
+    _check_boxes(dataset["annotations"], ann_file)
     coco = COCO()
     coco.dataset = dataset
     try:
@@ -49,6 +50,26 @@ def load_coco(ann_file: str | Path):
     except (KeyError, TypeError) as e:
         raise InputError(f"corrupt annotation file {ann_file}: bad entry ({type(e).__name__}: {e})") from None
     return coco
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _check_boxes(annotations: Any, ann_file: Path) -> None:
+    """Every annotation is an object with ``category_id`` and a ``bbox`` of four finite numbers (checked
+    once here, in the main process, instead of failing in a loader worker mid-epoch)."""
+    if not isinstance(annotations, list):
+        raise InputError(f"corrupt annotation file {ann_file}: 'annotations' is a {type(annotations).__name__}, not a list")
+    for i, a in enumerate(annotations):
+        if not isinstance(a, dict):
+            raise InputError(f"corrupt annotation file {ann_file}: annotations[{i}] is a {type(a).__name__}, not an object")
+        box = a.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+            raise InputError(f"corrupt annotation file {ann_file}: annotation {a.get('id', f'#{i}')} has bbox "
+                             f"{str(box)[:60]}, expected [x, y, width, height] numbers")
+        if "category_id" not in a:
+            raise InputError(f"corrupt annotation file {ann_file}: annotation {a.get('id', f'#{i}')} has no category_id")
 
 
 class CocoDetection(Dataset):
@@ -116,7 +137,7 @@ class CocoDetection(Dataset):
 
 def build_coco(data: Dict[str, Any], train: bool = True):
     from . import DataBundle, detection_collate
-    from .transforms import detection_transform
+    from .transforms import check_max_size, detection_transform
 
     root = Path(str(data["root"])).expanduser()
     if not root.is_dir():
@@ -124,6 +145,7 @@ def build_coco(data: Dict[str, Any], train: bool = True):
     masks = bool(data.get("with_masks", False))
     min_sizes = data.get("min_sizes") or [data.get("img_size", 800)]
     max_size = int(data.get("max_size", 1333))
+    check_max_size(max_size, {"img_size": data.get("img_size", 800), "min_sizes": max(int(s) for s in min_sizes)})
 
     def make(split: str, is_train: bool):
         return CocoDetection(root / data[f"{split}_images"], root / data[f"{split}_ann"],

@@ -13,13 +13,15 @@ usual recipes:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-__all__ = ["normalize_image", "normalize_pair", "detection_transform", "segmentation_transform"]
+from .errors import InputError
+
+__all__ = ["normalize_image", "normalize_pair", "check_max_size", "detection_transform", "segmentation_transform"]
 
 
 def normalize_image(mean: Sequence[float], std: Sequence[float]) -> Callable:
@@ -34,6 +36,17 @@ def normalize_pair(mean: Sequence[float], std: Sequence[float]) -> Callable:
     def f(image: torch.Tensor, target):
         return norm(image), target
     return f
+
+
+def check_max_size(max_size: Optional[int], sizes: Dict[str, Any]) -> None:
+    """torchvision's ``Resize(size, max_size=...)`` needs ``max_size > size``: one line naming the settings
+    (``sizes``: data-config name -> the short-side size it sets)."""
+    if max_size is None:
+        return
+    for name, size in sizes.items():
+        if int(max_size) <= int(size):
+            raise InputError(f"data.max_size={max_size} must be greater than data.{name}={size} (images are resized "
+                             f"to that short side, then capped at max_size on the long side)")
 
 
 def detection_transform(train: bool, min_sizes: Sequence[int] = (800,), max_size: int = 1333) -> Callable:

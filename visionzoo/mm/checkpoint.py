@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import pickle
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from ..models import VISIONZOO_MODELS
-from ..models._loading import select_state_dict, torch_load_restricted
+from ..models._loading import UnsafeCheckpointError, select_state_dict, torch_load_restricted
 
 __all__ = [
     "CheckpointMismatchError",
@@ -35,10 +34,6 @@ __all__ = [
     "load_backbone_checkpoint",
     "read_tensors",
 ]
-
-
-class UnsafeCheckpointError(ValueError):
-    """The file holds pickled Python objects beyond tensors; visionzoo will not unpickle them."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -61,14 +56,13 @@ def read_tensors(path: str | os.PathLike, safe_globals: Iterable[Any] = ()) -> d
         raise FileNotFoundError(f"checkpoint file not found: {path!r}")
     try:
         return torch_load_restricted(path, safe_globals)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
+    except UnsafeCheckpointError as e:  # the same refusal, with the mm way out
+        what = f"a pickled {e.global_name}" if e.global_name else "pickled Python objects"
         raise UnsafeCheckpointError(
             f"checkpoint {path!r} holds {what} besides tensors, which visionzoo does not unpickle "
             f"(it reads files with torch.load(weights_only=True)); if you trust the file, write a tensors-only "
-            f"copy with `python -m visionzoo.mm.extract_weights --trust {path} OUT.pth` and load OUT.pth"
-        ) from None
+            f"copy with `python -m visionzoo.mm.extract_weights --trust {path} OUT.pth` and load OUT.pth",
+            e.global_name) from None
 
 
 def _strip(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:

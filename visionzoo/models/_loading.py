@@ -48,7 +48,9 @@ def torch_load_restricted(path: str | os.PathLike, safe_globals: Iterable[Any] =
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        # "Unsupported global: GLOBAL a.b was not an allowed global ..." or, for a blocked module such as
+        # posix, "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"
+        found = re.search(r"unsupported global:?(?: GLOBAL)? ([\w.]+)", str(e), flags=re.IGNORECASE)
         if not found and "Weights only load failed" not in str(e):
             raise  # not a refusal: a damaged file, reported by the caller
         name = found.group(1) if found else None

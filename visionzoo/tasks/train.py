@@ -6,10 +6,15 @@ starts the processes), ``torchrun`` or SLURM ``srun`` for several (Lightning rea
 and starts nothing). Every rank uses the same run directory (``hydra.run.dir`` is derived from the
 launcher's job id, see :func:`run_id`), and only rank 0 writes logs and checkpoints.
 
-Checkpoints are Lightning's, written through :class:`AtomicCheckpointIO` (temp file, fsync, rename)
-and read with ``torch.load(weights_only=True)``: they hold only tensors and plain containers (the
-resolved config as a dict, optimizer/scheduler/scaler states, EMA weights in the state dict, loop
-counters, RNG states).
+Checkpoints are Lightning's, written through :class:`AtomicCheckpointIO` (temp file, fsync, rename;
+temp files of a killed writer are removed by the next save) and read with
+``torch.load(weights_only=True)``: they hold only tensors and plain containers (the resolved config as
+a dict, optimizer/scheduler/scaler states, EMA weights in the state dict, loop counters, RNG states).
+
+Bad input stops before anything is built or written, with one :class:`InputError` line: config values
+of the wrong type or range (:func:`check_config`), a checkpoint that does not fit the model or is not a
+training checkpoint, a resume with fewer epochs than the checkpoint has done, a training set smaller
+than one batch, and trainer settings Lightning rejects.
 """
 from __future__ import annotations
 
@@ -21,8 +26,9 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..data.errors import InputError
+from ..models._loading import UnsafeCheckpointError, torch_load_restricted
 
-__all__ = ["run", "evaluate", "run_id", "AtomicCheckpointIO", "register_resolvers"]
+__all__ = ["run", "evaluate", "run_id", "AtomicCheckpointIO", "register_resolvers", "check_config"]
 
 _METRIC = {"classification": "val/top1", "detection": "val/map_50", "segmentation": "val/miou"}
 
@@ -60,6 +66,7 @@ class AtomicCheckpointIO:
             def save_checkpoint(self, checkpoint, path, storage_options=None):
                 path = Path(path)
                 path.parent.mkdir(parents=True, exist_ok=True)
+                _remove_stale_temp_files(path)
                 tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
                 with open(tmp, "wb") as f:
                     torch.save(checkpoint, f)
@@ -73,15 +80,93 @@ class AtomicCheckpointIO:
         return _Atomic()
 
 
+def _remove_stale_temp_files(path: Path) -> None:
+    """Delete ``.<name>.tmp-<pid>`` files of ``path`` left by writers that no longer run (killed mid-write)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def load_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with a one-line error naming the file."""
+    """``torch.load(path, weights_only=True)`` with a one-line error naming the file (and, for a file
+    that pickles more than tensors, the object torch refused)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        return torch_load_restricted(path)
+    except UnsafeCheckpointError as e:
+        raise InputError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - any other unpickling failure is a bad file
         raise InputError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_config(cfg: Dict[str, Any]) -> None:
+    """One-line errors for config values a run cannot use (types and ranges), before anything is built."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise InputError(message)
+
+    need(_is_int(cfg.get("seed", 0)), f"seed must be an integer, got {cfg.get('seed')!r}")
+    epochs = cfg["task"].get("epochs")
+    need(_is_int(epochs) and epochs >= 1, f"task.epochs must be a positive integer, got {epochs!r}")
+    max_epochs = cfg["trainer"].get("max_epochs", 1)
+    need(_is_int(max_epochs) and (max_epochs >= 1 or max_epochs == -1),
+         f"trainer.max_epochs must be a positive integer (or -1), got {max_epochs!r}")
+    lr = cfg["optim"].get("lr")
+    need(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0,
+         f"optim.lr must be a positive number, got {lr!r}")
+    data = cfg["data"]
+    demo = " (set by task.demo.batch_size for data=demo)" if data.get("format") == "demo" else ""
+    for key in ("batch_size", "val_batch_size"):
+        value = data.get(key)
+        if value is not None or key == "batch_size":
+            need(_is_int(value) and value >= 1, f"data.{key} must be a positive integer{demo}, got {value!r}")
+    need(cfg.get("resume") in (None, "auto"),
+         f"resume must be null or auto, got {cfg.get('resume')!r} (to resume from a file: ckpt_path=<file>)")
+    t = cfg["trainer"]
+    if t.get("sync_batchnorm") and (t.get("accelerator") == "cpu" or not torch.cuda.is_available()):
+        raise InputError("trainer.sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); "
+                         "on CPU every process keeps its own BatchNorm statistics")
+
+
+def check_checkpoint_fits(ckpt: Dict[str, Any], module: torch.nn.Module, path: str | os.PathLike,
+                          model_name: str) -> None:
+    """The checkpoint is a visionzoo training checkpoint whose weights fit ``module`` key for key."""
+    theirs = ckpt.get("state_dict")
+    if not isinstance(theirs, dict):
+        raise InputError(f"{path} is not a visionzoo training checkpoint (no 'state_dict'; a plain weights file such "
+                         f"as convert's output?); eval and resume need a checkpoint written by visionzoo-train")
+    own = module.state_dict()
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    shapes = [k for k in own if k in theirs and tuple(theirs[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        saved = ((ckpt.get("config") or {}).get("model") or {}).get("model_name")
+        origin = f" (it was saved for {saved})" if saved and saved != model_name else ""
+        parts = [f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", shapes)) if keys]
+        raise InputError(f"checkpoint {path} does not fit model {model_name}{origin}: " + "; ".join(parts))
+
+
+def _check_train_size(dataset, data: Dict[str, Any], world_size: int) -> None:
+    """Every process must get at least one full batch: the last partial batch is dropped in training."""
+    batch, n = int(data["batch_size"]), len(dataset)
+    if n // world_size < batch:
+        per = f" on each of {world_size} processes" if world_size > 1 else ""
+        raise InputError(f"the training set has {n} samples, fewer than one batch (data.batch_size={batch}{per}); "
+                         f"the last partial batch is dropped, so nothing would train: lower data.batch_size")
 
 
 def _container(cfg) -> Dict[str, Any]:
@@ -149,9 +234,7 @@ def _prepare(cfg: Dict[str, Any], train: bool):
 
 def _resolve_ckpt(cfg: Dict[str, Any], ckpt_dir: Path) -> Optional[str]:
     if cfg.get("ckpt_path"):
-        path = Path(cfg["ckpt_path"])
-        load_checkpoint(path)  # fail early, one line, if it is missing or unreadable
-        return str(path)
+        return str(Path(cfg["ckpt_path"]))
     if cfg.get("resume") == "auto" and (ckpt_dir / "last.ckpt").is_file():
         return str(ckpt_dir / "last.ckpt")
     return None
@@ -161,6 +244,15 @@ def _trainer(cfg: Dict[str, Any], run_dir: Path, callbacks, fast_dev_run=False):
     import lightning.pytorch as pl
 
     t = cfg["trainer"]
+    try:
+        return _build_trainer(pl, cfg, t, run_dir, callbacks, fast_dev_run)
+    except (ValueError, TypeError) as e:  # Lightning's own checks (precision, devices, strategy names, ...)
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"trainer settings rejected: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _build_trainer(pl, cfg: Dict[str, Any], t: Dict[str, Any], run_dir: Path, callbacks, fast_dev_run):
     return pl.Trainer(
         accelerator=t.get("accelerator", "auto"), devices=t.get("devices", "auto"), num_nodes=t.get("num_nodes", 1),
         strategy=_strategy(t), precision=t.get("precision", "32-true"), max_epochs=t.get("max_epochs", 1),
@@ -185,6 +277,7 @@ def run(cfg, extra_callbacks=()) -> Dict[str, float]:
     from .module import TaskModule
 
     cfg = _container(cfg)
+    check_config(cfg)
     pl.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg["trainer"].get("matmul_precision", "highest"))
     run_dir = Path(cfg["paths"]["run_dir"])
@@ -200,10 +293,20 @@ def run(cfg, extra_callbacks=()) -> Dict[str, float]:
                         enable_version_counter=False),
     ]
     callbacks += list(extra_callbacks)
+    ckpt_path = _resolve_ckpt(cfg, ckpt_dir)
+    if ckpt_path:
+        ckpt = load_checkpoint(ckpt_path)
+        check_checkpoint_fits(ckpt, module, ckpt_path, cfg["model"]["model_name"])
+        done, max_epochs = int(ckpt.get("epoch", -1)) + 1, cfg["trainer"].get("max_epochs", 1)
+        if max_epochs != -1 and max_epochs < done:
+            raise InputError(f"checkpoint {ckpt_path} has trained {done} epochs, more than trainer.max_epochs="
+                             f"{max_epochs} (task.epochs): raise it to resume")
+        del ckpt
     trainer = _trainer(cfg, run_dir, callbacks)
+    _check_train_size(data.train, cfg["data"], trainer.world_size)
     dm = DataModule(data, cfg["data"], seed=cfg.get("seed", 0))
     start = time.time()
-    trainer.fit(module, datamodule=dm, ckpt_path=_resolve_ckpt(cfg, ckpt_dir))
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     metrics["train_time_s"] = round(time.time() - start, 1)
     if trainer.is_global_zero:
@@ -223,13 +326,20 @@ def evaluate(cfg) -> Dict[str, float]:
     if not cfg.get("ckpt_path"):
         raise InputError("eval needs ckpt_path=<checkpoint file>")
     ckpt = load_checkpoint(cfg["ckpt_path"])
+    if not isinstance(ckpt.get("state_dict"), dict):
+        check_checkpoint_fits(ckpt, None, cfg["ckpt_path"], cfg["model"]["model_name"])  # the one-line refusal
     saved = ckpt.get("config") or {}
     for key in ("model", "task", "ema"):  # the checkpoint knows its architecture
         if key in saved:
             cfg[key] = saved[key]
+    # the weights come from the checkpoint alone: never download or read pretrained weights here
+    cfg["model"] = {k: v for k, v in cfg["model"].items() if k != "pretrained_cfg_overlay"}
+    cfg["model"]["pretrained"] = False
+    check_config(cfg)
     run_dir = Path(cfg["paths"]["run_dir"])
     data = _prepare(cfg, train=False)
     module = TaskModule(cfg, ckpt.get("num_classes", data.num_classes))
+    check_checkpoint_fits(ckpt, module, cfg["ckpt_path"], cfg["model"]["model_name"])
     module.load_state_dict(ckpt["state_dict"])
     trainer = _trainer(cfg, run_dir, callbacks=[])
     res = trainer.validate(module, datamodule=DataModule(data, cfg["data"], seed=cfg.get("seed", 0)), verbose=False)
