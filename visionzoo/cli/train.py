@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None, config_name: str = "train") -> None:
     import hydra
 
     from visionzoo.data.errors import InputError
+    from visionzoo.models._loading import WeightsError
     from visionzoo.tasks.train import evaluate, register_resolvers, run
 
     register_resolvers()
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None, config_name: str = "train") -> None:
     def _entry(cfg):
         try:
             return (evaluate if config_name == "eval" else run)(cfg)
-        except InputError as e:
+        except (InputError, WeightsError) as e:  # bad data / config / checkpoint, or a bad pretrained file
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 

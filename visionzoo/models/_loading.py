@@ -25,7 +25,16 @@ _logger = logging.getLogger(__name__)
 _CONTAINER_KEYS = ("model", "state_dict", "module")
 
 
-class UnsafeCheckpointError(ValueError):
+class WeightsError(ValueError):
+    """A weights file that does not load into the model as it is; the message is one line naming the
+    file and the key (the command-line tools print it as ``error: ...``)."""
+
+
+class WeightsMismatchError(WeightsError, RuntimeError):
+    """Keys missing from or left over in a weights file (also a ``RuntimeError``, as ``load_state_dict``'s)."""
+
+
+class UnsafeCheckpointError(WeightsError):
     """The file holds pickled Python objects beyond tensors; visionzoo will not unpickle them.
 
     ``global_name`` is the first object torch's weights-only unpickler refused (e.g. ``posix.system``)."""
@@ -70,10 +79,10 @@ def check_weights(state_dict: dict, model: nn.Module, source: str) -> None:
         if not isinstance(value, torch.Tensor):
             continue
         if not value.is_floating_point() and key.rsplit(".", 1)[-1] not in integer_names:
-            raise ValueError(f"checkpoint {source!r}: {key} is {value.dtype}, where the model keeps floating-point "
+            raise WeightsError(f"checkpoint {source!r}: {key} is {value.dtype}, where the model keeps floating-point "
                              f"weights; it would be cast silently (not a float weights file?)")
         if value.is_floating_point() and value.device.type != "meta" and not torch.isfinite(value).all():
-            raise ValueError(f"checkpoint {source!r}: {key} holds NaN or infinite values (a damaged or diverged "
+            raise WeightsError(f"checkpoint {source!r}: {key} holds NaN or infinite values (a damaged or diverged "
                              f"checkpoint)")
 
 
@@ -131,7 +140,7 @@ def load_checkpoint_strict(
     if missing or result.unexpected_keys:
         def _fmt(keys: list[str]) -> str:
             return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-        raise RuntimeError(
+        raise WeightsMismatchError(
             f"checkpoint {os.fspath(path)!r} does not match {type(model).__name__}: "
             + (f"missing keys [{_fmt(missing)}]" if missing else "")
             + ("; " if missing and result.unexpected_keys else "")
