@@ -35,7 +35,7 @@ SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
 def next_pow2(n: int) -> int:
-    """Smallest power of two >= ``n`` (1 for ``n <= 1``)."""
+    """Smallest power of two >= ``n`` (``n >= 1``)."""
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -154,34 +154,54 @@ class CompileRecord:
 
 @dataclass
 class CompileSession:
+    """What :func:`compile_only` collects. ``substitute`` ``{dtype: other}``: every launch with tensors of
+    ``dtype`` is compiled a second time with those tensors as ``other`` (same sizes, strides and
+    alignment), e.g. bf16 -> fp16 so that one bf16 model run also covers fp16. ``per_kernel``: compile
+    at most that many distinct specialisations of each kernel (None: all)."""
+
     capabilities: Sequence[int]
+    substitute: dict = field(default_factory=dict)
+    per_kernel: Optional[int] = None
     label: str = ""
     records: list[CompileRecord] = field(default_factory=list)
     launches: int = 0  # launches seen (a specialisation already compiled counts here, not in records)
     _seen: set = field(default_factory=set)
+    _per_kernel: dict = field(default_factory=dict)
 
-    def compile(self, fn, grid, args: tuple, kwargs: dict) -> None:
+    def launch(self, fn, args: tuple, kwargs: dict) -> None:
+        self.launches += 1
+        self._compile(fn, args, kwargs, self.label)
+        for src, dst in self.substitute.items():
+            if any(getattr(a, "dtype", None) == src for a in args):
+                self._compile(fn, tuple(_as_dtype(a, src, dst) for a in args), kwargs,
+                              f"{self.label} ({_short(src)} -> {_short(dst)})")
+
+    def _compile(self, fn, args: tuple, kwargs: dict, label: str) -> None:
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource, make_backend
         from triton.runtime.jit import create_function_from_signature
 
-        self.launches += 1
         kwargs = dict(kwargs, debug=False)
         for cap in self.capabilities:
             target = GPUTarget("cuda", cap, 32)
             backend = make_backend(target)
             # The same binding and specialisation (16-byte alignment, integers equal to 1) a launch does.
             binder = create_function_from_signature(fn.signature, fn.params, backend)
-            bound, specialization, options = binder(*args, **kwargs)
-            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-            key = (fn.__name__, cap, str(specialization), str(options))
-            if key in self._seen:
+            bound, specialization, launch_options = binder(*args, **kwargs)
+            key = (fn.__name__, str(specialization), str(launch_options))  # the same for every target
+            if (key, cap) in self._seen:
                 continue
-            self._seen.add(key)
+            if key not in self._per_kernel.setdefault(fn.__name__, set()):
+                if self.per_kernel is not None and len(self._per_kernel[fn.__name__]) >= self.per_kernel:
+                    return
+                self._per_kernel[fn.__name__].add(key)
+            self._seen.add((key, cap))
+            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization,
+                                                                  launch_options)
             names = list(fn.arg_names)
             rec = CompileRecord(
-                kernel=fn.__name__, target=f"sm_{cap}", case=self.label,
+                kernel=fn.__name__, target=f"sm_{cap}", case=label,
                 constexprs={names[p[0]]: v for p, v in constexprs.items() if len(p) == 1 and fn.params[p[0]].is_constexpr},
                 dtypes=",".join(sorted({t[1:] for t in signature.values() if t.startswith("*")})),
                 num_warps=options.num_warps, num_stages=options.num_stages, shared_limit=SHARED_MEMORY_LIMIT.get(cap, 0),
@@ -196,8 +216,26 @@ class CompileSession:
                 rec.shared = int(kernel.metadata.shared)
                 _parse_ptxas(log.getvalue(), rec)
             except Exception as exc:  # noqa: BLE001 - recorded; the caller reports every failure
-                rec.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                lines = str(exc).strip().splitlines()
+                rec.error = f"{type(exc).__name__}: {lines[0] if lines else ''}"
             self.records.append(rec)
+
+
+def _short(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _as_dtype(x, src, dst):
+    """``x`` (a tensor of dtype ``src``) as an uninitialised ``dst`` tensor with its sizes, strides and
+    storage offset (hence its alignment; the element sizes must match); anything else unchanged."""
+    import torch
+
+    if not isinstance(x, torch.Tensor) or x.dtype != src:
+        return x
+    if src.itemsize != dst.itemsize:
+        raise ValueError(f"cannot substitute {src} by {dst}: element sizes differ")
+    base = torch.empty(x.untyped_storage().nbytes() // dst.itemsize, dtype=dst, device=x.device)
+    return base.as_strided(x.shape, x.stride(), x.storage_offset())
 
 
 class _CompileOnlyKernel:
@@ -207,18 +245,20 @@ class _CompileOnlyKernel:
         self.fn, self.session = fn, session
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.session.compile(self.fn, grid, args, kwargs)
+        return lambda *args, **kwargs: self.session.launch(self.fn, args, kwargs)
 
 
 _session: Optional[CompileSession] = None
 
 
 @contextlib.contextmanager
-def compile_only(capabilities: Sequence[int] = (80, 90)) -> Iterator[CompileSession]:
+def compile_only(capabilities: Sequence[int] = (80, 90), substitute: Optional[dict] = None,
+                 per_kernel: Optional[int] = None) -> Iterator[CompileSession]:
     """Within the block, Triton launches compile for ``cuda`` targets ``capabilities`` instead of running.
 
-    Kernels may then be "launched" with CPU tensors (their outputs stay uninitialised). The yielded
-    :class:`CompileSession` collects one :class:`CompileRecord` per distinct specialisation and target.
+    Kernels may then be "launched" with CPU tensors (their outputs stay uninitialised; launchers that
+    choose by device type see ``"cuda"``, :func:`launch_device_type`). The yielded :class:`CompileSession`
+    collects one :class:`CompileRecord` per distinct specialisation and target.
     """
     global _session
     if interpret_enabled() or interpret_requested():
@@ -228,11 +268,17 @@ def compile_only(capabilities: Sequence[int] = (80, 90)) -> Iterator[CompileSess
         raise RuntimeError("compile_only needs Triton")
     if _session is not None:
         raise RuntimeError("compile_only blocks do not nest")
-    _session = CompileSession(tuple(capabilities))
+    _session = CompileSession(tuple(capabilities), dict(substitute or {}), per_kernel)
     try:
         yield _session
     finally:
         _session = None
+
+
+def launch_device_type(x) -> str:
+    """The device type a launcher should configure its kernel for: ``x``'s, or ``"cuda"`` while
+    :func:`compile_only` compiles CPU-driven launches for GPU targets."""
+    return "cuda" if _session is not None else x.device.type
 
 
 @contextlib.contextmanager

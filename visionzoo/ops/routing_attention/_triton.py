@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._triton_build import TritonKernels, cdiv, interpret_enabled, next_pow2  # noqa: F401 - re-exported
+from .._triton_build import TritonKernels, cdiv, interpret_enabled, launch_device_type, next_pow2  # noqa: F401
 
 KERNELS = TritonKernels(__package__ + "._triton_kernel")
 load = KERNELS.load
@@ -76,7 +76,7 @@ def bra_triton_forward(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, num_heads: 
     out = torch.empty((B, H, W, c_v), dtype=v.dtype, device=v.device)
     lse = torch.empty((B, H, W, m), dtype=torch.float32, device=v.device)
     idx32 = idx.to(torch.int32).contiguous()
-    cfg = _config(w2, c_qk // m, c_v // m, q.dtype, q.device.type)
+    cfg = _config(w2, c_qk // m, c_v // m, q.dtype, launch_device_type(q))
     grid = (cdiv(w2, cfg["BLOCK_M"]), S2, B * m)
     _kernel(q.device.type, "bra_fwd_kernel")[grid](
         q, k, v, out, lse, idx32,
@@ -117,7 +117,7 @@ def bra_triton_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tenso
     # delta = rowsum(dO * O) per token and head, fp32, laid out like lse.
     delta = (grad_out.float() * out.float()).view(B, H, W, m, d_v).sum(-1).contiguous()
     idx32 = idx.to(torch.int32).contiguous()
-    cfg = _config(w2, d_qk, d_v, q.dtype, q.device.type)
+    cfg = _config(w2, d_qk, d_v, q.dtype, launch_device_type(q))
     common = (n_w, rh, rw, S2, topk, m, d_qk, d_v, float(scale) * LOG2E, float(scale))
     dq = dk = dv = None
     if needs[0]:
