@@ -26,7 +26,7 @@ from .models.overlock_official import to_official as overlock_to_official
 from .models.test_biformer import _to_official as biformer_to_official
 from .models.test_vim import _to_official as vim_to_official
 
-REAL = {"vim_tiny", "vim_tiny_stride8", "biformer_tiny", "overlock_xt", "sparsifiner_deit_small"}
+REAL = {"vim_tiny", "biformer_tiny", "overlock_xt", "sparsifiner_deit_small"}
 SHRINK = {
     "vim": dict(embed_dim=64, depth=2),
     "biformer": dict(depths=(1, 1, 1, 1), dims=(32, 64, 96, 128)),
