@@ -53,7 +53,11 @@ def _hw(img_size: Size) -> tuple[int, int]:
 
 
 def default_img_size(model: torch.nn.Module) -> tuple[int, int]:
-    """The input size in the model's ``pretrained_cfg`` (224 x 224 when it has none)."""
+    """The size the model was built for (its patch embedding's ``img_size``), else the input size in its
+    ``pretrained_cfg`` (224 x 224 when it has neither)."""
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if built is not None:
+        return _hw(built)
     size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
     return int(size[-2]), int(size[-1])
 
@@ -141,6 +145,23 @@ def save(program: Any, path: Union[str, os.PathLike]) -> Path:
     return path
 
 
+def quantize_onnx(path: Union[str, os.PathLike], out: Union[str, os.PathLike]) -> Path:
+    """onnxruntime's dynamic int8 quantization of an ONNX file (int8 weights of MatMul / Gemm / Conv, activations
+    quantized per call), written atomically to ``out``."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = Path(out)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp.onnx", dir=out.parent)
+    os.close(fd)
+    try:
+        quantize_dynamic(str(path), tmp, weight_type=QuantType.QInt8)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
 def onnx_node_count(path: Union[str, os.PathLike]) -> int:
     """Nodes of an ONNX file, the nodes of control-flow bodies (``Scan``, ``Loop``, ``If``) included."""
     import onnx
@@ -196,7 +217,7 @@ def real_photo(model: torch.nn.Module, img_size: Size, name: str = "astronaut") 
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(3, 1, 1)
     std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(3, 1, 1)
-    x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float().div(255)
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)
     return ((x - mean) / std).unsqueeze(0)
 
 

@@ -5,6 +5,7 @@
     visionzoo-benchmark  visionzoo.cli.benchmark:cli    (python tools/benchmark.py)
     visionzoo-convert    visionzoo.cli.convert:cli      (python tools/convert.py)
     visionzoo-visualize  visionzoo.cli.visualize:cli    (python tools/visualize.py)
+    visionzoo-export     visionzoo.cli.export:cli       (python tools/export.py)
 
 Each module's ``main(argv=None)`` parses ``argv`` (default ``sys.argv[1:]``); benchmark, convert and
 visualize return what they produced (rows, the conversion summary, the written paths) and their
