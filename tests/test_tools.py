@@ -111,3 +111,26 @@ def test_benchmark_accepts_timm_globs_and_rejects_unknown_names():
         bench.resolve_models(["no_such_model"])
 
 
+
+
+def test_console_scripts_and_thin_tool_wrappers():
+    """pyproject's console commands resolve to argument-free callables in visionzoo.cli; tools/*.py run the
+    same mains without touching sys.path."""
+    import importlib
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    names = ("train", "eval", "benchmark", "convert", "visualize")
+    assert {f"visionzoo-{n}" for n in names} <= set(scripts)
+    for target in scripts.values():
+        module, attr = target.split(":")
+        assert module.startswith("visionzoo.cli.") and callable(getattr(importlib.import_module(module), attr))
+    for tool in root.glob("tools/*.py"):
+        assert "sys.path" not in tool.read_text(), tool
+    help_text = subprocess.run([sys.executable, str(root / "tools" / "benchmark.py"), "--help"], cwd="/",
+                               capture_output=True, text=True, check=True).stdout
+    assert "--img-size" in help_text

@@ -87,8 +87,9 @@ class TimmApi:
 
     ``forward_intermediates`` checks the arguments; the family's ``_intermediates(x, indices, norm,
     stop_early, output_fmt, **kwargs)`` returns (final features, intermediates). ``output_fmts``: the
-    layouts the family can return. ``grad_checkpointing`` flags (the model's, or its stages') are
-    read by :func:`run_block` / :func:`run_blocks`; the classifier is ``head``.
+    layouts the family can return. ``prune_intermediate_layers`` is the family's ``_prune``. The
+    ``grad_checkpointing`` flags (the model's, or its stages') are read by :func:`run_block` /
+    :func:`run_blocks`; the classifier is ``head``.
     """
 
     output_fmts: Tuple[str, ...] = ("NCHW",)
@@ -125,6 +126,12 @@ class TimmApi:
             raise ValueError(f"{family}: norm=True needs a model built with feature_norms=True")
         final, intermediates = self._intermediates(x, indices, norm, stop_early, output_fmt, **kwargs)
         return intermediates if intermediates_only else (final, intermediates)
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop what follows the last level ``indices`` picks (``prune_norm``: the final / dense norms too;
+        ``prune_head``: the classifier); returns timm's take indices."""
+        return self._prune(indices, prune_norm, prune_head)
 
 
 def stage_intermediates(model: nn.Module, stem: nn.Module, x: torch.Tensor,

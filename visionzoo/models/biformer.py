@@ -401,12 +401,7 @@ class BiFormer(TimmApi, nn.Module):
         x, intermediates = stage_intermediates(self, self.stem, x, indices, norm, stop_early)
         return self.norm(x), intermediates
 
-    def prune_intermediate_layers(
-        self,
-        indices: Union[int, List[int]] = 1,
-        prune_norm: bool = False,
-        prune_head: bool = True,
-    ) -> List[int]:
+    def _prune(self, indices: Union[int, List[int]], prune_norm: bool, prune_head: bool) -> List[int]:
         take_indices, max_index, pruned_end = prune_stages(self, indices, prune_norm)
         if prune_norm or pruned_end:
             self.norm = nn.Identity()

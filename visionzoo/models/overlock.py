@@ -666,12 +666,7 @@ class OverLoCK(TimmApi, nn.Module):
         final, _, intermediates = self._forward(x, take_indices, norm, last)
         return final, intermediates
 
-    def prune_intermediate_layers(
-        self,
-        indices: Union[int, List[int]] = 1,
-        prune_norm: bool = False,
-        prune_head: bool = True,
-    ) -> List[int]:
+    def _prune(self, indices: Union[int, List[int]], prune_norm: bool, prune_head: bool) -> List[int]:
         take_indices, max_index = feature_take_indices(4, indices)
         self._num_stages = max_index + 1
         if max_index < 3:

@@ -609,12 +609,7 @@ class PATNet(TimmApi, nn.Module):
         through their dense-prediction BN (``feature_norms``)."""
         return stage_intermediates(self, self.patch_embed, x, indices, norm, stop_early)
 
-    def prune_intermediate_layers(
-        self,
-        indices: Union[int, List[int]] = 1,
-        prune_norm: bool = False,
-        prune_head: bool = True,
-    ) -> List[int]:
+    def _prune(self, indices: Union[int, List[int]], prune_norm: bool, prune_head: bool) -> List[int]:
         take_indices, max_index, pruned_end = prune_stages(self, indices, prune_norm)
         if pruned_end:
             self.num_features = self.feature_info[max_index]["num_chs"]

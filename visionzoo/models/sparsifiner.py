@@ -696,8 +696,7 @@ class Sparsifiner(TimmApi, nn.Module):
             intermediates = list(zip(intermediates, prefix))
         return self.norm(x), intermediates
 
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
+    def _prune(self, indices: Union[int, List[int]], prune_norm: bool, prune_head: bool) -> List[int]:
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[:max_index + 1]
         if prune_norm:
