@@ -22,7 +22,8 @@ import torch
 
 import visionzoo  # noqa: F401 - registers the models
 from visionzoo.models.overlock import ContMixBlock
-from visionzoo.ops.neighborhood_aggregation import _op, na2d_av
+from visionzoo.ops import is_available, resolve
+from visionzoo.ops.neighborhood_aggregation import na2d_av
 
 DEV = "cuda"
 
@@ -75,7 +76,7 @@ def bench_op(dtypes, reps: int, shapes) -> None:
             if dtype != torch.float32:
                 backends = [b for b in backends if b in ("triton", "dense")]
             for be in backends:
-                if be == "triton" and not _op.is_available("triton", DEV):
+                if be == "triton" and not is_available("neighborhood_aggregation", "triton", DEV):
                     print(f"| {label} | {dtype} | triton | not available | | |")
                     continue
                 ai, vi = attn.clone().requires_grad_(), value.clone().requires_grad_()
@@ -110,7 +111,7 @@ def bench_model(batch: int, reps: int) -> None:
     with torch.inference_mode():
         ref = model(x)
     for be in ("triton", "dense", "taps", "reference"):
-        if be == "triton" and (DEV != "cuda" or not _op.is_available("triton", DEV)):
+        if be == "triton" and (DEV != "cuda" or not is_available("neighborhood_aggregation", "triton", DEV)):
             print(f"| contmix_backend={be} | not run | | |")  # CPU smoke test: the interpreter is too slow
             continue
         set_backend(be)
@@ -147,7 +148,8 @@ def main() -> None:
         raise SystemExit("needs a CUDA device (or --smoke)")
     t0 = time.perf_counter()
     name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke test)"
-    print(f"# {name}, torch {torch.__version__}, auto -> {_op.resolve('auto', torch.zeros(1, device=DEV))}")
+    auto = resolve("neighborhood_aggregation", "auto", torch.zeros(1, device=DEV))
+    print(f"# {name}, torch {torch.__version__}, auto -> {auto}")
     bench_op([torch.float32] + ([torch.bfloat16] if args.bf16 else []), args.reps, shapes)
     if not args.no_model:
         bench_model(args.batch, args.reps)

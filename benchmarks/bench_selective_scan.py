@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from visionzoo.ops import is_available
 from visionzoo.ops.selective_scan import selective_scan
 
 
@@ -75,24 +76,38 @@ def bench(variants, rounds, inner):
 
 
 def breakdown(shape, rounds):
-    """Time the stages of the chunked forward in isolation (same inputs, same block size)."""
+    """Time the stages of the ``chunked`` forward in isolation (same inputs; each stage is the torch op that
+    backend runs, on the time-major layouts it uses: per-channel ``(L, b, d)``, per-state ``(L, b, G, N, d/G)``,
+    blocks of ``T`` steps with ``T * b * d * N`` ~ 2^19, at most 64, as in the package docstring)."""
+    import math
+
     import torch.nn.functional as F
 
-    from visionzoo.ops.selective_scan import _chunked
-
     x = make_inputs(*shape)
-    p = _chunked._Prepared(x["u"], x["delta"], x["A"], x["B"], x["C"], x["delta_bias"], True)
-    b, G, N, dg = p.state_shape()
-    L, T = p.length, p.block
-    H = p.new(T + 1, b, G, N, dg).zero_()
-    dA = p.new(T, b, G, N, dg)
+    b, d, L = x["u"].shape
+    G, N = x["B"].shape[1], x["B"].shape[2]
+    dg, T = d // G, max(1, min(64, (1 << 19) // (b * d * N)))
+
+    def time_major(t):  # (b, d, L) -> contiguous (L, b, d)
+        return t.permute(2, 0, 1).contiguous()
+
+    def prepare():
+        dT = F.softplus(time_major(x["delta"]) + x["delta_bias"])
+        BT, CT = (x[k].permute(3, 0, 1, 2).contiguous() for k in ("B", "C"))  # (L, b, G, N)
+        A2 = x["A"].reshape(G, dg, N).transpose(1, 2).contiguous() * math.log2(math.e)  # (G, N, dg)
+        return dT, dT * time_major(x["u"]), BT, CT, A2
+
+    dT_pre = time_major(x["delta"]) + x["delta_bias"]
+    dT, duT, BT, CT, A2 = prepare()
+    H = torch.zeros(T + 1, b, G, N, dg)
+    dA = torch.empty(T, b, G, N, dg)
     Hs, dAs = H.unbind(0), dA.unbind(0)
-    y = p.new(L, b, p.dim)
+    y = torch.empty(L, b, d)
     blocks = [(s, min(T, L - s)) for s in range(0, L, T)]
 
     def exp_arg():
         for s, n in blocks:
-            torch.mul(p.dT[s:s + n].view(n, b, G, 1, dg), p.A2_gnd, out=dA[:n])
+            torch.mul(dT[s:s + n].view(n, b, G, 1, dg), A2, out=dA[:n])
 
     def exp2():
         for s, n in blocks:
@@ -100,7 +115,7 @@ def breakdown(shape, rounds):
 
     def dbu():
         for s, n in blocks:
-            torch.mul(p.duT[s:s + n].view(n, b, G, 1, dg), p.BT[s:s + n].view(n, b, G, N, 1), out=H[1:n + 1])
+            torch.mul(duT[s:s + n].view(n, b, G, 1, dg), BT[s:s + n].view(n, b, G, N, 1), out=H[1:n + 1])
 
     def recurrence():
         for s, n in blocks:
@@ -110,7 +125,7 @@ def breakdown(shape, rounds):
     def contraction():
         for s, n in blocks:
             rows = n * b * G
-            torch.bmm(p.CT[s:s + n].view(rows, 1, N), H[1:n + 1].view(rows, N, dg), out=y[s:s + n].view(rows, 1, dg))
+            torch.bmm(CT[s:s + n].view(rows, 1, N), H[1:n + 1].view(rows, N, dg), out=y[s:s + n].view(rows, 1, dg))
 
     def finish():
         out = y.permute(1, 2, 0).contiguous()
@@ -118,10 +133,9 @@ def breakdown(shape, rounds):
         out.mul_(F.silu(x["z"]))
 
     stages = {
-        "prepare (2 transposes, bias, softplus, delta*u)": lambda: _chunked._Prepared(
-            x["u"], x["delta"], x["A"], x["B"], x["C"], x["delta_bias"], True),
-        "  of which softplus": lambda: F.softplus(p.dT_pre),
-        "  of which one (b,d,L) transpose": lambda: _chunked.time_major(x["u"], torch.float32),
+        "prepare (2 transposes, bias, softplus, delta*u)": prepare,
+        "  of which softplus": lambda: F.softplus(dT_pre),
+        "  of which one (b,d,L) transpose": lambda: time_major(x["u"]),
         f"delta*A (T={T})": exp_arg,
         "exp2": exp2,
         "delta*u*B": dbu,
@@ -155,15 +169,13 @@ def main():
 
 
 def run_length(args, length):
-    from visionzoo.ops.selective_scan import _op
-
     shape = (args.batch, args.dim, length, args.dstate, args.groups)
     print(f"\ntorch {torch.__version__}, threads={torch.get_num_threads()}, "
           f"batch={shape[0]} dim={shape[1]} L={shape[2]} N={shape[3]} G={shape[4]}, "
           f"clock={'wall' if args.wall else 'process CPU time'}")
     fast = {}
     for backend in ("chunked", "cpu"):
-        if not _op.is_available(backend, "cpu"):
+        if not is_available("selective_scan", backend, "cpu"):
             continue
         fast[f"{backend} fwd"] = forward(make_inputs(*shape), backend)
         fast[f"{backend} fwd (time-major u/delta/z)"] = forward(make_inputs(*shape, time_major=True), backend)

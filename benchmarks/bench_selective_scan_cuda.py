@@ -45,12 +45,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from visionzoo.ops.selective_scan import (  # noqa: E402
-    _mamba,
-    _op,
-    selective_scan,
-    selective_scan_bidirectional,
-)
+from visionzoo.ops import is_available  # noqa: E402
+from visionzoo.ops.selective_scan import selective_scan, selective_scan_bidirectional  # noqa: E402
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 LOW = ("u", "delta", "B", "C", "z")  # cast to the benchmark dtype; A, D, delta_bias stay fp32
@@ -125,7 +121,12 @@ class Timer:
 
 
 def mamba_fn():
-    return _mamba.load()  # mamba_ssm's selective_scan_fn, or None
+    """mamba_ssm's ``selective_scan_fn`` (the official fused kernel), or None when mamba_ssm does not import."""
+    if not is_available("selective_scan", "mamba", "cuda"):
+        return None
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn
 
 
 def one_direction_cases(device):
@@ -134,7 +135,7 @@ def one_direction_cases(device):
     def ours(backend):
         def call(x):
             return selective_scan(**x, delta_softplus=True, backend=backend)
-        return call if _op.is_available(backend, device) else None
+        return call if is_available("selective_scan", backend, device) else None
 
     def mamba(x):
         return fn(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], delta_softplus=True)
@@ -151,7 +152,7 @@ def both_direction_cases(device):
     def ours(backend):
         def call(x):
             return selective_scan_bidirectional(**x, delta_softplus=True, reversed_inputs=True, backend=backend)
-        return call if _op.is_available(backend, device) else None
+        return call if is_available("selective_scan", backend, device) else None
 
     def mamba_x2(x):  # the official Vim: two scans, the second on the flipped sequence, outputs averaged
         E = x["u"].shape[1] // 2
@@ -241,7 +242,7 @@ def main():
     t0 = time.perf_counter()
     if device == "cuda":
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, mamba_ssm: {mamba_fn() is not None}, "
-              f"triton: {_op.is_available('triton', 'cuda')}")
+              f"triton: {is_available('selective_scan', 'triton', 'cuda')}")
     timer = Timer(device)
     sizes = (args.batch, args.dim, args.length, args.dstate)
     r1 = run_group("one direction", one_direction_cases(device), make_one(*sizes, device, args.groups), dtypes,

@@ -26,7 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from visionzoo.ops.sparse_attention import _triton, sparse_attention  # noqa: E402
+from visionzoo.ops import is_available  # noqa: E402
+from visionzoo.ops.sparse_attention import sparse_attention, triton_tiles  # noqa: E402
 
 SIZES = {224: (197, 50), 384: (577, 145)}
 CONFIGS = [(16, 16, 4), (8, 32, 4), (4, 64, 4)]
@@ -87,7 +88,7 @@ def main():
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
-    if not _triton.is_available(DEVICE) or (DEVICE == "cuda" and not torch.cuda.is_available()):
+    if not is_available("sparse_attention", "triton", DEVICE) or (DEVICE == "cuda" and not torch.cuda.is_available()):
         sys.exit(f"backend 'triton' is not available on {DEVICE} (CUDA device + Triton, or TRITON_INTERPRET=1)")
     t0 = time.time()
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (Triton interpreter)"
@@ -103,7 +104,7 @@ def main():
             if time.time() - t0 > args.budget / 2:
                 results["skipped"].append(f"sweep BLOCK_M={bm} BLOCK_K={bk} warps={warps}")
                 continue
-            _triton.BLOCK_M, _triton.BLOCK_K, _triton.NUM_WARPS = bm, bk, warps
+            triton_tiles(bm, bk, warps)
             try:
                 ms = timed(lambda: step(q, k, v, idx, "triton", True), 3)  # noqa: B023 - called here
             except Exception as e:  # noqa: BLE001 - report a config that fails to compile, keep going
@@ -114,9 +115,9 @@ def main():
             if best is None or ms < best[0]:
                 best = (ms, bm, bk, warps)
         if best is not None:
-            _, _triton.BLOCK_M, _triton.BLOCK_K, _triton.NUM_WARPS = best
+            triton_tiles(*best[1:])
         q = k = v = idx = None
-    print(f"# triton config: BLOCK_M={_triton.BLOCK_M} BLOCK_K={_triton.BLOCK_K} warps={_triton.NUM_WARPS}", flush=True)
+    print("# triton config: BLOCK_M={} BLOCK_K={} warps={}".format(*triton_tiles()), flush=True)
 
     for size in args.sizes:
         n, kept = SIZES[size]

@@ -150,9 +150,9 @@ def test_training_step_runs_with_every_cpu_backend():
 def test_triton_backend_in_the_model_matches_chunked():
     """A training step of test_biformer with the Triton BRA kernel (CPU: Triton's interpreter, ~10 s) on
     the model's strided q/k/v slices: logits and every parameter gradient equal the chunked backend's."""
-    from visionzoo.ops.routing_attention import _triton
+    from visionzoo.ops import is_available
 
-    if not _triton.is_available("cpu"):
+    if not is_available("routing_attention", "triton", "cpu"):
         pytest.skip("needs Triton with TRITON_INTERPRET=1 set before Triton is imported")
     x = torch.randn(1, 3, 64, 64)
     res = {}

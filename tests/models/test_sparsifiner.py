@@ -203,20 +203,21 @@ def test_cpu_key_selection_kernel(monkeypatch):
     lowest indices on ties, and the model falls back to embedding_bag + topk without it."""
     from visionzoo.models import sparsifiner as sparsifiner_module
     from visionzoo.models.sparsifiner import MaskPredictor
-    from visionzoo.ops.sparse_attention import _keys_cpu
+    from visionzoo.ops import is_available
+    from visionzoo.ops.sparse_attention import sparsifiner_keys
 
-    if _keys_cpu.load() is None:
+    if not is_available("sparse_keys", "cpu", "cpu"):
         pytest.skip("no C compiler: the kernel is unavailable (the fallback is covered by the other tests)")
     g = torch.Generator().manual_seed(0)
     table = torch.rand(2 * 16, 53, generator=g)  # two samples' tables of 16 basis rows, 53 keys
     cols = torch.rand(2, 3, 52, 16, generator=g).argsort(-1)[..., :5].sort(-1).values
     cols = cols + torch.tensor([0, 16]).view(2, 1, 1, 1)
     weights = torch.rand(2, 3, 52, 5, generator=g)
-    idx = _keys_cpu.kept_keys_cpu(cols, weights, table, 14)
+    idx = sparsifiner_keys(cols, weights, table, 14, backend="cpu")
     scores = F.embedding_bag(cols.reshape(-1, 5), table, per_sample_weights=weights.reshape(-1, 5), mode="sum")
     ref = scores.view(2, 3, 52, 53).topk(14, dim=-1).indices.sort(-1).values
     assert torch.equal(idx, ref)
-    ties = _keys_cpu.kept_keys_cpu(cols, weights, torch.zeros_like(table), 14)  # every score 0
+    ties = sparsifiner_keys(cols, weights, torch.zeros_like(table), 14, backend="cpu")  # every score 0
     assert torch.equal(ties, torch.arange(14).expand(2, 3, 52, 14))
     monkeypatch.setattr(sparsifiner_module, "CPU_KERNEL_MIN_TOKENS", 0)  # the kernel for 17 tokens too
     mp = MaskPredictor(head_dim=8, num_heads=2, grid_size=(4, 4))

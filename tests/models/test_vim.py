@@ -209,16 +209,17 @@ def test_bf16_autocast_runs_close_to_fp32():
 
 def test_cpu_inference_path_matches_the_differentiable_one(monkeypatch):
     """Under no_grad on CPU the mixers take bimamba_inner_cpu; its outputs equal the autograd path's."""
-    from visionzoo.ops.selective_scan import _cpu
+    from visionzoo.ops import is_available
+    from visionzoo.ops.selective_scan import bimamba_inner_cpu
 
-    if not _cpu.is_available("cpu"):
+    if not is_available("selective_scan", "cpu", "cpu"):
         pytest.skip("no C compiler for the cpu kernels")
     model = timm.create_model("vim_tiny", depth=3, img_size=(96, 128)).eval()
     _randomise_ssm(model)
     x = torch.randn(2, 3, 96, 128)
     expected = model.forward_features(x)  # autograd on: the custom ops
     calls = []
-    real = _cpu.bimamba_inner_cpu
+    real = bimamba_inner_cpu
     monkeypatch.setattr("visionzoo.ops.selective_scan.bimamba_inner_cpu", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         out = model.forward_features(x)

@@ -19,9 +19,9 @@ def _compiled_matches_eager(backend, scan_backend, monkeypatch):
 
 @pytest.mark.parametrize("scan_backend", ["chunked", "cpu"])
 def test_fullgraph_aot_eager(scan_backend, monkeypatch):
-    from visionzoo.ops.selective_scan import _op
+    from visionzoo.ops import is_available
 
-    if not _op.is_available(scan_backend, "cpu"):
+    if not is_available("selective_scan", scan_backend, "cpu"):
         pytest.skip(f"scan backend {scan_backend!r} unavailable here (no C compiler)")
     _compiled_matches_eager("aot_eager", scan_backend, monkeypatch)
 

@@ -107,6 +107,28 @@ def test_forced_backend_error_is_one_line_and_debug_shows_the_reasons(caplog):
     assert "toy_reasons: backend 'any' on cpu/torch.float32" in text
 
 
+def test_public_lookup_by_op_name(monkeypatch):
+    """``visionzoo.ops.is_available`` / ``resolve`` answer for every declared op by its name, as the op's
+    own declaration does; unknown op or backend names are a ``ValueError``."""
+    from visionzoo.ops import is_available, resolve
+
+    x = torch.zeros(2, 3, 4, dtype=torch.float64)
+    assert resolve("selective_scan", "auto", x) == scan_op.SCAN.select("auto", x) == "chunked"  # fp64: no C kernel
+    assert resolve("selective_scan", "reference", x) == "reference"
+    monkeypatch.setenv("VISIONZOO_BACKEND_SELECTIVE_SCAN", "reference")
+    assert resolve("selective_scan", "auto", x) == "reference"
+    for op in ("selective_scan", "causal_conv1d", "neighborhood_aggregation", "routing_attention",
+               "sparse_attention", "reversed_attention", "sparse_keys"):
+        decl = _dispatch.declaration(op)
+        for name in decl.names:
+            assert is_available(op, name, "cpu") == decl.is_available(name, "cpu")
+    assert not is_available("selective_scan", "mamba", "cpu")
+    with pytest.raises(ValueError, match="unknown op 'scan'; known ops: causal_conv1d, "):
+        is_available("scan", "cpu", "cpu")
+    with pytest.raises(ValueError, match="selective_scan: unknown backend 'fast'"):
+        is_available("selective_scan", "fast", "cpu")
+
+
 def test_visionzoo_log_debug_switch():
     """``VISIONZOO_LOG=debug`` (read when visionzoo is imported) prints the selection and the reasons."""
     code = ("import torch, visionzoo\nfrom visionzoo.ops.selective_scan import selective_scan\n"

@@ -116,6 +116,21 @@ def test_bad_inputs_are_value_errors():
         sparse_attention(q, k, v.float(), idx, 0.3)
 
 
+def test_triton_tiles_sets_and_reads_the_tile():
+    from visionzoo.ops.sparse_attention import triton_tiles
+
+    before = triton_tiles()
+    try:
+        assert triton_tiles(8, 32) == (8, 32, before[2])  # only the ones given change
+        assert triton_tiles(num_warps=2) == (8, 32, 2)
+        assert triton_tiles() == (8, 32, 2)
+        with pytest.raises(ValueError, match="block_k must be a power of two, got 24"):
+            triton_tiles(block_k=24)
+        assert triton_tiles() == (8, 32, 2)
+    finally:
+        triton_tiles(*before)
+
+
 def test_meta_and_flop_formula():
     B, H, N, d, K = 2, 6, 197, 64, 50
     with torch.device("meta"):

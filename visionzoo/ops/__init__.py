@@ -5,9 +5,11 @@ order, the fail-safe for hand-written kernels). For exporters, :func:`decomposit
 visionzoo custom op to its plain-aten implementation (``ep.run_decompositions(decompositions())``) and
 :func:`aten_only` makes every public op entry run that implementation directly. ``VISIONZOO_LOG=debug``
 (read here, at import) shows which backend each op runs and why the others were skipped.
+:func:`is_available` and :func:`resolve` answer, by op name, whether a backend can run on a device type
+and which backend a call would run (e.g. for benchmarks and tests that skip what the machine lacks).
 """
-from ._dispatch import aten_only, configure_logging, decompositions
+from ._dispatch import aten_only, configure_logging, decompositions, is_available, resolve
 
-__all__ = ["aten_only", "decompositions"]
+__all__ = ["aten_only", "decompositions", "is_available", "resolve"]
 
 configure_logging()

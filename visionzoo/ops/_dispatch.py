@@ -38,6 +38,7 @@ _logger = logging.getLogger("visionzoo.ops")
 T = TypeVar("T")
 Reason = Optional[str]
 
+_DECLARED: dict = {}  # op name -> OpDecl, filled as each op's _op.py is imported
 _logged: set = set()
 _broken: set = set()  # (op, backend, device type, dtype): fallible backends that failed on first use
 _proven: set = set()  # (op, backend, device type, dtype): fallible backends that have run once
@@ -120,6 +121,7 @@ class OpDecl:
 
     def __post_init__(self):
         self.by_name = {b.name: b for b in self.backends}
+        _DECLARED[self.name] = self
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -259,12 +261,38 @@ def register_aten_path(op) -> Callable[[Callable], Callable]:
     return wrap
 
 
+def _import_ops() -> None:
+    """Import every op package (each declares itself and registers its aten paths on import)."""
+    from . import causal_conv1d, neighborhood_aggregation, reversed_attention, routing_attention  # noqa: F401
+    from . import selective_scan, sparse_attention  # noqa: F401
+
+
 def decompositions() -> dict:
     """``{OpOverload: fn}`` for every visionzoo custom op: ``ep.run_decompositions(decompositions())``."""
-    from . import causal_conv1d, neighborhood_aggregation, reversed_attention, routing_attention  # noqa: F401
-    from . import selective_scan, sparse_attention  # noqa: F401  (each registers its paths on import)
-
+    _import_ops()
     return {op._opoverload: fn for op, fn in _ATEN_PATHS.items()}
+
+
+def declaration(op: str) -> OpDecl:
+    """The :class:`OpDecl` named ``op`` (the name in ``VISIONZOO_BACKEND_<OP>``); ``ValueError`` if none."""
+    _import_ops()
+    if op not in _DECLARED:
+        raise ValueError(f"unknown op {op!r}; known ops: {', '.join(sorted(_DECLARED))}")
+    return _DECLARED[op]
+
+
+def is_available(op: str, backend: str, device_type: str) -> bool:
+    """Whether ``backend`` of ``op`` runs on ``device_type`` for some inputs (what the install has: a C
+    compiler, Triton, mamba_ssm, ...), e.g. ``is_available("selective_scan", "triton", "cuda")``."""
+    decl = declaration(op)
+    decl.check_name(backend)
+    return decl.is_available(backend, device_type)
+
+
+def resolve(op: str, requested: str, x: Any, **facts) -> str:
+    """The backend ``op`` runs for tensors like ``x`` when ``requested`` is asked for (``"auto"`` walked,
+    ``VISIONZOO_BACKEND_<OP>`` honoured; ``facts`` as the op passes them, e.g. ``dstate=16``)."""
+    return declaration(op).select(requested, x, **facts)
 
 
 @contextlib.contextmanager

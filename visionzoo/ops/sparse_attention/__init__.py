@@ -32,13 +32,16 @@ Backends (``backend=``, or ``auto``; ``VISIONZOO_BACKEND_SPARSE_ATTENTION`` over
     rows' key sets with an online softmax, computing only the kept connections without a gathered
     copy; ``dk``/``dv`` by fp32 atomics. fp32 / fp16 / bf16. ``auto``'s first choice on CUDA, **not yet
     measured against** ``masked`` **on a GPU** (``benchmarks/bench_sparse_attention_cuda.py``); on CPU
-    only in Triton's interpreter (``TRITON_INTERPRET=1``, tests), never picked by ``auto`` there.
+    only in Triton's interpreter (``TRITON_INTERPRET=1``, tests), never picked by ``auto`` there. Its tile
+    size: :func:`triton_tiles`.
 
 The fast backends run through the custom op ``torch.ops.visionzoo.sparse_attention``: it runs on the
 meta device, is differentiable in ``q``, ``k``, ``v``, and ``FlopCounterMode`` counts it with
 :func:`sparse_attention_flops`, the cost of the kept connections only.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -48,7 +51,7 @@ from ._op import BACKENDS, KEYS, SPARSE, flops as _flops, resolve, sparse_attent
 from ._reference import keep_mask
 
 __all__ = ["sparse_attention", "sparse_attention_flops", "sparse_attention_backend", "sparsifiner_keys", "keep_mask",
-           "BACKENDS"]
+           "triton_tiles", "BACKENDS"]
 
 
 def sparse_attention_backend(backend: str, x: Tensor) -> str:
@@ -56,6 +59,23 @@ def sparse_attention_backend(backend: str, x: Tensor) -> str:
     ``VISIONZOO_BACKEND_SPARSE_ATTENTION`` honoured); ``ValueError`` for an unknown name."""
     SPARSE.check_name(backend)
     return resolve(backend, x)
+
+
+def triton_tiles(block_m: Optional[int] = None, block_k: Optional[int] = None,
+                 num_warps: Optional[int] = None) -> tuple[int, int, int]:
+    """The ``triton`` backend's tile for later calls: ``block_m`` query rows x ``block_k`` keys per step, with
+    ``num_warps`` warps per program (defaults 16, 16, 4; not yet tuned on a GPU, which is what
+    ``benchmarks/bench_sparse_attention_cuda.py`` sweeps). Sets the ones given and returns the tile now in
+    use, ``(block_m, block_k, num_warps)``; ``triton_tiles()`` only reads it."""
+    from . import _triton
+
+    for name, value in (("block_m", block_m), ("block_k", block_k), ("num_warps", num_warps)):
+        if value is not None and (value < 1 or value & (value - 1)):
+            raise ValueError(f"triton_tiles: {name} must be a power of two, got {value}")
+    _triton.BLOCK_M = block_m or _triton.BLOCK_M
+    _triton.BLOCK_K = block_k or _triton.BLOCK_K
+    _triton.NUM_WARPS = num_warps or _triton.NUM_WARPS
+    return _triton.BLOCK_M, _triton.BLOCK_K, _triton.NUM_WARPS
 
 
 def sparse_attention_flops(batch: int, heads: int, num_tokens: int, kept: int, dense_rows: int, d_qk: int,
