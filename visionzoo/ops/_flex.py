@@ -33,6 +33,14 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     return None
 
 
+def cannot_run(x: Tensor, **facts) -> Optional[str]:
+    """None when a ``flex`` backend can run for inputs like ``x`` (the op's leading tensor), else why not:
+    FlexAttention has no CPU backward (torch refuses CPU inputs that require grad)."""
+    if x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad:
+        return "FlexAttention has no CPU backward (inputs require grad); it runs on CPU for inference only"
+    return None
+
+
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> Tensor:
     """``flex_attention`` under ``torch.compile`` (eager flex is a slow dense fallback). ``q``/``k``
     ``(B, H, L, d)``, ``v`` ``(B, H, L, d_v)``. CPU compiles one kernel per shape: Inductor's C++ flex

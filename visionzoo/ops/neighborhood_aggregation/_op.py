@@ -42,8 +42,8 @@ def _natten_available(device_type: str):
 
 
 # ``auto`` candidates per device type, best first. NATTEN's CPU kernel is slower than ``torch`` and a
-# NATTEN bridge is opt-in everywhere. On CUDA ``auto`` takes ``triton`` (chosen by design, not yet
-# measured against ``dense`` / ``taps`` on a GPU: benchmarks/bench_neighborhood_aggregation_cuda.py).
+# NATTEN bridge is opt-in on CPU. On CUDA ``auto`` takes NATTEN (maintained) when installed, else ``triton``
+# (hand-written, fail-safe; not yet measured against ``dense`` / ``taps`` on a GPU: benchmarks/gpu_check.sh).
 # On CPU ``triton`` would run in Triton's interpreter (tests only), so ``auto`` never picks it there.
 # ``reference`` and ``natten`` run as plain autograd ops outside the custom op (the public entry).
 NA = OpDecl("neighborhood_aggregation", backends=(
@@ -54,7 +54,7 @@ NA = OpDecl("neighborhood_aggregation", backends=(
     Backend("natten", na2d_av_natten, _torch_backward, available=_natten_available, devices=("cpu", "cuda")),
     triton_backend("triton", _triton, lambda attn, value, K: _triton.triton_forward(attn, value, K),
                    lambda attn, value, K, grad_out, needs: _triton.triton_backward(attn, value, K, grad_out, needs)),
-), auto_order={"cuda": ("triton", "torch"), "default": ("torch",)})
+), auto_order={"cuda": ("natten", "triton", "torch"), "default": ("torch",)})
 BACKENDS = NA.names
 is_available = NA.is_available
 OUTSIDE_OP = ("reference", "natten")  # plain autograd ops, called by the public entry directly

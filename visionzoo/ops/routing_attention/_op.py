@@ -60,7 +60,8 @@ def _triton_forward(*args):
 ROUTING = OpDecl("routing_attention", backends=(
     Backend("reference", _reference_forward),
     Backend("chunked", _chunked_forward),
-    Backend("flex", _flex_forward, available=lambda d: _flex.unavailable_reason(d), fallible=True),
+    Backend("flex", _flex_forward, available=lambda d: _flex.unavailable_reason(d), can_run=_flex.cannot_run,
+            fallible=True),
     triton_backend("triton", _triton, _triton_forward),
 ), auto_order={"cuda": ("flex", "triton", "chunked"), "default": ("chunked",)})
 BACKENDS = ROUTING.names

@@ -59,7 +59,8 @@ SPARSE = OpDecl("sparse_attention", backends=(
     Backend("reference", sparse_attention_reference, _masked_backward),
     Backend("masked", _masked_forward, _masked_backward),
     Backend("gather", sparse_attention_gather, _gather_backward),
-    Backend("flex", _flex_forward, available=lambda d: _flex.unavailable_reason(d), fallible=True),
+    Backend("flex", _flex_forward, available=lambda d: _flex.unavailable_reason(d), can_run=_flex.cannot_run,
+            fallible=True),
     triton_backend("triton", _triton, _triton.sparse_attention_triton,
                    lambda *args: _triton.sparse_attention_triton_backward(*args)),
 ), auto_order={"cuda": ("flex", "triton", "masked"), "default": ("masked",)})
