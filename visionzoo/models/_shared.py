@@ -1,7 +1,7 @@
 """timm plumbing the families share, so that each model file keeps only what its paper defines.
 
 * :func:`build_family_model`: every family's ``_create_*`` (timm's ``build_model_with_cfg`` with the
-  families' loading and feature conventions);
+  families' loading and feature conventions); :func:`family_cfg`: the pretrained-cfg fields they share;
 * :func:`check_pool`: the one ``global_pool`` check (each family passes the pools its head takes);
 * :func:`run_block` / :func:`run_blocks`: activation checkpointing through timm's ``checkpoint`` /
   ``checkpoint_seq`` (non-reentrant unless ``TIMM_REENTRANT_CKPT`` is set), on while
@@ -19,6 +19,7 @@ import inspect
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
@@ -51,6 +52,15 @@ def build_family_model(model_cls: type, variant: str, pretrained: bool, filter_f
         feature_cfg["norm"] = kwargs.get("feature_norms", False)
     return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn,
                                 feature_cfg=feature_cfg, **kwargs)
+
+
+def family_cfg(url: str, family: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """A pretrained cfg: what the families share (an ImageNet-1k classifier ``head`` on 3x224x224
+    images, bicubic resizing, ImageNet mean / std, a ``patch_embed.proj`` stem), then the ``family``'s
+    own fields, then the variant's ``kwargs``."""
+    return {"url": url, "num_classes": 1000, "input_size": (3, 224, 224), "interpolation": "bicubic",
+            "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj",
+            "classifier": "head", **family, **kwargs}
 
 
 def check_pool(family: str, global_pool: str, pools: Sequence[str], num_classes: Optional[int] = None) -> None:

@@ -52,7 +52,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, Mlp, SelectAdaptivePool2d, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._hub import download_cached_file
@@ -62,7 +61,7 @@ from ..ops.routing_attention import bi_level_routing_attention
 from ._input import record_input_size
 from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
-from ._shared import (MAP_POOLS, TimmApi, build_family_model, check_pool, prune_stages, run_blocks,
+from ._shared import (MAP_POOLS, TimmApi, build_family_model, check_pool, family_cfg, prune_stages, run_blocks,
                       stage_intermediates)
 
 __all__ = ["BiFormer"]
@@ -513,27 +512,13 @@ def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiForm
 
 
 def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,  # built for one size (img_size); see set_input_size / dynamic_img_size
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.0",
-        "classifier": "head",
-        "license": "mit",
-        "paper_ids": "arXiv:2303.08810",
-        "paper_name": "BiFormer: Vision Transformer with Bi-Level Routing Attention",
-        "origin_url": "https://github.com/rayleizhu/BiFormer",
-        # custom_load: official files are training states ({"model": ...}); BiFormer.load_pretrained
-        # reads them with weights_only=True and loads strictly.
-        "custom_load": bool(url),
-        **kwargs,
-    }
+    # custom_load: official files are training states ({"model": ...}); BiFormer.load_pretrained
+    # reads them with weights_only=True and loads strictly.
+    return family_cfg(url, dict(
+        pool_size=(7, 7), crop_pct=0.875, first_conv="stem.0", custom_load=bool(url),
+        fixed_input_size=True,  # built for one size (img_size); see set_input_size / dynamic_img_size
+        license="mit", paper_ids="arXiv:2303.08810", origin_url="https://github.com/rayleizhu/BiFormer",
+        paper_name="BiFormer: Vision Transformer with Bi-Level Routing Attention"), **kwargs)
 
 
 def _onedrive(share_id: str) -> str:

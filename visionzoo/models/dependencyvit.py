@@ -64,7 +64,7 @@ from ..ops.reversed_attention import reversed_attention
 from ._input import record_input_size
 from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
-from ._shared import TimmApi, build_family_model, check_pool, run_block
+from ._shared import TimmApi, build_family_model, check_pool, family_cfg, run_block
 
 __all__ = ["DependencyViT", "ReversedAttention", "TokenPruner"]
 
@@ -535,24 +535,11 @@ def _create_dependencyvit(variant: str, pretrained: bool = False, **kwargs) -> D
 
 
 def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "mean": IMAGENET_INCEPTION_MEAN,
-        "std": IMAGENET_INCEPTION_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "mit",
-        "paper_ids": "arXiv:2304.03282",
-        "paper_name": "Visual Dependency Transformers: Dependency Tree Emerges from Reversed Attention",
-        "origin_url": "https://github.com/dingmyu/DependencyViT",
-        **kwargs,
-    }
+    return family_cfg(url, dict(
+        pool_size=None, crop_pct=0.9, fixed_input_size=True, mean=IMAGENET_INCEPTION_MEAN,
+        std=IMAGENET_INCEPTION_STD, license="mit", paper_ids="arXiv:2304.03282",
+        paper_name="Visual Dependency Transformers: Dependency Tree Emerges from Reversed Attention",
+        origin_url="https://github.com/dingmyu/DependencyViT"), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

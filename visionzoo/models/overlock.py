@@ -59,7 +59,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -68,7 +67,7 @@ from timm.models._features_fx import register_notrace_module
 from ..ops.neighborhood_aggregation import na2d_av, na2d_rpb
 from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
-from ._shared import MAP_POOLS, TimmApi, build_family_model, check_pool, run_block, run_blocks
+from ._shared import MAP_POOLS, TimmApi, build_family_model, check_pool, family_cfg, run_block, run_blocks
 
 __all__ = ["OverLoCK", "ContMixBlock", "RepConvBlock", "DilatedReparamBlock"]
 
@@ -811,29 +810,15 @@ _RELEASE = "https://github.com/LMMMEng/OverLoCK/releases/download/v1/"
 
 
 def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed1.0",
-        "classifier": "head",
-        "license": "apache-2.0",
-        "paper_ids": "arXiv:2502.20087",
-        "paper_name": "OverLoCK: An Overview-first-Look-Closely-next ConvNet with Context-Mixing Dynamic Kernels",
-        "origin_url": "https://github.com/LMMMEng/OverLoCK",
-        "notes": ("training form: deploy=False, use_aux_head=True; aux loss weight 0.4",
-                  "the _reparam release files load too (overlock_*_in1k_224_reparam.pth)"),
-        # custom_load: official files may be training states; OverLoCK.load_pretrained reads them with
-        # weights_only=True, folds the dilated branches for the deploy form and loads strictly.
-        "custom_load": bool(url),
-        **kwargs,
-    }
+    # custom_load: official files may be training states; OverLoCK.load_pretrained reads them with
+    # weights_only=True, folds the dilated branches for the deploy form and loads strictly.
+    return family_cfg(url, dict(
+        pool_size=(7, 7), crop_pct=0.9, fixed_input_size=False, first_conv="patch_embed1.0",
+        custom_load=bool(url), license="apache-2.0", paper_ids="arXiv:2502.20087",
+        paper_name="OverLoCK: An Overview-first-Look-Closely-next ConvNet with Context-Mixing Dynamic Kernels",
+        origin_url="https://github.com/LMMMEng/OverLoCK",
+        notes=("training form: deploy=False, use_aux_head=True; aux loss weight 0.4",
+               "the _reparam release files load too (overlock_*_in1k_224_reparam.pth)")), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -68,14 +68,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features_fx import register_notrace_module
 
 from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
-from ._shared import (MAP_POOLS, TimmApi, build_family_model, check_pool, prune_stages, run_blocks,
+from ._shared import (MAP_POOLS, TimmApi, build_family_model, check_pool, family_cfg, prune_stages, run_blocks,
                       stage_intermediates)
 
 __all__ = ["PATNet"]
@@ -706,26 +705,11 @@ def _create_patnet(variant: str, pretrained: bool = False, **kwargs) -> PATNet:
 
 
 def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "mit",
-        "paper_ids": "arXiv:2503.03148",
-        "paper_name": "Partial Convolution Meets Visual Attention",
-        "origin_url": "https://github.com/haiduo/PartialNet",
-        # No official weights exist; a local file (pretrained_cfg_overlay=dict(file=...)) goes
-        # through PATNet.load_pretrained, which reads official .pth and Lightning .ckpt files.
-        **kwargs,
-    }
+    # No official weights exist; a local file (pretrained_cfg_overlay=dict(file=...)) goes
+    # through PATNet.load_pretrained, which reads official .pth and Lightning .ckpt files.
+    return family_cfg(url, dict(
+        pool_size=(7, 7), crop_pct=0.9, fixed_input_size=False, license="mit", paper_ids="arXiv:2503.03148",
+        paper_name="Partial Convolution Meets Visual Attention", origin_url="https://github.com/haiduo/PartialNet"), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -87,7 +87,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -99,7 +98,7 @@ from ..ops.sparse_attention import sparse_attention, sparse_attention_backend, s
 from ._input import record_input_size
 from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
-from ._shared import TOKEN_POOLS, TimmApi, build_family_model, check_pool, run_block
+from ._shared import TOKEN_POOLS, TimmApi, build_family_model, check_pool, family_cfg, run_block
 
 __all__ = ["Sparsifiner", "SparsifinerDistillLoss"]
 
@@ -802,24 +801,11 @@ def _create_sparsifiner(variant: str, pretrained: bool = False, **kwargs) -> Spa
 
 
 def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,  # built for one size (img_size); see set_input_size / dynamic_img_size
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "mit",
-        "paper_ids": "arXiv:2303.13755",
-        "paper_name": "Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision Transformers",
-        "origin_url": "https://github.com/lim142857/Sparsifiner",
-        **kwargs,
-    }
+    return family_cfg(url, dict(
+        pool_size=None, crop_pct=0.875, license="mit", paper_ids="arXiv:2303.13755",
+        fixed_input_size=True,  # built for one size (img_size); see set_input_size / dynamic_img_size
+        paper_name="Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision Transformers",
+        origin_url="https://github.com/lim142857/Sparsifiner"), **kwargs)
 
 
 # No Sparsifiner checkpoints exist; the tags load the backbones the recipe starts from (the

@@ -48,7 +48,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -59,7 +58,7 @@ from ..ops.selective_scan import MambaBranch, bimamba_inner
 from ._input import record_input_size
 from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
-from ._shared import TOKEN_POOLS, TimmApi, build_family_model, check_pool, run_block
+from ._shared import TOKEN_POOLS, TimmApi, build_family_model, check_pool, family_cfg, run_block
 
 __all__ = ["VisionMamba"]
 
@@ -436,24 +435,11 @@ def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba
 
 
 def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,  # built for one size (img_size); see set_input_size / dynamic_img_size
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "apache-2.0",
-        "paper_ids": "arXiv:2401.09417",
-        "paper_name": "Vision Mamba: Efficient Visual Representation Learning with Bidirectional State Space Model",
-        "origin_url": "https://github.com/hustvl/Vim",
-        **kwargs,
-    }
+    return family_cfg(url, dict(
+        pool_size=None, crop_pct=0.875, license="apache-2.0", paper_ids="arXiv:2401.09417",
+        fixed_input_size=True,  # built for one size (img_size); see set_input_size / dynamic_img_size
+        paper_name="Vision Mamba: Efficient Visual Representation Learning with Bidirectional State Space Model",
+        origin_url="https://github.com/hustvl/Vim"), **kwargs)
 
 
 def _hf(repo: str, filename: str, **kwargs) -> Dict[str, Any]:
