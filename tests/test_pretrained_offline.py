@@ -9,6 +9,7 @@ The smallest variant of each family is built at its real size. The other tags lo
 (same repository / URL, file name, container, key layout and tag rules such as ``_ema``) into a
 narrower copy of their architecture (``SHRINK``), which keeps the test fast.
 """
+import argparse
 import hashlib
 import os
 import socket
@@ -25,6 +26,7 @@ from visionzoo.models import VISIONZOO_MODELS
 from .models.overlock_official import to_official as overlock_to_official
 from .models.test_biformer import _to_official as biformer_to_official
 from .models.test_vim import _to_official as vim_to_official
+from .test_convert_visualize import _randomised
 
 REAL = {"vim_tiny", "biformer_tiny", "overlock_xt", "sparsifiner_deit_small"}
 SHRINK = {
@@ -86,17 +88,6 @@ def _put_hf(hf: Path, repo_id: str, filename: str, obj) -> None:
     (repo / "refs" / "main").write_text(rev)
 
 
-@torch.no_grad()
-def _randomised(name, **kwargs):
-    model = timm.create_model(name, **kwargs).eval()
-    for key, t in model.state_dict().items():
-        if key.endswith("running_var"):
-            t.uniform_(0.5, 1.5)
-        elif t.is_floating_point():
-            t.add_(0.05 * torch.randn_like(t))
-    return model
-
-
 def _arch(tag):
     variant = tag.split(".")[0]
     return {} if variant in REAL else SHRINK[VISIONZOO_MODELS[variant].family]
@@ -125,8 +116,7 @@ def test_vim_tags_load_from_the_hf_cache(caches):
         key = (cfg.hf_hub_id, cfg.hf_hub_filename)
         if key not in files:
             variant = tag.split(".")[0]
-            src, ema = _randomised(variant, **_arch(tag)), _randomised(variant, **_arch(tag))
-            import argparse
+            src, ema = _randomised(variant, **_arch(tag)), _randomised(variant, seed=1, **_arch(tag))
             _put_hf(hf, *key, {"model": vim_to_official(src.state_dict()), "model_ema": vim_to_official(ema.state_dict()),
                               "optimizer": {}, "epoch": 299, "args": argparse.Namespace(model=variant)})
             files[key] = (src.state_dict(), ema.state_dict())
