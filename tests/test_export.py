@@ -132,3 +132,13 @@ def test_command_pt2_with_check(tmp_path, capsys):
     summary = main(["test_patnet", "--format", "pt2", "--out", str(out), "--check", "--img-size", "64"])
     assert out.is_file() and summary["check"].worst <= TOL
     assert "check passed" in capsys.readouterr().out
+
+
+def test_benchmark_runtimes_in_one_table():
+    from visionzoo.cli.benchmark import main
+
+    rows = main(["--models", "test_patnet", "--img-size", "64", "--no-save", "--reps", "1", "--warmup", "1",
+                 "--runtime", "onnxruntime"])
+    assert rows[0]["runtime"] == "onnxruntime" and rows[0]["step_ms"] > 0 and not rows[0]["error"]
+    rows = main(["--models", "test_patnet", "--img-size", "64", "--no-save", "--mode", "train", "--runtime", "export"])
+    assert "fp32 CPU inference only" in rows[0]["error"]

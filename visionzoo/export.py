@@ -131,7 +131,7 @@ def save(program: Any, path: Union[str, os.PathLike]) -> Path:
     to a temporary file in the same folder, renamed into place only once complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     try:
         if isinstance(program, torch.export.ExportedProgram):
@@ -202,6 +202,22 @@ def runner(path: Union[str, os.PathLike], threads: Optional[int] = None) -> Call
             return module(x)
 
     return run
+
+
+def runtime_runner(model: torch.nn.Module, runtime: str, img_size: Optional[Size] = None,
+                   threads: Optional[int] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` as ``runtime`` runs it: ``"eager"`` (the model), ``"onnxruntime"`` (exported with dynamic batch,
+    a CPU session with ``threads`` intra-op threads, default torch's) or ``"export"`` (the torch.export
+    program's module)."""
+    if runtime == "eager":
+        return model
+    if runtime not in ("onnxruntime", "export"):
+        raise ValueError(f"unknown runtime {runtime!r}; use eager, onnxruntime or export")
+    with tempfile.TemporaryDirectory() as folder:
+        if runtime == "export":
+            return runner(save(export_program(model, img_size), Path(folder) / "model.pt2"))
+        path = save(export_onnx(model, img_size), Path(folder) / "model.onnx")
+        return runner(path, threads or torch.get_num_threads())  # the session holds the model in memory
 
 
 def real_photo(model: torch.nn.Module, img_size: Size, name: str = "astronaut") -> torch.Tensor:

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 import visionzoo
 from visionzoo.cli import REPO as ROOT
+from visionzoo.export import runtime_runner
 from visionzoo.models import VISIONZOO_MODELS
 from visionzoo.utils import count_macs, count_params
 from visionzoo.utils.memory import PeakLiveBytes
@@ -81,7 +82,7 @@ BASELINE_TOP1 = {
 
 CSV_FIELDS = [
     "model", "source", "mode", "img_size", "built_img_size", "batch_size", "requested_batch_size",
-    "precision", "channels_last", "compile", "device", "threads", "params", "gmacs",
+    "precision", "channels_last", "compile", "runtime", "device", "threads", "params", "gmacs",
     "step_ms", "step_ms_min", "img_per_s", "peak_mem_mb", "memory_method", "paper_top1", "error",
 ]
 
@@ -103,6 +104,9 @@ def parse_args(argv=None):
                    help="fp32, or torch.autocast to bf16 / fp16 (fp16 training uses a GradScaler)")
     p.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (warm-up compiles)")
+    p.add_argument("--runtime", choices=("eager", "onnxruntime", "export"), default="eager",
+                   help="run the model in eager PyTorch, as an ONNX file in onnxruntime (CPU, torch's thread count) "
+                        "or as its torch.export program (visionzoo.export; fp32 CPU inference only)")
     p.add_argument("--fixed-size", action="store_true",
                    help="build every model at its default size instead of passing img_size")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -263,6 +267,10 @@ def measure_one(name, img_size, batch_size, mode, args, device):
     x = torch.randn(batch_size, 3, img_size, img_size, device=device).contiguous(memory_format=memory_format)
     eager = model
     run_model = torch.compile(model) if args.compile else model
+    if args.runtime != "eager":
+        if mode == "train" or device.type != "cpu" or args.compile or args.precision != "fp32" or args.channels_last:
+            raise ValueError(f"--runtime {args.runtime} times fp32 CPU inference only (no --compile / --channels-last)")
+        run_model = runtime_runner(model.eval(), args.runtime, img_size)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     cuda = device.type == "cuda"
 
@@ -305,13 +313,15 @@ def measure_one(name, img_size, batch_size, mode, args, device):
         times.append(time.perf_counter() - t0)
     if cuda:
         peak, method = torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    elif args.runtime != "eager":
+        peak, method = None, f"not measured ({args.runtime})"
     else:
         peak = cpu_step_peak_bytes(lambda: step(eager, no_grad=torch.no_grad),
                                    _resident_tensors(model, optimizer, x))
         method = "resident+PeakLiveBytes(eager)"
     median = statistics.median(times)
     return {"built_img_size": built, "step_ms": median * 1e3, "step_ms_min": min(times) * 1e3,
-            "img_per_s": batch_size / median, "peak_mem_mb": peak / 2**20, "memory_method": method}
+            "img_per_s": batch_size / median, "peak_mem_mb": None if peak is None else peak / 2**20, "memory_method": method}
 
 
 def count_model(name, img_size, fixed_size, row):
@@ -353,6 +363,7 @@ def benchmark(names, args, device, log=print):
             base = {"model": name, "source": "visionzoo" if name in VISIONZOO_MODELS else "timm",
                     "img_size": img_size, "built_img_size": None, "requested_batch_size": args.batch_size,
                     "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
+                    "runtime": args.runtime,
                     "device": str(device), "threads": threads, "params": None, "gmacs": None, "step_ms": None,
                     "step_ms_min": None, "img_per_s": None, "peak_mem_mb": None, "memory_method": None,
                     "paper_top1": paper_top1(name), "error": ""}
@@ -406,7 +417,8 @@ TABLE_HEADER = (f"{'model':30s} {'mode':5s} {'size':>5s} {'bs':>4s} {'params':>1
 
 
 def format_row(r):
-    return (f"{r['model']:30s} {r['mode']:5s} {r['img_size']:5d} {_fmt(r['batch_size'], '4d')} "
+    label = r["model"] if r.get("runtime", "eager") == "eager" else f"{r['model']} [{r['runtime']}]"
+    return (f"{label:30s} {r['mode']:5s} {r['img_size']:5d} {_fmt(r['batch_size'], '4d')} "
             f"{_fmt(r['params'], '12,d')} {_fmt(r['gmacs'], '8.3f')} {_fmt(r['step_ms'], '9.1f')} "
             f"{_fmt(r['img_per_s'], '9.4g')} {_fmt(r['peak_mem_mb'], '9.1f')}  {r['error'] or ''}")
 
@@ -422,6 +434,7 @@ def run_metadata(args, argv, device, hw, threads):
         "visionzoo": visionzoo.__version__, "python": platform.python_version(), "platform": platform.platform(),
         "settings": {"mode": args.mode, "img_sizes": args.img_size, "batch_size": args.batch_size,
                      "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
+                     "runtime": args.runtime,
                      "fixed_size": args.fixed_size, "warmup": args.warmup, "reps": args.reps,
                      "statistic": "median of reps"},
         "load_average_start": list(load) if load else None,

@@ -58,11 +58,7 @@ NA = OpDecl("neighborhood_aggregation", backends=(
 BACKENDS = NA.names
 is_available = NA.is_available
 OUTSIDE_OP = ("reference", "natten")  # plain autograd ops, called by the public entry directly
-
-
-def resolve(requested: str, x: Tensor) -> str:
-    """The backend that runs for ``x`` when ``requested`` is asked for."""
-    return NA.select(requested, x)
+resolve = NA.select  # (requested, x) -> the name of the backend that runs for x
 
 
 def flops(batch: int, groups: int, height: int, width: int, kernel_size: int, channels: int) -> int:

@@ -66,11 +66,7 @@ ROUTING = OpDecl("routing_attention", backends=(
 ), auto_order={"cuda": ("flex", "triton", "chunked"), "default": ("chunked",)})
 BACKENDS = ROUTING.names
 is_available = ROUTING.is_available
-
-
-def resolve(requested: str, x: Tensor) -> str:
-    """The backend that runs for ``x`` when ``requested`` is asked for."""
-    return ROUTING.select(requested, x)
+resolve = ROUTING.select  # (requested, x) -> the name of the backend that runs for x
 
 
 def flops(batch: int, n_h: int, n_w: int, region_tokens: int, topk: int, c_qk: int, c_v: int) -> int:

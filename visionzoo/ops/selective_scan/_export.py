@@ -26,28 +26,29 @@ from torch._higher_order_ops.scan import scan
 from ._reference import compute_dtype
 
 
-def _step(carry: tuple[Tensor, Tensor], xs: tuple[Tensor, Tensor, Tensor, Tensor]):
-    """One time step, whole: the per-step tensors stay in cache (no ``(L, batch, N, dim)`` tensor).
+STEPS = 8  # time steps per scan iteration (unrolled in the body)
 
-    ``carry = (h, A)``: ``A`` rides along unchanged (a closure over it does not trace with a dynamic batch).
+
+def _chunk(h: Tensor, xs: tuple[Tensor, Tensor, Tensor, Tensor, Tensor]):
+    """``STEPS`` time steps: the decays and drives of the chunk at once, then the recurrence step by step, then
+    the chunk's outputs at once. The chunk's tensors stay in cache (no ``(L, batch, N, dim)`` tensor).
+
+    ``h``: the state ``(1, batch, N, G, dim/G)``. ``xs``: ``A`` ``(N, G, dim/G)`` (the same for every chunk: a
+    closure over it does not trace with a dynamic batch), ``delta, delta * u`` ``(T, batch, 1, G, dim/G)``,
+    ``B, C`` ``(T, batch, N, G, 1)``.
     """
-    h, A = carry
-    dt, dtu, B, C = xs
-    h = torch.addcmul(dtu * B, torch.exp(dt * A), h)
-    return (h, A.clone()), (h * C).sum(1)
+    A, dt, dtu, B, C = xs
+    decay, drive = torch.exp(dt * A), dtu * B  # (T, batch, N, G, dim/G)
+    states = []
+    for a, b in zip(decay.split(1), drive.split(1)):
+        h = torch.addcmul(b, a, h)
+        states.append(h)
+    return h.clone(), (torch.cat(states) * C).sum(2)  # (T, batch, G, dim/G)
 
 
-def selective_scan_scan(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor] = None,
-    z: Optional[Tensor] = None,
-    delta_bias: Optional[Tensor] = None,
-    delta_softplus: bool = False,
-) -> tuple[Tensor, Tensor]:
+def selective_scan_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                        z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                        delta_softplus: bool = False) -> tuple[Tensor, Tensor]:
     """``(out (batch, dim, L), last_state (batch, dim, N))`` with the recurrence in one scan op.
 
     Shapes as :func:`._reference.selective_scan_reference` (``B, C``: ``(batch, G, N, L)``).
@@ -58,20 +59,22 @@ def selective_scan_scan(
     dt = delta.to(ct)
     if delta_bias is not None:
         dt = dt + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
+    if delta_softplus:  # F.softplus, written out: onnxruntime's Softplus is ~10x slower than these ops
+        dt = torch.where(dt > 20.0, dt, torch.log1p(torch.exp(dt)))
     u_c = u.to(ct)
     # Time-major with the state index outside the channels, (L, batch, N, G, dim / G): every broadcast
-    # below repeats whole contiguous rows of channels, which runtimes (onnxruntime) do fast.
-    dt_t = dt.permute(2, 0, 1).reshape(length, batch, 1, groups, dim // groups)
-    dtu_t = (dt * u_c).permute(2, 0, 1).reshape(length, batch, 1, groups, dim // groups)
-    B_t = B.to(ct).permute(3, 0, 2, 1).unsqueeze(-1)  # (L, batch, N, G, 1)
-    C_t = C.to(ct).permute(3, 0, 2, 1).unsqueeze(-1)
-    A_t = A.to(ct).t().reshape(N, groups, dim // groups)
-
-    h0 = dt_t.new_zeros(batch, N, groups, dim // groups)
-    (last, _), y = scan(_step, (h0, A_t), (dt_t, dtu_t, B_t, C_t))  # y: (L, batch, G, dim/G)
-    y = y.reshape(length, batch, dim).permute(1, 2, 0)  # (batch, dim, L)
+    # below repeats whole contiguous rows of channels, which runtimes (onnxruntime) do fast. The time
+    # axis is padded to whole chunks with delta = 0 (decay 1, drive 0: the state passes unchanged).
+    chunks = -(-length // STEPS)
+    pad = (0, chunks * STEPS - length)
+    per_group = (chunks, STEPS, batch, 1, groups, dim // groups)
+    dt_t = F.pad(dt, pad).permute(2, 0, 1).reshape(per_group)
+    dtu_t = F.pad(dt * u_c, pad).permute(2, 0, 1).reshape(per_group)
+    B_t, C_t = (F.pad(x.to(ct), pad).permute(3, 0, 2, 1).reshape(chunks, STEPS, batch, N, groups, 1) for x in (B, C))
+    A_t = A.to(ct).t().reshape(1, N, groups, dim // groups).expand(chunks, N, groups, dim // groups)
+    h0 = dt_t.new_zeros(1, batch, N, groups, dim // groups)
+    last, y = scan(_chunk, h0, (A_t, dt_t, dtu_t, B_t, C_t))  # y: (chunks, T, batch, G, dim/G)
+    y = y.reshape(chunks * STEPS, batch, dim)[:length].permute(1, 2, 0)  # (batch, dim, L)
     if D is not None:
         y = y + u_c * D.to(ct)[:, None]
     if z is not None:

@@ -66,10 +66,7 @@ SPARSE = OpDecl("sparse_attention", backends=(
 ), auto_order={"cuda": ("flex", "triton", "masked"), "default": ("masked",)})
 BACKENDS = SPARSE.names
 is_available = SPARSE.is_available
-
-
-def resolve(requested: str, x: Tensor) -> str:
-    return SPARSE.select(requested, x)
+resolve = SPARSE.select  # (requested, x) -> the name of the backend that runs for x
 
 
 def flops(batch: int, heads: int, num_tokens: int, kept: int, dense_rows: int, d_qk: int, d_v: int) -> int:
