@@ -26,6 +26,9 @@ decomposition (its reference or chunked algorithm), :func:`decompositions` retur
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
+import importlib.util
 import logging
 import os
 import threading
@@ -231,6 +234,19 @@ class OpDecl:
                 continue
             _proven.add(key)
             return result
+
+
+@functools.lru_cache(maxsize=None)
+def optional_import(module: str, name: str) -> Any:
+    """``module.name`` from an optional package (mamba_ssm, causal_conv1d, natten), imported on first use and
+    cached; None when the package is missing or its import fails in any way (ABI mismatch with torch, no
+    CUDA at import, ...): a broken install makes the backend unavailable, it never breaks visionzoo."""
+    if importlib.util.find_spec(module.partition(".")[0]) is None:
+        return None
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
 
 
 def triton_backend(name: str, launcher, forward=None, backward=None, **kwargs) -> Backend:

@@ -44,12 +44,16 @@ ACTIVATIONS = ("none", "silu")
 
 
 def _validate(name: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str],
-              channels: int, backend: str) -> tuple[Tensor, str]:
+              backend: str) -> tuple[Tensor, str]:
     """Check shapes and the activation; return ``weight`` as ``(channels, K)`` and the activation name."""
+    bidirectional = name == "causal_conv1d_bidirectional"
+    x_label, label = ("E", "2E") if bidirectional else ("dim", "dim")
+    if x.dim() != 3:
+        raise ValueError(f"{name}: x must be (batch, {x_label}, L), got shape {tuple(x.shape)}")
     CONV.check_name(backend, name)
+    channels = 2 * x.shape[1] if bidirectional else x.shape[1]
     if weight.dim() == 3 and weight.shape[1] == 1:
         weight = weight[:, 0]
-    label = "dim" if name == "causal_conv1d" else "2E"
     if weight.dim() != 2 or weight.shape[0] != channels:
         raise ValueError(f"{name}: weight must be ({label}, K) with {label}={channels}, got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (channels,):
@@ -60,30 +64,16 @@ def _validate(name: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], acti
     return weight, act
 
 
-def causal_conv1d(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor] = None,
-    activation: Optional[str] = None,
-    *,
-    backend: str = "auto",
-) -> Tensor:
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None, *,
+                  backend: str = "auto") -> Tensor:
     """Depthwise causal conv1d. x: (batch, dim, L), any strides; weight: (dim, K) or (dim, 1, K);
     bias: (dim,) or None; activation: None / "silu". Returns (batch, dim, L) in x's dtype."""
-    if x.dim() != 3:
-        raise ValueError(f"causal_conv1d: x must be (batch, dim, L), got shape {tuple(x.shape)}")
-    weight, act = _validate("causal_conv1d", x, weight, bias, activation, x.shape[1], backend)
+    weight, act = _validate("causal_conv1d", x, weight, bias, activation, backend)
     return call(causal_conv1d_op, x, weight, bias, act, backend)
 
 
-def causal_conv1d_bidirectional(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor] = None,
-    activation: Optional[str] = None,
-    *,
-    backend: str = "auto",
-) -> Tensor:
+def causal_conv1d_bidirectional(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                                activation: Optional[str] = None, *, backend: str = "auto") -> Tensor:
     """Both directions of a Vim mixer's conv: ``cat([conv(x, w[:E]), conv(flip(x), w[E:])])`` on channels.
 
     x: (batch, E, L), any strides; weight: (2E, K) or (2E, 1, K); bias: (2E,) or None. Returns
@@ -91,7 +81,5 @@ def causal_conv1d_bidirectional(
     backwards in place (no flipped or concatenated copy); other backends concatenate the flipped
     copy and run :func:`causal_conv1d`.
     """
-    if x.dim() != 3:
-        raise ValueError(f"causal_conv1d_bidirectional: x must be (batch, E, L), got shape {tuple(x.shape)}")
-    weight, act = _validate("causal_conv1d_bidirectional", x, weight, bias, activation, 2 * x.shape[1], backend)
+    weight, act = _validate("causal_conv1d_bidirectional", x, weight, bias, activation, backend)
     return call(causal_conv1d_bidirectional_op, x, weight, bias, act, backend)

@@ -1,22 +1,16 @@
 """Bridge to NATTEN's ``na2d_av`` (releases up to 0.17.x; 0.20+ removed it). Imported lazily."""
 from __future__ import annotations
 
-import importlib.util
-from functools import lru_cache
 from typing import Callable, Optional
 
 from torch import Tensor
 
+from .._dispatch import optional_import
 
-@lru_cache(maxsize=None)
+
 def _load() -> Optional[Callable]:
-    if importlib.util.find_spec("natten") is None:
-        return None
-    try:  # NATTEN 0.17 probes CUDA at import and may raise on machines without one
-        from natten.functional import na2d_av
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return None
-    return na2d_av
+    # (NATTEN 0.17 probes CUDA at import and may raise on machines without one: then not available)
+    return optional_import("natten.functional", "na2d_av")
 
 
 def natten_available() -> bool:

@@ -36,6 +36,7 @@ from typing import Optional, Union
 
 from torch import Tensor
 
+from .._checks import check_tensors
 from .._dispatch import call
 from ._op import BACKENDS, RA, flops, reversed_attention_op
 
@@ -56,15 +57,7 @@ def resolve(requested: str, q: Tensor, dropout_p: float = 0.0) -> str:
 
 
 def _validate(q, k, v, head_weight, message) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v), ("head_weight", head_weight), ("message", message)):
-        if x is None:
-            continue
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"{OP}: {name} must be a floating point tensor, got {x.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{OP}: {name} is on {x.device} but q is on {q.device}")
+    check_tensors(OP, (("q", q), ("k", k), ("v", v), ("head_weight", head_weight), ("message", message)))
     if q.dim() != 4:
         raise ValueError(f"{OP}: q must be 4-d (batch, heads, N, head_dim), got shape {tuple(q.shape)}")
     B, H, N, D = q.shape
@@ -81,20 +74,10 @@ def _validate(q, k, v, head_weight, message) -> None:
         raise ValueError(f"{OP}: message (m) must be (batch, N) = ({B}, {N}), got {tuple(message.shape)}")
 
 
-def reversed_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    head_weight: Optional[Tensor] = None,
-    message: Optional[Tensor] = None,
-    *,
-    scale: Optional[float] = None,
-    dropout_p: float = 0.0,
-    return_dependency: bool = False,
-    return_mass: bool = False,
-    backend: str = "auto",
-    chunk_size: Optional[int] = None,
-) -> Union[Tensor, tuple[Tensor, Optional[Tensor], Optional[Tensor]]]:
+def reversed_attention(q: Tensor, k: Tensor, v: Tensor, head_weight: Optional[Tensor] = None,
+                       message: Optional[Tensor] = None, *, scale: Optional[float] = None, dropout_p: float = 0.0,
+                       return_dependency: bool = False, return_mass: bool = False, backend: str = "auto",
+                       chunk_size: Optional[int] = None) -> Union[Tensor, tuple[Tensor, Optional[Tensor], Optional[Tensor]]]:
     """``(A^T * p * m) @ v`` with ``A = softmax(q k^T * scale)`` over parents (the key axis).
 
     Args:
@@ -119,8 +102,6 @@ def reversed_attention(
         RuntimeError: a backend that cannot run (``chunked`` with dropout).
     """
     RA.check_name(backend)
-    if not isinstance(q, Tensor):
-        raise TypeError(f"{OP}: q must be a torch.Tensor, got {type(q).__name__}")
     _validate(q, k, v, head_weight, message)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{OP}: dropout_p must be in [0, 1), got {dropout_p}")

@@ -70,6 +70,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from torch.utils.flop_counter import FlopCounterMode
 
+from .._checks import check_tensors
 from .._dispatch import call, tracing
 from ..causal_conv1d import causal_conv1d_bidirectional
 from ._bidirectional import REDUCTIONS, selective_scan_bidirectional_op
@@ -209,18 +210,8 @@ def _check_groups(name: str, x: Tensor, batch: int, dim: int, dstate: int, lengt
 
 def _validate(u, delta, A, B, C, D, z, delta_bias):
     """Check ranks, shapes, dtypes and devices; return ``B, C`` as ``(batch, G, N, L)``."""
-    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
-    for name, x in named.items():
-        if x is None:
-            continue
-        if not isinstance(x, Tensor):
-            raise TypeError(f"selective_scan: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.is_complex():
-            raise ValueError(f"selective_scan: complex {name} is not supported (real-valued scan only)")
-        if not x.is_floating_point():
-            raise ValueError(f"selective_scan: {name} must be a floating point tensor, got {x.dtype}")
-        if x.device != u.device:
-            raise ValueError(f"selective_scan: {name} is on {x.device} but u is on {u.device}")
+    check_tensors("selective_scan", (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                                     ("delta_bias", delta_bias)))
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must be 3-d (batch, dim, L), got shape {tuple(u.shape)}")
     batch, dim, length = u.shape
@@ -246,20 +237,9 @@ def _validate(u, delta, A, B, C, D, z, delta_bias):
     return B4, C4
 
 
-def selective_scan(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor] = None,
-    z: Optional[Tensor] = None,
-    delta_bias: Optional[Tensor] = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    *,
-    backend: str = "auto",
-) -> Union[Tensor, tuple[Tensor, Tensor]]:
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                   z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                   return_last_state: bool = False, *, backend: str = "auto") -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Selective scan, with the arguments and semantics of mamba-ssm's ``selective_scan_fn``.
 
     Args:
@@ -289,29 +269,15 @@ def selective_scan(
         RuntimeError: the requested backend is not available (e.g. ``mamba`` on CPU).
     """
     SCAN.check_name(backend)
-    if not isinstance(u, Tensor):
-        raise TypeError(f"selective_scan: u must be a torch.Tensor, got {type(u).__name__}")
     B, C = _validate(u, delta, A, B, C, D, z, delta_bias)
     out, last_state = call(selective_scan_op, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), backend)
     return (out, last_state) if return_last_state else out
 
 
-def selective_scan_bidirectional(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor] = None,
-    z: Optional[Tensor] = None,
-    delta_bias: Optional[Tensor] = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    *,
-    reduce: str = "mean",
-    reversed_inputs: bool = False,
-    backend: str = "auto",
-) -> Union[Tensor, tuple[Tensor, Tensor]]:
+def selective_scan_bidirectional(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                                 z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                                 delta_softplus: bool = False, return_last_state: bool = False, *, reduce: str = "mean",
+                                 reversed_inputs: bool = False, backend: str = "auto") -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Forward and backward-in-time selective scans of stacked channels, combined (Vim's bimamba v2).
 
     Args:
@@ -347,19 +313,12 @@ def selective_scan_bidirectional(
     if reduce not in REDUCTIONS:
         raise ValueError(f"selective_scan_bidirectional: reduce must be one of {REDUCTIONS}, got {reduce!r}")
     SCAN.check_name(backend, "selective_scan_bidirectional")
-    if not isinstance(u, Tensor):
-        raise TypeError(f"selective_scan_bidirectional: u must be a torch.Tensor, got {type(u).__name__}")
+    check_tensors("selective_scan_bidirectional", (("u", u), ("z", z)), kind="real floating point")
     if u.dim() == 3 and u.shape[1] % 2:
         raise ValueError(f"selective_scan_bidirectional: u must stack the two directions as 2 * dim channels, "
                          f"got an odd channel count {u.shape[1]}")
     B4, C4 = _validate(u, delta, A, B, C, D, None, delta_bias)
     if z is not None:
-        if not isinstance(z, Tensor):
-            raise TypeError(f"selective_scan_bidirectional: z must be a torch.Tensor, got {type(z).__name__}")
-        if not z.is_floating_point() or z.is_complex():
-            raise ValueError(f"selective_scan_bidirectional: z must be a real floating point tensor, got {z.dtype}")
-        if z.device != u.device:
-            raise ValueError(f"selective_scan_bidirectional: z is on {z.device} but u is on {u.device}")
         shared = (u.shape[0], u.shape[1] // 2, u.shape[2])
         if z.shape != u.shape and z.shape != shared:
             raise ValueError(f"selective_scan_bidirectional: z has shape {tuple(z.shape)}; expected {shared} "

@@ -93,20 +93,9 @@ def _combine(u: Tensor, out_f: Tensor, out_b: Tensor, reduce: str) -> Tensor:
 
 
 @torch.library.custom_op("visionzoo::selective_scan_bidirectional", mutates_args=())
-def selective_scan_bidirectional_op(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor],
-    z: Optional[Tensor],
-    delta_bias: Optional[Tensor],
-    delta_softplus: bool,
-    reduce: str,
-    reversed_inputs: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
+def selective_scan_bidirectional_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                                    z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, reduce: str,
+                                    reversed_inputs: bool, backend: str) -> tuple[Tensor, Tensor]:
     """``out`` (see :func:`selective_scan_bidirectional`) and ``last_state (batch, 2 dim, N)``."""
     dim = u.shape[1] // 2
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)

@@ -128,23 +128,11 @@ class _Prepared:
         return h.transpose(2, 3).reshape(self.batch, self.dim, self.dstate).contiguous()
 
 
-def selective_scan_chunked(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor] = None,
-    z: Optional[Tensor] = None,
-    delta_bias: Optional[Tensor] = None,
-    delta_softplus: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Blocked selective scan on validated inputs (``B, C`` as ``(batch, G, N, L)``).
-
-    Returns ``(out, last_state)``: ``out`` ``(batch, dim, L)`` in ``u``'s dtype (time-major strides when
-    ``u`` is a time-major view, otherwise contiguous) and ``last_state`` ``(batch, dim, N)`` in the
-    compute dtype.
-    """
+def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                           z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                           delta_softplus: bool = False) -> tuple[Tensor, Tensor]:
+    """Blocked selective scan; arguments and outputs as :func:`._reference.selective_scan_reference`
+    (``out`` has time-major strides when ``u`` is a time-major view, otherwise it is contiguous)."""
     p = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
     y = p.new(p.length, p.batch, p.dim)
     last = p.scan(y=y)
@@ -159,19 +147,9 @@ def selective_scan_chunked(
     return out.to(u.dtype), p.state_to_bdn(last)
 
 
-def selective_scan_chunked_backward(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor],
-    z: Optional[Tensor],
-    delta_bias: Optional[Tensor],
-    delta_softplus: bool,
-    grad_out: Optional[Tensor],
-    grad_last_state: Optional[Tensor],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+def selective_scan_chunked_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                                    z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                                    grad_out: Optional[Tensor], grad_last_state: Optional[Tensor]) -> tuple:
     """Gradients of ``selective_scan_chunked`` (analytic reverse scan).
 
     ``grad_out``: ``(batch, dim, L)`` or None (zero); ``grad_last_state``: ``(batch, dim, N)`` or None.

@@ -7,11 +7,11 @@ Triton, ...), so any exception makes the backend unavailable instead of propagat
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import Callable, Optional
 
 import torch
 
+from .._dispatch import optional_import
 from ._chunked import selective_scan_chunked_backward
 
 _UNSET = object()
@@ -25,13 +25,7 @@ def load() -> Optional[Callable]:
     """mamba-ssm's ``selective_scan_fn``, or None when it cannot be imported (cached)."""
     global _selective_scan_fn
     if _selective_scan_fn is _UNSET:
-        fn = None
-        try:
-            if importlib.util.find_spec("mamba_ssm") is not None:
-                from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as fn
-        except Exception:  # noqa: BLE001 - a broken install must not break visionzoo
-            fn = None
-        _selective_scan_fn = fn
+        _selective_scan_fn = optional_import("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
     return _selective_scan_fn
 
 

@@ -93,11 +93,7 @@ SCAN = OpDecl("selective_scan", backends=(
 ), auto_order={"default": AUTO_ORDER})
 BACKENDS = SCAN.names
 is_available = SCAN.is_available
-
-
-def resolve(requested: str, u: Tensor) -> str:
-    """The backend that runs for ``u`` when ``requested`` is asked for."""
-    return SCAN.select(requested, u)
+resolve = SCAN.select  # (requested, u, dstate=N) -> the name of the backend that runs for u
 
 
 def flops(batch: int, dim: int, length: int, dstate: int, with_D: bool = True, with_z: bool = False) -> int:
@@ -132,18 +128,8 @@ def with_strides(x: Tensor, strides: tuple[int, ...]) -> Tensor:
 
 
 @torch.library.custom_op("visionzoo::selective_scan", mutates_args=())
-def selective_scan_op(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor],
-    z: Optional[Tensor],
-    delta_bias: Optional[Tensor],
-    delta_softplus: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
+def selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+                      delta_bias: Optional[Tensor], delta_softplus: bool, backend: str) -> tuple[Tensor, Tensor]:
     """``out (batch, dim, L)`` in ``u``'s dtype and ``last_state (batch, dim, N)`` in fp32 (fp64 for fp64 u)."""
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     out, last_state = SCAN.dispatch(backend, u, lambda b: b.forward(*args), dstate=A.shape[1])

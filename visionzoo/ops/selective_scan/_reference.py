@@ -24,18 +24,14 @@ def expand_groups(x: Tensor, dim: int) -> Tensor:
     return x.repeat_interleave(dim // x.shape[1], dim=1)
 
 
-def selective_scan_reference(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor] = None,
-    z: Optional[Tensor] = None,
-    delta_bias: Optional[Tensor] = None,
-    delta_softplus: bool = False,
-) -> tuple[Tensor, Tensor]:
+def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                             z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                             delta_softplus: bool = False) -> tuple[Tensor, Tensor]:
     """Sequential selective scan on already validated inputs.
+
+    Every backend's forward takes these arguments, in this order (the ops pass them positionally), and
+    returns the same two tensors; every backward takes ``(inputs, delta_softplus, grad_out, grad_last_state,
+    needs)`` with ``inputs = (u, delta, A, B, C, D, z, delta_bias)`` and returns their gradients.
 
     Shapes: ``u, delta, z``: ``(batch, dim, L)``; ``A``: ``(dim, N)``; ``B, C``: ``(batch, G, N, L)``
     (the 3-d form ``(batch, N, L)`` must have been unsqueezed to ``G = 1`` by the caller);
