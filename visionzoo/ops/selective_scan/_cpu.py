@@ -55,7 +55,7 @@ class ScanArgs(ctypes.Structure):
                 + _bc_fields("B") + _bc_fields("C") + [("D", _fp), ("bias", _fp)] + _seq_fields("z", "z")
                 + [("softplus", _i64)] + _seq_fields("out", "o")
                 + [("last_state", _fp), ("ckpt", _fp), ("ck_row", _i64), ("out_scale", ctypes.c_float),
-                   ("accumulate", ctypes.c_int32)])
+                   ("accumulate", ctypes.c_int32), ("gate_total", ctypes.c_int32)])
 
 
 _NULL_SEQ = (None, 0, 0, 0)
@@ -63,11 +63,13 @@ _NULL_SEQ = (None, 0, 0, 0)
 
 def _job(batch: int, dim: int, length: int, dstate: int, groups: int, u: tuple, delta: tuple, dt_w, rank: int,
          A2, a_log: bool, B: tuple, C: tuple, D, bias, z: tuple, softplus: bool, out: tuple, last_state,
-         scale: float = 1.0, accumulate: bool = False, ckpt=None, ck_row: int = 0) -> ScanArgs:
+         scale: float = 1.0, accumulate: bool = False, ckpt=None, ck_row: int = 0,
+         gate_total: bool = False) -> ScanArgs:
     """The one place the kernel's arguments are put together: sequences as (pointer, 3 strides), ``B, C`` as
-    (pointer, 4 strides), the rest pointers (ints, or None for NULL) and flags."""
+    (pointer, 4 strides), the rest pointers (ints, or None for NULL) and flags. ``gate_total``: the gate
+    ``silu(z)`` multiplies the accumulated output (both directions' sum) instead of this job's part."""
     return ScanArgs(batch, dim, length, dstate, groups, *u, *delta, dt_w, rank, A2, int(a_log), *B, *C, D, bias,
-                    *z, int(softplus), *out, last_state, ckpt, ck_row, scale, int(accumulate))
+                    *z, int(softplus), *out, last_state, ckpt, ck_row, scale, int(accumulate), int(gate_total))
 
 
 def _run(lib: ctypes.CDLL, jobs: list, what: str) -> None:
@@ -220,11 +222,13 @@ def selective_scan_bidirectional_cpu(
         backward = direction == 1
         o = out[:, ch] if reduce == "none" else out
         seq = _seq_reversed if backward else _seq
+        summed = reduce != "none"  # then the shared gate multiplies the sum, once, in the second job
+        zj = z if backward or not summed else None
         jobs.append(_job(batch, E, length, dstate, G2, _seq(u[:, ch]), _seq(delta[:, ch]), None, 0, ptr(A2[ch]),
                          False, _seq(B[:, grp]), _seq(C[:, grp]), ptr(D[ch] if D is not None else None),
-                         ptr(bias[ch] if bias is not None else None), seq(z), delta_softplus, seq(o),
-                         ptr(last_states[direction]), scale, backward and reduce != "none",
-                         ck.data_ptr() + 4 * ch.start if checkpoints else None, dim2))
+                         ptr(bias[ch] if bias is not None else None), seq(zj), delta_softplus, seq(o),
+                         ptr(last_states[direction]), scale, backward and summed,
+                         ck.data_ptr() + 4 * ch.start if checkpoints else None, dim2, backward and summed))
     _run(lib, jobs, "selective_scan")  # item by item, the backward direction after the forward one
     if checkpoints:
         return out, torch.cat(last_states, dim=1), ck
@@ -269,7 +273,7 @@ def bimamba_inner_cpu(xz: Tensor, forward: MixerDirection, backward: MixerDirect
     x_sb, x_sl = xz.stride(0), xz.stride(1)
     x0, last = xz.data_ptr(), (length - 1) * x_sl * 4
     x_fwd, x_rev = (x0, x_sb, 1, x_sl), (x0 + last, x_sb, 1, -x_sl)
-    z_fwd, z_rev = (x0 + 4 * E, x_sb, 1, x_sl), (x0 + 4 * E + last, x_sb, 1, -x_sl)
+    z_rev = (x0 + 4 * E + last, x_sb, 1, -x_sl)
     u_b = torch.empty(batch, length, E, dtype=torch.float32)
     ub_view = (u_b.data_ptr(), length * E, 1, E)
     keep = [f32c(t) for w in (forward, backward) for t in w]  # fp32 contiguous weights, alive until the calls
@@ -287,9 +291,10 @@ def bimamba_inner_cpu(xz: Tensor, forward: MixerDirection, backward: MixerDirect
         p, sb = x_dbl.data_ptr(), (R + 2 * N) * length
         jobs.append(_job(batch, E, length, N, 1, u_view, (p, sb, length, 1), dt_w.data_ptr(), R, A_log.data_ptr(),
                          True, (p + 4 * R * length, sb, 0, length, 1), (p + 4 * (R + N) * length, sb, 0, length, 1),
-                         D.data_ptr(), dt_b.data_ptr(), z_rev if k else z_fwd, True, x_rev if k else x_fwd, None,
-                         0.5, bool(k)))
-    # The forward direction's scan overwrites its input x with its half of the output, then the backward
-    # direction's adds its half (item by item: the same channels, so the same thread, in this order).
+                         D.data_ptr(), dt_b.data_ptr(), z_rev if k else _NULL_SEQ, True, x_rev if k else x_fwd,
+                         None, 0.5, bool(k), gate_total=bool(k)))
+    # The forward direction's scan overwrites its input x with y_f / 2, then the backward direction's makes
+    # it (y_f / 2 + y_b / 2) * silu(z): the shared gate once (item by item: the same channels, so the same
+    # thread, in this order).
     _run(lib, jobs, "bimamba_inner_cpu")
     return xs

@@ -35,7 +35,8 @@
  * ckpt[((b * chunks + q) * N + n) * ck_row + c] for the backward (_cpu_bwd_kernel.c reads them instead of
  * recomputing them); ck_row >= dim.
  * out = out_scale * result, or out += out_scale * result with accumulate (the bidirectional scan adds
- * its second direction into the first's output). out may be u itself (each step reads u before it
+ * its second direction into the first's output); with gate_total, result is taken without the gate and
+ * the gate multiplies the final out instead: out = (out + out_scale * y) * silu(z). out may be u itself (each step reads u before it
  * writes out). Time strides may be negative: a pointer to the last step with a negative stride reads or
  * writes a sequence time-reversed without a flipped copy. The Python mirror is _cpu.py's ScanArgs. */
 typedef struct {
@@ -62,7 +63,7 @@ typedef struct {
     float *ckpt;
     int64_t ck_row;
     float out_scale;
-    int32_t accumulate;
+    int32_t accumulate, gate_total;
 } vz_scan_args;
 
 /* Item `item` (batch element b, channel block item % blocks) of one scan. */
@@ -76,7 +77,7 @@ static void scan_item(const vz_scan_args *args, int64_t item)
     const int64_t B_sb = args->B_sb, B_sg = args->B_sg, B_sn = args->B_sn, B_sl = args->B_sl;
     const int64_t C_sb = args->C_sb, C_sg = args->C_sg, C_sn = args->C_sn, C_sl = args->C_sl;
     const int64_t z_sd = args->z_sd, z_sl = args->z_sl, o_sd = args->o_sd, o_sl = args->o_sl;
-    const int softplus = args->softplus != 0, accumulate = args->accumulate != 0;
+    const int softplus = args->softplus != 0, accumulate = args->accumulate != 0, gate_total = args->gate_total != 0;
     const float out_scale = args->out_scale;
     float *out = args->out, *last_state = args->last_state, *ckpt = args->ckpt;
     (void)batch;
@@ -200,7 +201,9 @@ static void scan_item(const vz_scan_args *args, int64_t item)
                 }
                 yt[t] = y;
             }
-            /* Pass 3 likewise: the gates' SiLU over the tile (into dvt, free now), then the stores. */
+            /* Pass 3 likewise: the gates' SiLU over the tile (into dvt, free now), then the stores. With
+             * gate_total the gate multiplies the accumulated output instead of this job's part (the fused Vim
+             * path: both directions share the gate, so it is applied once, by the second). */
             if (zb) {
                 for (int t = 0; t < tl; ++t) {
                     const int64_t l = l0 + t;
@@ -209,8 +212,11 @@ static void scan_item(const vz_scan_args *args, int64_t item)
                     else
                         for (int c = 0; c < VZ_CB; ++c) dvt[t][c] = zb[ch[c] * z_sd + l * z_sl];
                 }
-                for (int t = 0; t < tl; ++t) yt[t] *= vz_silu(dvt[t]);
+                for (int t = 0; t < tl; ++t) dvt[t] = vz_silu(dvt[t]);
+                if (!gate_total)
+                    for (int t = 0; t < tl; ++t) yt[t] *= dvt[t];
             }
+            const int gate_out = zb && gate_total;
             for (int t = 0; t < tl; ++t) {
                 const int64_t l = l0 + t;
                 vf y = yt[t] * out_scale;
@@ -220,11 +226,13 @@ static void scan_item(const vz_scan_args *args, int64_t item)
                         memcpy(&prev, ob + d0 + l * o_sl, sizeof prev);
                         y += prev;
                     }
+                    if (gate_out) y *= dvt[t];
                     memcpy(ob + d0 + l * o_sl, &y, sizeof y);
                 } else {
                     for (int c = 0; c < nc; ++c) {
                         float *o = ob + ch[c] * o_sd + l * o_sl;
-                        *o = accumulate ? *o + y[c] : y[c];
+                        const float v = accumulate ? *o + y[c] : y[c];
+                        *o = gate_out ? v * dvt[t][c] : v;
                     }
                 }
             }
