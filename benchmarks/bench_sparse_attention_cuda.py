@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from visionzoo.ops import is_available  # noqa: E402
 from visionzoo.ops.sparse_attention import sparse_attention, triton_tiles  # noqa: E402
+from visionzoo.ops.sparse_attention._triton import TILE_CONFIGS as CONFIGS  # noqa: E402
 
 SIZES = {224: (197, 50), 384: (577, 145)}
-CONFIGS = [(16, 16, 4), (8, 32, 4), (4, 64, 4)]
 
 
 DEVICE = "cuda"

@@ -6,7 +6,9 @@ is run forward and backward at batch 1 on the CPU with every op forced to its ``
 bundled ptxas instead of run, with exactly the arguments, constexprs and specialisation (alignment,
 unit strides) the model's launch has. Models run in fp32 and in bf16; every bf16 launch is compiled
 once more with fp16 tensors (same layouts; no launcher decides by the difference), and BiFormer's fp32
-runs once more with ``torch.backends.cuda.matmul.allow_tf32`` (its kernels pick the dot precision by it).
+runs once more with ``torch.backends.cuda.matmul.allow_tf32`` (its kernels pick the dot precision by it),
+Sparsifiner's runs once more per non-default tile of ``sparse_attention._triton.TILE_CONFIGS`` (the tiles the
+GPU benchmark sweeps; none of the kernels uses ``triton.autotune``).
 
 Must run where ``TRITON_INTERPRET`` is not set. Prints one line per compiled (kernel, specialisation,
 dtype, target) and the count; exits 1 when any compile fails or needs more shared memory than the target
@@ -68,6 +70,9 @@ def drive(session, name: str, size: int, dtype: torch.dtype, tf32: bool = False)
 
 
 def run(models, dtypes, per_kernel=None, log=print):
+    from visionzoo.ops.sparse_attention import triton_tiles
+    from visionzoo.ops.sparse_attention._triton import TILE_CONFIGS
+
     start = time.time()
     with _triton_build.compile_only((80, 90), substitute={torch.bfloat16: torch.float16},
                                     per_kernel=per_kernel) as session:
@@ -77,8 +82,19 @@ def run(models, dtypes, per_kernel=None, log=print):
                 drive(session, name, size, dtype)
                 if dtype == torch.float32 and name.startswith("biformer"):
                     drive(session, name, size, dtype, tf32=True)
+                if name.startswith("sparsifiner") and per_kernel is None:  # the tiles the GPU benchmark sweeps
+                    default = triton_tiles()
+                    try:
+                        for tiles in TILE_CONFIGS[1:]:
+                            triton_tiles(*tiles)
+                            drive(session, name, size, dtype)
+                    finally:
+                        triton_tiles(*default)
                 log(f"# {name}@{size} {dtype}: {len(session.records) - n0} new compiles, {time.time() - t0:.0f} s")
     return session, time.time() - start
+
+
+MARKER = "<!-- generated above; written by hand below (kept when the file is regenerated) -->"
 
 
 def kib(n: int) -> str:
@@ -151,6 +167,9 @@ def main(argv=None) -> int:
         cmd = "env -u TRITON_INTERPRET python benchmarks/gpu_compile.py" + (" --quick" if args.quick else "") + \
             f" --md {args.md}"
         text = markdown(records, seconds, cmd)
+        # The hand-written part (the CUDA auto order, what the spills mean) below the marker is kept.
+        kept = open(args.md).read().partition(MARKER)[2] if os.path.exists(args.md) else ""
+        text += "\n" + MARKER + (kept or "\n")
         tmp = args.md + ".tmp"
         with open(tmp, "w") as f:
             f.write(text)

@@ -35,6 +35,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_M = 16
 BLOCK_K = 16
 NUM_WARPS = 4
+# (BLOCK_M, BLOCK_K, num_warps) tiles that benchmarks/bench_sparse_attention_cuda.py sweeps on a GPU (the first is
+# the default); benchmarks/gpu_compile.py compiles each of them for sm_80 / sm_90.
+TILE_CONFIGS = ((16, 16, 4), (8, 32, 4), (4, 64, 4))
 
 
 def _check(q: Tensor) -> None:
