@@ -69,7 +69,7 @@ if [ $dry = 1 ]; then
   step selective_scan 120 python benchmarks/bench_selective_scan_cuda.py --device cpu --batch 1 --dim 8 --length 9 \
     --dstate 4 --reps 1 --dtypes fp32
   step routing_attention 120 python benchmarks/bench_routing_attention_cuda.py --smoke
-  step sparse_attention 120 python benchmarks/bench_sparse_attention_cuda.py --device cpu --batch 1 --sizes 224 \
+  step sparse_attention 120 python benchmarks/bench_sparse_attention_cuda.py --device cpu --batch 1 --sizes 0 \
     --dtypes float32 --backends triton masked reference --reps 1 --no-sweep --json "$out/sparse_attention.json"
   step neighborhood_aggregation 120 python benchmarks/bench_neighborhood_aggregation_cuda.py --smoke --reps 1 --no-model
   step vim_vs_deit 120 python tools/benchmark.py --device cpu --precision bf16 --models vim_tiny deit_tiny_patch16_224 \
