@@ -63,6 +63,7 @@ scans (the backward one on flipped copies) with every other backend.
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -93,6 +94,9 @@ class _Fp32(NamedTuple):
     dtype: torch.dtype = torch.float32
 
 
+_FUSED_SELECTED: set[tuple] = set()  # (backend, env switches) for which the fused path was selected
+
+
 def bimamba_inner_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
     """Whether :func:`bimamba_inner_cpu` may run a Vim mixer on ``x`` in place of the differentiable ops.
 
@@ -107,10 +111,18 @@ def bimamba_inner_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
             or not (x.dtype == torch.float32 or torch.is_autocast_enabled("cpu")) or tracing()
             or any(isinstance(m, _FLOP_COUNTER_MODES) for m in _get_current_dispatch_mode_stack())):
         return False
+    # The selection for an fp32 CPU probe depends on the requested backend and the two ops' environment
+    # switches; a positive answer is cached on them (this check runs once per Vim layer: its cost is overhead).
     from ..causal_conv1d._op import CONV
 
-    probe = _Fp32(x.device)
-    return SCAN.select(backend, probe) == "cpu" and CONV.select("auto", probe) == "cpu"
+    key = (backend, os.environ.get(SCAN.env_var), os.environ.get(CONV.env_var))
+    if key in _FUSED_SELECTED:
+        return True
+    probe = _Fp32(torch.device("cpu"))
+    if SCAN.select(backend, probe) == "cpu" and CONV.select("auto", probe) == "cpu":
+        _FUSED_SELECTED.add(key)
+        return True
+    return False
 
 
 class MambaBranch(NamedTuple):
@@ -144,10 +156,12 @@ def bimamba_inner(xz: Tensor, forward: MambaBranch, backward: MambaBranch, *, ba
     """
     plain = all(_plain_linear(m) for m in (forward.x_proj, forward.dt_proj, backward.x_proj, backward.dt_proj))
     if plain and forward.x_proj.weight.dtype == torch.float32 and bimamba_inner_cpu_applies(xz, backend):
+        directions = [MixerDirection(b.conv1d.weight, b.conv1d.bias, b.x_proj.weight, b.dt_proj.weight,
+                                     b.dt_proj.bias, b.A_log, b.D) for b in (forward, backward)]
+        if not torch.is_autocast_enabled("cpu"):
+            return bimamba_inner_cpu(xz, *directions)
         with torch.autocast("cpu", enabled=False):
-            return bimamba_inner_cpu(xz, *(MixerDirection(b.conv1d.weight, b.conv1d.bias, b.x_proj.weight,
-                                                          b.dt_proj.weight, b.dt_proj.bias, b.A_log, b.D)
-                                           for b in (forward, backward)))
+            return bimamba_inner_cpu(xz, *directions)
     # Everything stays time-major, (B, L, channels) in memory, as the Linear layers produce it; the conv
     # and the scan take (B, channels, L) *views* of it, so no transposing copies.
     batch, length, _ = xz.shape
