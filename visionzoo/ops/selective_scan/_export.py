@@ -1,18 +1,21 @@
-"""The selective scan for exporters: one ``torch.ops.higher_order.scan`` over the time steps.
+"""The selective scan for exporters: one ``torch.ops.higher_order.scan`` over chunks of time steps.
 
 The plain-aten reference unrolls the recurrence into a few ops per time step, so an exported graph grows
-with the number of tokens (Vim-Ti at 224: ~50 nodes per step and layer). Here everything that does not
-depend on the previous state runs once for the whole sequence, vectorised (``softplus``, ``exp(delta A)``,
-``delta B u``, the ``C`` contraction, ``D`` and the gate), and only the state update
-``h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t`` (one multiply and one add on a ``(batch, dim, N)``
-state) runs in torch's ``scan`` higher-order op. ``torch.export`` records that op with a symbolic length,
-and the dynamo ONNX exporter writes it as one ONNX ``Scan`` whose body is those two nodes: the node count
-of the graph does not depend on the token count, and one file takes any sequence length (any image size
-the model accepts with ``dynamic_img_size=True``).
+with the number of tokens (Vim-Ti at 224: thousands of nodes per layer). Here what does not depend on the
+state runs once for the whole sequence (``softplus``, ``delta * u``, the layout changes, ``D`` and the gate),
+and the recurrence ``h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t`` runs in torch's ``scan``
+higher-order op over chunks of :data:`STEPS` steps: each iteration computes its chunk's decays and drives
+at once, the ``STEPS`` state updates, and its outputs ``y_t = sum_n C_t[n] h_t[n]`` at once, so no
+``(L, batch, dim, N)`` tensor is ever materialised. ``torch.export`` records the op, and the dynamo ONNX
+exporter writes it as one ONNX ``Scan`` per call with that body: the node count of the graph does not depend
+on the token count (the sequence is padded to whole chunks with ``delta = 0``: decay 1, drive 0).
+
+The state is laid out ``(batch, N, G, dim / G)``, channels innermost, so every broadcast repeats contiguous
+rows (fast in onnxruntime), and ``softplus`` is written out (onnxruntime's ``Softplus`` is slow).
 
 Same semantics, arguments and outputs as :func:`._reference.selective_scan_reference` and the custom ops
-(exact in fp32: the same products and sums as the reference's recurrence). Inference only: the scan
-op's autograd is not wired up here (exporters trace without gradients).
+(fp32: the same products and sums as the reference's recurrence). Inference only: exporters trace without
+gradients.
 """
 from __future__ import annotations
 
