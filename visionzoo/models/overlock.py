@@ -377,10 +377,10 @@ class ContMixBlock(nn.Module):
     def _dynamic_conv(self, x: torch.Tensor, x_f: torch.Tensor) -> torch.Tensor:
         """ContMix proper on ``x`` (B, C, H, W) with weights from ``x_f`` (B, C + Cc, H, W); H, W >= K."""
         B, C, H, W = x.shape
-        G, c = self.num_groups, C // (2 * self.num_groups)
-        query, key = torch.split(x_f, [C, self.ctx_dim], dim=1)
         if B == 0:  # an empty batch: nothing to aggregate (the kernels and reshapes need an image)
             return torch.zeros_like(x)
+        G, c = self.num_groups, C // (2 * self.num_groups)
+        query, key = torch.split(x_f, [C, self.ctx_dim], dim=1)
         q = (self.weight_query(query) * self.scale).reshape(B, G, c, H * W)  # (B, G, c, HW)
         k = self.weight_key(key).reshape(B, G, c, -1)  # (B, G, c, P*P)
         # official: logits = weight_proj(q^T k) over the region axis; here q^T (k W^T) + b (reassociated)
