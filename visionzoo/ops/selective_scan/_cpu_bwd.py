@@ -13,7 +13,6 @@ compiler, for non-fp32 or non-CPU inputs or ``N`` beyond the kernel's limit,
 from __future__ import annotations
 
 import ctypes
-import math
 from pathlib import Path
 from typing import Optional
 
