@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from visionzoo.ops.routing_attention import _op, bi_level_routing_attention as bra  # noqa: E402
+from visionzoo.ops import why_not  # noqa: E402
+from visionzoo.ops.routing_attention import bi_level_routing_attention as bra  # noqa: E402
 
 SHAPES = [("224 s1", 56, 64, 2, 1), ("224 s2", 28, 128, 4, 4), ("224 s3", 14, 256, 8, 16)]
 CANDIDATES = ("reference", "chunked", "flex", "triton")
@@ -60,7 +61,7 @@ def _timed(fn, dev: str) -> float:
 def _backends(dev: str, dtype) -> list:
     """The candidates that can run forward and backward here."""
     x = torch.empty(1, device=dev, dtype=dtype, requires_grad=True)
-    return [b for b in CANDIDATES if _op.ROUTING.by_name[b].why_not(x, {}) is None]
+    return [b for b in CANDIDATES if why_not("routing_attention", b, x) is None]
 
 
 def main() -> None:

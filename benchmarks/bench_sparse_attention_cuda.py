@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from visionzoo.ops import is_available  # noqa: E402
 from visionzoo.ops.sparse_attention import sparse_attention, triton_tiles  # noqa: E402
-from visionzoo.ops.sparse_attention._triton import TILE_CONFIGS as CONFIGS  # noqa: E402
+from visionzoo.ops.sparse_attention import TILE_CONFIGS as CONFIGS  # noqa: E402
 
 SIZES = {224: (197, 50), 384: (577, 145), 0: (17, 5)}  # image size -> (tokens, kept keys); 0: a CPU smoke size
 

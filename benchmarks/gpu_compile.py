@@ -71,7 +71,7 @@ def drive(session, name: str, size: int, dtype: torch.dtype, tf32: bool = False)
 
 def run(models, dtypes, per_kernel=None, log=print):
     from visionzoo.ops.sparse_attention import triton_tiles
-    from visionzoo.ops.sparse_attention._triton import TILE_CONFIGS
+    from visionzoo.ops.sparse_attention import TILE_CONFIGS
 
     start = time.time()
     with _triton_build.compile_only((80, 90), substitute={torch.bfloat16: torch.float16},

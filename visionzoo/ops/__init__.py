@@ -8,8 +8,8 @@ visionzoo custom op to its plain-aten implementation (``ep.run_decompositions(de
 :func:`is_available` and :func:`resolve` answer, by op name, whether a backend can run on a device type
 and which backend a call would run (e.g. for benchmarks and tests that skip what the machine lacks).
 """
-from ._dispatch import aten_only, configure_logging, decompositions, is_available, resolve
+from ._dispatch import aten_only, configure_logging, decompositions, is_available, resolve, why_not
 
-__all__ = ["aten_only", "decompositions", "is_available", "resolve"]
+__all__ = ["aten_only", "decompositions", "is_available", "resolve", "why_not"]
 
 configure_logging()

@@ -305,6 +305,14 @@ def is_available(op: str, backend: str, device_type: str) -> bool:
     return decl.is_available(backend, device_type)
 
 
+def why_not(op: str, backend: str, x: Any, **facts) -> Reason:
+    """Why ``backend`` of ``op`` cannot run for tensors like ``x`` (None: it can), e.g. for a benchmark that
+    times every backend that runs here."""
+    decl = declaration(op)
+    decl.check_name(backend)
+    return decl.by_name[backend].why_not(x, facts)
+
+
 def resolve(op: str, requested: str, x: Any, **facts) -> str:
     """The backend ``op`` runs for tensors like ``x`` when ``requested`` is asked for (``"auto"`` walked,
     ``VISIONZOO_BACKEND_<OP>`` honoured; ``facts`` as the op passes them, e.g. ``dstate=16``)."""

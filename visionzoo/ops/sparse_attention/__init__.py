@@ -49,9 +49,10 @@ from torch import Tensor
 from .._dispatch import call
 from ._op import BACKENDS, KEYS, SPARSE, flops as _flops, resolve, sparse_attention_op
 from ._reference import keep_mask
+from ._triton import TILE_CONFIGS
 
 __all__ = ["sparse_attention", "sparse_attention_flops", "sparse_attention_backend", "sparsifiner_keys", "keep_mask",
-           "triton_tiles", "BACKENDS"]
+           "triton_tiles", "TILE_CONFIGS", "BACKENDS"]
 
 
 def sparse_attention_backend(backend: str, x: Tensor) -> str:
