@@ -439,7 +439,7 @@ class DependencyViT(TimmApi, nn.Module):
             if i in take_indices:
                 y = self.norm(full) if norm else full
                 if output_fmt == "NCHW":
-                    y = y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
+                    y = y.reshape(B, H, W, y.shape[-1]).permute(0, 3, 1, 2).contiguous()
                 intermediates.append(y)
         return self.norm(x) * m[..., None], intermediates
 

@@ -689,7 +689,7 @@ class Sparsifiner(TimmApi, nn.Module):
                 prefix.append(y[:, 0])
                 spatial = scatter_to_grid(y[:, 1:], token_index, grid[0] * grid[1])  # (B, h*w, D)
                 if output_fmt == "NCHW":
-                    spatial = spatial.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+                    spatial = spatial.reshape(B, grid[0], grid[1], spatial.shape[-1]).permute(0, 3, 1, 2).contiguous()
                 intermediates.append(spatial)
         if return_prefix_tokens:
             intermediates = list(zip(intermediates, prefix))

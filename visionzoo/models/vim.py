@@ -368,7 +368,7 @@ class VisionMamba(TimmApi, nn.Module):
                 prefix.append(y[:, mid])
                 spatial = torch.cat([y[:, :mid], y[:, mid + 1:]], dim=1)  # (B, H*W, D)
                 if output_fmt == "NCHW":
-                    spatial = spatial.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
+                    spatial = spatial.reshape(B, H, W, spatial.shape[-1]).permute(0, 3, 1, 2).contiguous()
                 intermediates.append(spatial)
         if return_prefix_tokens:
             intermediates = list(zip(intermediates, prefix))
