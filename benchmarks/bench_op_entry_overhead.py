@@ -43,6 +43,17 @@ def main() -> None:
         "causal_conv1d_bidirectional": lambda: causal_conv1d_bidirectional(x, w, wb, "silu"),
         "reversed_attention": lambda: reversed_attention(q, q, q),
     }
+    import visionzoo.ops.selective_scan as scan_ops
+
+    if hasattr(scan_ops, "bimamba_inner"):  # the Vim mixer entry (a Vim-Ti layer), its fused C call stubbed out
+        import timm
+
+        mixer = timm.create_model("test_vim").blocks[0].mixer
+        xz = torch.randn(1, 197, 2 * mixer.A_log.shape[0])
+        branches = [scan_ops.MambaBranch(mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D),
+                    scan_ops.MambaBranch(mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log, mixer.D_b)]
+        scan_ops.bimamba_inner_cpu = lambda xz, forward, backward: xz
+        cases["bimamba_inner (kernel stubbed)"] = lambda: scan_ops.bimamba_inner(xz, *branches)
     with torch.no_grad():
         for name, fn in cases.items():
             for _ in range(200):
