@@ -4,12 +4,20 @@
     python benchmarks/bench_biformer_cpu.py                                # full table (time + memory)
     python benchmarks/bench_biformer_cpu.py --models biformer_tiny --sizes 224 --rounds 3
     python benchmarks/bench_biformer_cpu.py --memory-only --sizes 600x500 --modes fwd
+    PYTHONPATH=/tmp/biformer_official/_deps python benchmarks/bench_biformer_cpu.py --models biformer_tiny \
+        --sizes 224 448 --modes fwd --no-memory --variants upstream auto --official-dir /tmp/biformer_official
     python benchmarks/bench_biformer_cpu.py --op                          # BRA op alone, per stage shape
     python benchmarks/bench_biformer_cpu.py --op --device cuda --batch 64  # the same on a GPU
 
 Whole models, batch ``--batch`` (4), fp32, ``torch.set_num_threads(--threads)``, eval mode:
 
-* Variants: ``official`` is the functional port of the official forward in
+* Variants: ``upstream`` is the official model itself (``BiFormer`` of ``models/biformer.py`` with the
+  official ``BiLevelRoutingAttention`` of ``ops/bra_legacy.py``, built by the official ``biformer_tiny`` /
+  ``biformer_small`` config), imported from ``--official-dir`` (or ``$BIFORMER_OFFICIAL_DIR``), a
+  directory outside this repository holding those files exported from rayleizhu/BiFormer (``einops`` and
+  ``fairscale`` importable, e.g. through ``PYTHONPATH``); it gets the visionzoo model's weights mapped to
+  the official keys (strict load) and its logits are checked against visionzoo's to 1e-4 before timing.
+  ``official`` is the functional port of the official forward in
   ``tests/models/biformer_official.py`` (official BRA ``bra_legacy``: region layout, ``torch.gather``
   on an expanded view, explicit matmul/softmax; run on the model's own weights); ``reference`` is the
   visionzoo model with the official BRA algorithm as its backend; ``auto`` is the visionzoo model as
@@ -31,6 +39,7 @@ Whole models, batch ``--batch`` (4), fp32, ``torch.set_num_threads(--threads)``,
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -50,7 +59,9 @@ import visionzoo  # noqa: E402,F401
 
 SIZES = {"224": ((224, 224), dict(n_win=7)), "448": ((448, 448), dict(n_win=7)),
          "600x500": ((600, 500), dict(n_win=8, auto_pad=True))}
-VARIANTS = ("official", "reference", "auto")
+VARIANTS = ("upstream", "official", "reference", "auto")
+OFFICIAL_DIR_ENV = "BIFORMER_OFFICIAL_DIR"
+OFFICIAL_DIR = os.environ.get(OFFICIAL_DIR_ENV)  # main() sets it from --official-dir
 ARCH = {"biformer_tiny": dict(depths=(2, 2, 8, 2), dims=(64, 128, 256, 512)),
         "biformer_small": dict(depths=(4, 4, 18, 4), dims=(64, 128, 256, 512))}
 
@@ -71,13 +82,67 @@ class _Official:
         return self.fn(self.sd, x, **self.kw)
 
 
+def _official_module(official_dir: str):
+    """The official ``models/biformer.py`` imported from ``official_dir`` (a directory holding the
+    official ``models/`` and ``ops/`` files; its imports ``einops`` and ``fairscale`` must be importable).
+    Its ``@register_model`` is neutralised during the import so that it does not replace visionzoo's
+    ``biformer_*`` entries in timm's registry."""
+    import timm.models
+
+    if not (Path(official_dir) / "models" / "biformer.py").is_file():
+        raise SystemExit(f"bench_biformer_cpu: no official models/biformer.py under {official_dir!r} "
+                         f"(export models/biformer.py, models/_common.py, ops/bra_legacy.py of rayleizhu/BiFormer)")
+    if "models" in sys.modules and not str(getattr(sys.modules["models"], "__path__", [""])[0]).startswith(
+            str(Path(official_dir).resolve())):
+        raise SystemExit("bench_biformer_cpu: another top-level package named 'models' is already imported")
+    sys.path.insert(0, str(Path(official_dir).resolve()))
+    register = timm.models.register_model
+    timm.models.register_model = lambda fn: fn
+    try:
+        return importlib.import_module("models.biformer")
+    except ImportError as e:
+        raise SystemExit(f"bench_biformer_cpu: importing the official BiFormer from {official_dir!r} failed: {e}")
+    finally:
+        timm.models.register_model = register
+        sys.path.remove(str(Path(official_dir).resolve()))
+
+
+def _upstream(model, name: str, size: str, x: torch.Tensor):
+    """The official model class with ``name``'s official config, carrying ``model``'s weights (mapped to
+    the official keys, loaded strictly); its logits are checked against ``model``'s to 1e-4 on ``x``."""
+    from tests.models.test_biformer import _to_official
+
+    if OFFICIAL_DIR is None:
+        raise SystemExit(f"bench_biformer_cpu: the 'upstream' variant needs --official-dir or ${OFFICIAL_DIR_ENV}")
+    extra = SIZES[size][1]
+    mod = _official_module(OFFICIAL_DIR)
+    cls = mod.BiFormer  # the official config functions fix n_win=7; the dense setting (600x500) overrides it
+    mod.BiFormer = lambda **kw: cls(**dict(kw, n_win=extra["n_win"], auto_pad=extra.get("auto_pad", False)))
+    try:
+        official = getattr(mod, name)()
+    finally:
+        mod.BiFormer = cls
+    official.load_state_dict(_to_official(model.state_dict()), strict=True)
+    official.eval()
+    with torch.inference_mode():
+        ours, theirs = model(x), official(x)
+    err = (ours - theirs).abs().max().item()
+    if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4):
+        raise SystemExit(f"bench_biformer_cpu: {name} at {size}: logits differ from the official model's by {err:.2e}")
+    print(f"# upstream {name} {size}: logits match visionzoo's (max abs diff {err:.1e}, batch {len(x)})", flush=True)
+    return official
+
+
 def _build(name: str, size: str, variant: str):
     (h, w), extra = SIZES[size]
-    backend = "reference" if variant == "official" else variant
+    backend = "reference" if variant == "official" else "auto" if variant == "upstream" else variant
     model = timm.create_model(name, attn_backend=backend, **extra).eval()
+    x = torch.randn(4, 3, h, w)
     if variant == "official":
         model = _Official(model, name, size)
-    return model, torch.randn(4, 3, h, w)
+    elif variant == "upstream":
+        model = _upstream(model, name, size, x)
+    return model, x
 
 
 def _step(model, x, mode: str) -> None:
@@ -118,6 +183,8 @@ def _memory_subprocess(name, size, variant, mode, batch, threads) -> dict:
             f"from benchmarks.bench_biformer_cpu import measure_memory; "
             f"print(repr(measure_memory({name!r}, {size!r}, {variant!r}, {mode!r}, {batch})))")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
+    if OFFICIAL_DIR:
+        env[OFFICIAL_DIR_ENV] = OFFICIAL_DIR
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
     return eval(out.stdout.strip().splitlines()[-1])  # a dict literal printed by the child
 
@@ -127,7 +194,7 @@ def bench_models(args) -> list:
     for name in args.models:
         for size in args.sizes:
             for mode in args.modes:
-                variants = [v for v in args.variants if not (v == "official" and mode != "fwd")]
+                variants = [v for v in args.variants if not (v in ("official", "upstream") and mode != "fwd")]
                 row = dict(model=name, size=size, mode=mode)
                 if not args.memory_only:
                     models = {v: _build(name, size, v) for v in variants}
@@ -201,9 +268,14 @@ def main() -> None:
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--memory-only", action="store_true", help="skip the timing, measure memory only")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--official-dir", default=os.environ.get(OFFICIAL_DIR_ENV),
+                   help=f"directory with the official BiFormer code (models/, ops/) for the 'upstream' variant "
+                        f"(default ${OFFICIAL_DIR_ENV})")
     p.add_argument("--op", action="store_true", help="benchmark the BRA op alone instead of the models")
     p.add_argument("--device", default="cpu", help="device for --op (e.g. cuda; the models always run on CPU)")
     args = p.parse_args()
+    global OFFICIAL_DIR
+    OFFICIAL_DIR = args.official_dir
     torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} threads, batch {args.batch}", flush=True)
