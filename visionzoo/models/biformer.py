@@ -171,7 +171,8 @@ class AttentionLePE(nn.Module):
 class BiFormerBlock(nn.Module):
     """``x += DW3x3(x)`` (T/S/B only), ``x += DropPath(Attn(LN x))``, ``x += DropPath(MLP(LN x))``.
 
-    Input and output are NCHW (B, C, H, W); attention and MLP run channels-last.
+    Input and output are NCHW (B, C, H, W), the output in channels-last memory; attention and MLP run
+    on the contiguous (B, H, W, C) view of it.
     """
 
     def __init__(
@@ -194,12 +195,16 @@ class BiFormerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Channels-last memory (a no-op after the first block of a stage): the depthwise conv then runs
+        # channels-last and (B, H, W, C) below is a contiguous view, so the LayerNorms and residual adds
+        # read contiguous memory and nothing is copied back and forth between the layouts.
+        x = x.contiguous(memory_format=torch.channels_last)
         if self.pos_embed is not None:
             x = x + self.pos_embed(x)
-        x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C), contiguous
         x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x.permute(0, 3, 1, 2)
+        return x.permute(0, 3, 1, 2)  # NCHW, channels-last memory
 
 
 class BiFormerStage(nn.Module):

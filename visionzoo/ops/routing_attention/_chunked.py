@@ -55,10 +55,10 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, m: int, n_h: int, n_w: 
     B, H, W, c_qk = q.shape
     c_v, S2 = v.shape[-1], n_h * n_w
     rh, rw = H // n_h, W // n_w
-    dev = idx.device
-    region = ((torch.arange(H, device=dev) // rh)[:, None] * n_w + torch.arange(W, device=dev)[None, :] // rw).view(-1)
-    allow = torch.zeros(B, S2, S2, dtype=torch.bool, device=dev).scatter_(2, idx, True)  # (B, S2 query, S2 key)
-    mask = allow[:, region][:, :, region].unsqueeze(1)  # (B, 1, N, N)
+    allow = torch.zeros(B, S2, S2, dtype=torch.bool, device=idx.device).scatter_(2, idx, True)  # (B, S2 query, S2 key)
+    # token (y, x) is in region (y // rh, x // rw): one broadcast copy of the region mask to tokens
+    mask = allow.view(B, n_h, 1, n_w, 1, n_h, 1, n_w, 1).expand(B, n_h, rh, n_w, rw, n_h, rh, n_w, rw)
+    mask = mask.reshape(B, 1, H * W, H * W)
 
     def heads(x: Tensor) -> Tensor:  # (B, H, W, m*d) -> (B, m, N, d) view
         return x.reshape(B, H * W, m, x.shape[-1] // m).transpose(1, 2)
@@ -98,10 +98,13 @@ def _chunk_rows(B: int, n_h: int, n_w: int, topk: int, w2: int, c_qk: int, c_v: 
     return max(1, min(n_h, CHUNK_ELEMENTS // per_row))
 
 
-def _heads(x: Tensor, m: int) -> Tensor:
-    """``(b, L, m*d)`` -> ``(b, m, L, d)`` (contiguous: PyTorch's CPU flash kernel is faster on it)."""
+def _heads(x: Tensor, m: int, copy: bool = True) -> Tensor:
+    """``(b, L, m*d)`` -> ``(b, m, L, d)``: a contiguous copy (the backward's SDPA is faster on it) or, with
+    ``copy=False``, the strided view (the forward: the flash kernel reads it as fast as a copy, measured on
+    the AVX-512 Xeon, so the copy is pure cost)."""
     b, L, C = x.shape
-    return x.view(b, L, m, C // m).transpose(1, 2).contiguous()
+    x = x.view(b, L, m, C // m).transpose(1, 2)
+    return x.contiguous() if copy else x
 
 
 def _queries(q: Tensor, n_h: int, n_w: int, i0: int, i1: int) -> Tensor:
@@ -138,9 +141,9 @@ def bra_chunked(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, num_heads: int, n_
         n = (i1 - i0) * n_w
         rows = _row_numbers(idx[:, i0 * n_w:i1 * n_w], H, n_h, n_w)
         o = F.scaled_dot_product_attention(
-            _heads(_queries(q, n_h, n_w, i0, i1), m),
-            _heads(kr.index_select(0, rows).view(B * n, topk * w2, c_qk), m),
-            _heads(vr.index_select(0, rows).view(B * n, topk * w2, c_v), m),
+            _heads(_queries(q, n_h, n_w, i0, i1), m, copy=False),
+            _heads(kr.index_select(0, rows).view(B * n, topk * w2, c_qk), m, copy=False),
+            _heads(vr.index_select(0, rows).view(B * n, topk * w2, c_v), m, copy=False),
             scale=scale)  # (B*n, m, w2, d_v)
         _rows_view(out, n_h, n_w, i0, i1).copy_(o.transpose(1, 2).reshape(B, i1 - i0, n_w, rh, rw, c_v))
     return out
