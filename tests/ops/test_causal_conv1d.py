@@ -155,3 +155,32 @@ def test_bidirectional_opcheck_flops_and_errors():
         causal_conv1d_bidirectional(x, torch.randn(5, 4))
     with pytest.raises(ValueError, match=r"bias must be \(10,\)"):
         causal_conv1d_bidirectional(x, w, torch.randn(5))
+
+
+@pytest.mark.skipif(_cpu.load() is None, reason="no C compiler on this machine")
+@pytest.mark.parametrize("time_major", [True, False])
+def test_cpu_backward_kernel_matches_shifted_and_any_thread_count(time_major):
+    """The C backward (dx, dw, dbias; both directions, the second read and written backwards in place) against
+    autograd through ``shifted``, and bitwise the same on 1 and 2 threads (dw, dbias: one thread sums a channel)."""
+    from visionzoo.ops.causal_conv1d._op import _both_directions
+    from visionzoo.ops.causal_conv1d._shifted import causal_conv1d_shifted
+
+    torch.manual_seed(0)
+    B, E, L, K = 3, 21, 40, 4
+    x = torch.randn(B, L, E).transpose(1, 2) if time_major else torch.randn(B, E, L)
+    w, b, g = torch.randn(2 * E, K), torch.randn(2 * E), torch.randn(B, 2 * E, L)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    ref = torch.autograd.grad(causal_conv1d_shifted(_both_directions(leaves[0]), leaves[1], leaves[2], "silu"),
+                              leaves, g)
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got.append(_cpu.causal_conv1d_cpu_backward(x, w, b, "silu", g, (True, True, True), bidirectional=True))
+    finally:
+        torch.set_num_threads(threads)
+    for a, a2, r in zip(got[0], got[1], ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a, a2)
+    assert got[0][0].stride() == x.stride() or not time_major  # dx keeps the time-major layout

@@ -256,3 +256,36 @@ def test_bidirectional_checkpoints_match_the_stacked_scan():
     stacked_z = torch.cat([zs, zs.flip(-1)], dim=1)
     _, _, ck_stacked = _cpu.selective_scan_cpu(u, delta, A, B, C, D, stacked_z, bias, True, checkpoints=True)
     assert torch.equal(ck, ck_stacked)
+
+
+@needs_kernel
+@pytest.mark.parametrize("groups,last", [(1, False), (2, True)])
+def test_bidirectional_kernel_in_vim_layout(groups, last):
+    """``selective_scan_bidirectional_cpu_backward`` (one call per direction, the shared gate and the output
+    gradient read backwards in place) against autograd through the reference composition, and its op's
+    schema / fake kernel."""
+    torch.manual_seed(0)
+    batch, E, L, N = 2, 24, 45, 5
+    u = torch.randn(batch, L, 2 * E).transpose(1, 2)
+    delta = torch.randn(batch, L, 2 * E).transpose(1, 2) * 0.5
+    A = -torch.rand(2 * E, N) - 0.3
+    B, C = (torch.randn(batch, L, 2 * groups, N).permute(0, 2, 3, 1) for _ in range(2))
+    D, bias, z = torch.randn(2 * E), torch.randn(2 * E) * 0.2, torch.randn(batch, L, E).transpose(1, 2)
+    gout, glast = torch.randn(batch, E, L), (torch.randn(batch, 2 * E, N) if last else None)
+    inputs = (u, delta, A, B, C, D, z, bias)
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    u_, d_, A_, B_, C_, D_, z_, b_ = leaves
+    flip = lambda t: t.flip(-1)  # noqa: E731
+    G = groups
+    yf, hf = selective_scan_reference(u_[:, :E], d_[:, :E], A_[:E], B_[:, :G], C_[:, :G], D_[:E], z_, b_[:E], True)
+    yb, hb = selective_scan_reference(u_[:, E:], d_[:, E:], A_[E:], B_[:, G:], C_[:, G:], D_[E:], flip(z_), b_[E:],
+                                      True)
+    loss = ((yf + flip(yb)) * 0.5 * gout).sum()
+    if last:
+        loss = loss + (torch.cat([hf, hb], 1) * glast).sum()
+    want = torch.autograd.grad(loss, leaves)
+    got = _cpu_bwd.selective_scan_bidirectional_cpu_backward(*inputs, True, gout, 0.5, glast)
+    for g, w, name in zip(got, want, NAMES):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=name)
+    torch.library.opcheck(torch.ops.visionzoo.selective_scan_bidirectional_cpu_backward.default,
+                          (*inputs, True, gout, 0.5, glast))

@@ -72,6 +72,9 @@ static void vz_ftz_restore(vz_fpmode old) { (void)old; }
 #if defined(__AVX__) && VZ_CB == 8
 #include <immintrin.h>
 static inline int vz_all(vi mask) { return _mm256_movemask_ps((__m256)mask) == 0xff; }
+#elif defined(__AVX512F__) && VZ_CB == 16
+#include <immintrin.h>
+static inline int vz_all(vi mask) { return _mm512_cmpneq_epi32_mask((__m512i)mask, _mm512_setzero_si512()) == 0xffff; }
 #else
 static inline int vz_all(vi mask) {
     int all = 1;
@@ -85,6 +88,9 @@ static inline int vz_all(vi mask) {
 #include <immintrin.h>
 static inline vf vz_max(vf x, float lo) { return (vf)_mm256_max_ps(_mm256_set1_ps(lo), (__m256)x); }
 static inline vf vz_min(vf x, float hi) { return (vf)_mm256_min_ps(_mm256_set1_ps(hi), (__m256)x); }
+#elif defined(__AVX512F__) && VZ_CB == 16
+static inline vf vz_max(vf x, float lo) { return (vf)_mm512_max_ps(_mm512_set1_ps(lo), (__m512)x); }
+static inline vf vz_min(vf x, float hi) { return (vf)_mm512_min_ps(_mm512_set1_ps(hi), (__m512)x); }
 #else
 static inline vf vz_max(vf x, float lo) { return VSEL(x < lo, (vf){0} + lo, x); }
 static inline vf vz_min(vf x, float hi) { return VSEL(x > hi, (vf){0} + hi, x); }

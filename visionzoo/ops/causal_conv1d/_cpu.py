@@ -31,10 +31,22 @@ class ConvArgs(ctypes.Structure):
                 + [("out", ctypes.c_void_p)] + [(f"o_s{k}", ctypes.c_int64) for k in "bdl"] + [("silu", ctypes.c_int64)])
 
 
+class ConvBwdArgs(ctypes.Structure):
+    """One conv backward's arguments, the C struct ``vz_conv_bwd_args`` (same fields, same order)."""
+
+    _fields_ = ([(k, ctypes.c_int64) for k in ("batch", "dim", "length", "K")]
+                + [("x", ctypes.c_void_p)] + [(f"x_s{k}", ctypes.c_int64) for k in "bdl"]
+                + [("w", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("silu", ctypes.c_int64)]
+                + [("g", ctypes.c_void_p)] + [(f"g_s{k}", ctypes.c_int64) for k in "bdl"]
+                + [("dx", ctypes.c_void_p)] + [(f"dx_s{k}", ctypes.c_int64) for k in "bdl"]
+                + [("accumulate", ctypes.c_int64), ("dw", ctypes.c_void_p), ("dbias", ctypes.c_void_p)])
+
+
 def _declare(lib: ctypes.CDLL) -> None:
-    fn = lib.vz_causal_conv1d_fwd
-    fn.argtypes = [ctypes.POINTER(ConvArgs), ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
+    for name, args in (("vz_causal_conv1d_fwd", ConvArgs), ("vz_causal_conv1d_bwd", ConvBwdArgs)):
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.POINTER(args), ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int
 
 
 def load() -> Optional[ctypes.CDLL]:
@@ -121,3 +133,40 @@ def causal_conv1d_bidirectional_cpu(x: Tensor, weight: Tensor, bias: Optional[Te
                         activation == "silu", (o.data_ptr(), *o.stride())))
     run(lib, jobs)
     return out
+
+
+def _view(x: Tensor, reverse: bool = False) -> tuple:
+    """``(pointer, batch stride, channel stride, time stride)`` of an fp32 ``(batch, dim, L)`` tensor; with
+    ``reverse`` from its last step with a negative time stride (the time-reversed sequence, no copy)."""
+    sb, sd, sl = x.stride()
+    if reverse:
+        return x.data_ptr() + (x.shape[-1] - 1) * sl * 4, sb, sd, -sl
+    return x.data_ptr(), sb, sd, sl
+
+
+def causal_conv1d_cpu_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, grad_out: Tensor,
+                               needs, bidirectional: bool = False) -> tuple:
+    """``(dx, dweight, dbias)`` of :func:`causal_conv1d_cpu` (or, with ``bidirectional``, of
+    :func:`causal_conv1d_bidirectional_cpu`: ``weight`` ``(2E, K)``, ``grad_out`` ``(batch, 2E, L)`` whose second
+    half is in the flipped time order) in one C call; ``dx`` in ``x``'s layout. Entries not in ``needs`` are None.
+    The sums over batch and time of ``dweight`` and ``dbias`` run in one fixed order per channel (bitwise
+    independent of the thread count)."""
+    lib = _check(x, weight)
+    batch, E, length = x.shape
+    K = weight.shape[-1]
+    w, b, g = f32c(weight.reshape(-1, K)), f32c(bias), grad_out.float()
+    dx = (torch.empty(batch, length, E).transpose(1, 2) if x.stride(1) == 1 else torch.empty(batch, E, length))
+    dw = torch.empty(w.shape, dtype=torch.float32)
+    db = torch.empty(w.shape[0], dtype=torch.float32) if bias is not None else None
+    jobs = []
+    for half in range(2 if bidirectional else 1):
+        ch = slice(half * E, (half + 1) * E)
+        gh = g[:, ch]
+        jobs.append(ConvBwdArgs(batch, E, length, K, *_view(x, bool(half)), w[ch].data_ptr(),
+                                None if b is None else b[ch].data_ptr(), int(activation == "silu"),
+                                *_view(gh), *_view(dx, bool(half)), half, dw[ch].data_ptr(),
+                                None if db is None else db[ch].data_ptr()))
+    if _cpu_build.run_jobs(lib.vz_causal_conv1d_bwd, jobs):
+        raise RuntimeError(f"causal_conv1d: the 'cpu' backward kernel rejected K={K} (at most {KMAX} taps)")
+    return (dx.to(x.dtype) if needs[0] else None, dw.view_as(weight).to(weight.dtype) if needs[1] else None,
+            db.to(bias.dtype) if (bias is not None and needs[2]) else None)

@@ -119,3 +119,132 @@ int vz_causal_conv1d_fwd(const vz_conv_args *jobs, int64_t njobs, int64_t nthrea
     const conv_ctx ctx = {jobs, njobs};
     return vz_parallel(jobs[0].batch * ((jobs[0].dim + VZ_CB - 1) / VZ_CB), nthreads, conv_range, &ctx);
 }
+
+/* ---------------------------------------------------------------- backward
+ *
+ * With a = bias + sum_k w_k x[t - (K - 1) + k] the pre-activation and g the output's gradient,
+ * g' = g * silu'(a) (or g without the SiLU), silu'(a) = s (1 + a (1 - s)), s = sigmoid(a):
+ *   dx[s]  = sum_k w_k g'[s + (K - 1) - k]     dw_k = sum_{b,t} g'[t] x[t - (K - 1) + k]     dbias = sum_{b,t} g'[t]
+ * One work item is one block of VZ_CB channels over the whole batch (so the sums over b and t of dw and
+ * dbias are made by one thread, in one order: the result does not depend on the thread count); it
+ * recomputes a step by step (the forward is cheap) and walks t keeping the last K inputs and the last K
+ * g' in small windows. dx[s] is final once g'[s + K - 1] is known. The Python mirror is _cpu.py's
+ * ConvBwdArgs. With accumulate, dx += instead of = (the bidirectional conv's second job adds the
+ * time-reversed direction's gradient into the first's). */
+typedef struct {
+    int64_t batch, dim, length, K;
+    const float *x;
+    int64_t x_sb, x_sd, x_sl;
+    const float *w, *bias;
+    int64_t silu;
+    const float *g;
+    int64_t g_sb, g_sd, g_sl;
+    float *dx;
+    int64_t dx_sb, dx_sd, dx_sl;
+    int64_t accumulate;
+    float *dw, *dbias; /* (dim, K), (dim,): written (never accumulated); dbias may be NULL */
+} vz_conv_bwd_args;
+
+static inline vf conv_gather(const float *p, const int64_t *ch, int64_t sd, int dense, int64_t d0) {
+    vf v;
+    if (dense) {
+        memcpy(&v, p + d0, sizeof v);
+    } else {
+        for (int c = 0; c < VZ_CB; ++c) v[c] = p[ch[c] * sd];
+    }
+    return v;
+}
+
+VZ_INLINE void conv_bwd_item(const vz_conv_bwd_args *a, const int64_t K, const int64_t d0)
+{
+    const int64_t length = a->length;
+    const int64_t nc = a->dim - d0 < VZ_CB ? a->dim - d0 : VZ_CB;
+    int64_t ch[VZ_CB];
+    vf wk[VZ_KMAX], dwk[VZ_KMAX], xw[VZ_KMAX], gw[VZ_KMAX], bv = {0}, db = {0};
+    for (int c = 0; c < VZ_CB; ++c) {
+        ch[c] = d0 + (c < nc ? c : 0);
+        bv[c] = a->bias ? a->bias[ch[c]] : 0.0f;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+        for (int c = 0; c < VZ_CB; ++c) wk[k][c] = a->w[ch[c] * K + k];
+        dwk[k] = (vf){0};
+    }
+    const int xd = nc == VZ_CB && a->x_sd == 1, gd = nc == VZ_CB && a->g_sd == 1, dd = nc == VZ_CB && a->dx_sd == 1;
+    for (int64_t b = 0; b < a->batch; ++b) {
+        const float *xb = a->x + b * a->x_sb, *gb = a->g + b * a->g_sb;
+        float *dxb = a->dx + b * a->dx_sb;
+        for (int64_t k = 0; k < K; ++k) xw[k] = gw[k] = (vf){0};
+        /* xw[K-1] is x[t], xw[k] is x[t - (K - 1) + k]; gw[0] is g'[t], gw[k] is g'[t - k]. */
+        for (int64_t t = 0; t < length + K - 1; ++t) {
+            for (int64_t k = K - 1; k > 0; --k) gw[k] = gw[k - 1];
+            if (t < length) {
+                for (int64_t k = 0; k + 1 < K; ++k) xw[k] = xw[k + 1];
+                xw[K - 1] = conv_gather(xb + t * a->x_sl, ch, a->x_sd, xd, d0);
+                vf gv = conv_gather(gb + t * a->g_sl, ch, a->g_sd, gd, d0);
+                if (a->silu) {
+                    vf pre = bv;
+                    for (int64_t k = 0; k < K; ++k) pre += wk[k] * xw[k];
+                    const vf s = 1.0f / (1.0f + vz_exp2(pre * -1.44269504088896340736f));
+                    gv *= s * (1.0f + pre * (1.0f - s));
+                }
+                gw[0] = gv;
+                db += gv;
+                for (int64_t k = 0; k < K; ++k) dwk[k] += gv * xw[k];
+            } else {
+                gw[0] = (vf){0};
+            }
+            const int64_t s = t - (K - 1);
+            if (s < 0) continue;
+            vf dxv = {0};
+            for (int64_t k = 0; k < K; ++k) dxv += wk[k] * gw[k];
+            float *o = dxb + s * a->dx_sl;
+            if (dd) {
+                if (a->accumulate) {
+                    vf prev;
+                    memcpy(&prev, o + d0, sizeof prev);
+                    dxv += prev;
+                }
+                memcpy(o + d0, &dxv, sizeof dxv);
+            } else {
+                for (int c = 0; c < nc; ++c) o[ch[c] * a->dx_sd] = a->accumulate ? o[ch[c] * a->dx_sd] + dxv[c] : dxv[c];
+            }
+        }
+    }
+    for (int c = 0; c < nc; ++c) {
+        for (int64_t k = 0; k < K; ++k) a->dw[ch[c] * K + k] = dwk[k][c];
+        if (a->dbias) a->dbias[ch[c]] = db[c];
+    }
+}
+
+typedef struct {
+    const vz_conv_bwd_args *jobs;
+    int64_t njobs;
+} conv_bwd_ctx;
+
+static int conv_bwd_range(const void *p, int64_t begin, int64_t end) {
+    const conv_bwd_ctx *ctx = p;
+    const vz_fpmode fpmode = vz_ftz_on();
+    for (int64_t item = begin; item < end; ++item)
+        for (int64_t j = 0; j < ctx->njobs; ++j) {
+            const vz_conv_bwd_args *a = &ctx->jobs[j];
+            if (a->K == 4)
+                conv_bwd_item(a, 4, item * VZ_CB);
+            else
+                conv_bwd_item(a, a->K, item * VZ_CB);
+        }
+    vz_ftz_restore(fpmode);
+    return 0;
+}
+
+/* njobs conv backwards with the same batch and dim over nthreads threads: a work item is one block of
+ * VZ_CB channels of every job, job after job (a later job may accumulate into an earlier one's dx).
+ * Returns 0, or -1 when K > VZ_KMAX or the jobs' batch or dim differ. */
+int vz_causal_conv1d_bwd(const vz_conv_bwd_args *jobs, int64_t njobs, int64_t nthreads)
+{
+    if (njobs < 1) return 0;
+    for (int64_t j = 0; j < njobs; ++j)
+        if (jobs[j].K < 1 || jobs[j].K > VZ_KMAX || jobs[j].batch != jobs[0].batch || jobs[j].dim != jobs[0].dim)
+            return -1;
+    const conv_bwd_ctx ctx = {jobs, njobs};
+    return vz_parallel((jobs[0].dim + VZ_CB - 1) / VZ_CB, nthreads, conv_bwd_range, &ctx);
+}

@@ -2,8 +2,9 @@
 conv's declaration (:data:`CONV`).
 
 Each op has a fake kernel (meta device, ``torch.compile``), a FLOP formula (``2 * batch * dim * L * K``
-per direction), an autograd formula that recomputes the cheap forward under autograd (the ``cuda``
-kernel on CUDA, ``shifted`` elsewhere) and a plain-aten path (``reference``, for exporters). Autocast
+per direction), an autograd formula (the ``cpu`` backend's C backward; elsewhere the cheap forward
+recomputed under autograd and differentiated: the ``cuda`` kernel on CUDA, ``shifted`` otherwise) and a
+plain-aten path (``reference``, for exporters). Autocast
 rule: none registered; the weights are cast to ``x``'s dtype and the output is in ``x``'s dtype. Tracing
 rule: the ``cpu`` backend (ctypes) is ``native`` and never runs while tracing.
 """
@@ -51,7 +52,7 @@ _shifted_backward = _differentiate(causal_conv1d_shifted)
 CONV = OpDecl("causal_conv1d", backends=(
     Backend("reference", causal_conv1d_reference, _shifted_backward),
     Backend("shifted", causal_conv1d_shifted, _shifted_backward),
-    Backend("cpu", _cpu.causal_conv1d_cpu, _shifted_backward, available=_cpu_available, can_run=_cpu_can_run,
+    Backend("cpu", _cpu.causal_conv1d_cpu, _cpu.causal_conv1d_cpu_backward, available=_cpu_available, can_run=_cpu_can_run,
             devices=("cpu",), native=True),
     Backend("cuda", _cuda.causal_conv1d_cuda, _differentiate(_cuda.causal_conv1d_cuda), available=_cuda_available,
             devices=("cuda",)),
@@ -141,9 +142,13 @@ register_aten_path(causal_conv1d_bidirectional_op)(lambda x, weight, bias, activ
 def _bidirectional_backward(ctx, grad_out):
     x, weight, bias = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
-    grads = _differentiate(lambda x_, w, b, act: causal_conv1d_shifted(_both_directions(x_), w, b, act))(
-        x, weight, bias, ctx.activation, grad_out, needs)
-    return (*grads, None, None)
+    def run(b):
+        if b.name == "cpu":  # reads x (and writes dx) backwards in place, as the forward
+            return _cpu.causal_conv1d_cpu_backward(x, weight, bias, ctx.activation, grad_out, needs, bidirectional=True)
+        return _differentiate(lambda x_, w, b_, act: causal_conv1d_shifted(_both_directions(x_), w, b_, act))(
+            x, weight, bias, ctx.activation, grad_out, needs)
+
+    return (*_dispatch(ctx.backend, x, weight, run), None, None)
 
 
 causal_conv1d_bidirectional_op.register_autograd(_bidirectional_backward, setup_context=_setup_context)

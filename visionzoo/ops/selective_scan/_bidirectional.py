@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .._dispatch import register_aten_path
-from . import _cpu, _op, _triton
+from . import _cpu, _cpu_bwd, _op, _triton
 from ._op import SCAN, output_strides
 from ._reference import compute_dtype, selective_scan_reference
 
@@ -156,6 +156,12 @@ def _backward(ctx, grad_out, grad_last_state):
             if shared_z and grads[6] is not None:
                 grads[6] = grads[6][:, :dim] + grads[6][:, dim:]
             return grads
+        if backend.name == "cpu" and rev_in and reduce != "none" and (z is None or shared_z):
+            # Vim's layout on CPU: one kernel call per direction, z and grad_out read backwards in place.
+            grads = _cpu_bwd.selective_scan_bidirectional_cpu_backward(*inputs, ctx.delta_softplus, grad_out, scale,
+                                                                       grad_last_state)
+            if grads is not None:
+                return list(grads)
         # One plain backward of the stacked scan (backward half time-reversed), then back to the caller's order.
         if grad_out is None:
             go = None

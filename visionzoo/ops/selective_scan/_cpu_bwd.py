@@ -22,7 +22,7 @@ from torch import Tensor
 from .. import _cpu_build
 from .._cpu_build import ptr
 from ._chunked import selective_scan_chunked_backward
-from ._cpu import _output, _seq, checkpoint_shape
+from ._cpu import _output, _seq, _seq_reversed, checkpoint_shape
 
 OP = "selective_scan_bwd"
 SOURCE = Path(__file__).with_name("_cpu_bwd_kernel.c")
@@ -73,6 +73,27 @@ def _splits(batch: int, groups: int, dg: int) -> int:
     return max(1, min((dg + CB - 1) // CB, -(-ITEMS // (batch * groups))))
 
 
+def _call(lib: ctypes.CDLL, args: BwdArgs) -> None:
+    status = lib.vz_selective_scan_bwd(ctypes.byref(args), _cpu_build.threads())
+    if status == -2:
+        raise MemoryError("selective_scan: the 'cpu' backward kernel could not allocate its scratch memory")
+    if status:
+        raise RuntimeError(f"selective_scan: the 'cpu' backward kernel rejected the inputs (N={args.dstate}, "
+                           f"dim={args.dim}, groups={args.groups})")
+
+
+def _empty() -> Tensor:  # one per absent gradient: an op's outputs may not alias each other
+    return torch.empty(0, dtype=torch.float32)
+
+
+def _slices_sum(parts: Tensor) -> Tensor:
+    """The dB / dC partial sums of the slices, summed in slice order (whatever the thread count)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total.add_(part)
+    return total
+
+
 @torch.library.custom_op("visionzoo::selective_scan_cpu_backward", mutates_args=())
 def _backward_op(
     u: Tensor,
@@ -118,23 +139,9 @@ def _backward_op(
                    ptr(Df), ptr(bf), *_seq(zf), int(bool(delta_softplus)), *_seq(gof), ptr(glf), ptr(ck),
                    ck.shape[-1] if ck is not None else 0, *_seq(du), *_seq(ddelta), *_seq(dz), *_seq(dBp),
                    *_seq(dCp), ptr(dAp), ptr(dDp), ptr(dbp))
-    status = lib.vz_selective_scan_bwd(ctypes.byref(args), _cpu_build.threads())
-    if status == -2:
-        raise MemoryError("selective_scan: the 'cpu' backward kernel could not allocate its scratch memory")
-    if status:
-        raise RuntimeError(f"selective_scan: the 'cpu' backward kernel rejected the inputs (N={dstate}, "
-                           f"dim={dim}, groups={groups})")
-    def empty():  # one per absent gradient: an op's outputs may not alias each other
-        return torch.empty(0, dtype=f32)
-
-    def slices_sum(parts):  # (batch, G, N, L) with (batch, G, L, N) memory, as the fake kernel says
-        total = parts[0]
-        for part in parts[1:]:  # in slice order, whatever the thread count
-            total.add_(part)
-        return total
-
-    return (du, ddelta, dAp.sum(0), slices_sum(dBp), slices_sum(dCp), dDp.sum(0) if dDp is not None else empty(),
-            dz if dz is not None else empty(), dbp.sum(0) if dbp is not None else empty())
+    _call(lib, args)
+    return (du, ddelta, dAp.sum(0), _slices_sum(dBp), _slices_sum(dCp), dDp.sum(0) if dDp is not None else _empty(),
+            dz if dz is not None else _empty(), dbp.sum(0) if dbp is not None else _empty())
 
 
 @_backward_op.register_fake
@@ -189,5 +196,98 @@ def selective_scan_cpu_backward(
         raise ValueError(f"selective_scan: checkpoints of shape {tuple(checkpoints.shape)} do not fit a scan of "
                          f"batch {batch}, dim {dim}, L {length}, N {dstate}")
     grads = _backward_op(*args, checkpoints)
+    like = (u, delta, A, B, C, D, z, delta_bias)
+    return tuple(g.to(x.dtype) if x is not None else None for g, x in zip(grads, like))
+
+
+@torch.library.custom_op("visionzoo::selective_scan_bidirectional_cpu_backward", mutates_args=())
+def _bidirectional_backward_op(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    grad_out: Optional[Tensor],
+    scale: float,
+    grad_last_state: Optional[Tensor],
+    checkpoints: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward of Vim's bidirectional scan in its own layout, one kernel call per direction, no copies.
+
+    ``u, delta`` ``(batch, 2E, L)`` and ``B, C`` ``(batch, 2G, N, L)`` with the backward direction (channels
+    ``[E, 2E)``, groups ``[G, 2G)``) time-reversed, as the forward took them (``reversed_inputs=True``); ``z``
+    ``(batch, E, L)`` the shared gate and ``grad_out`` ``(batch, E, L)`` the gradient of
+    ``scale * (y_f + flip(y_b))``, both in the original order: the backward direction's call reads them
+    backwards in place (negative time strides) and writes its ``dz`` part backwards into a second buffer.
+    ``checkpoints``: the stacked forward's (``selective_scan_bidirectional_cpu(..., checkpoints=True)``), or
+    None. Returns the fp32 gradients of ``(u, delta, A, B, C, D, z, delta_bias)`` in the stacked layout
+    (empty ``(0,)`` for absent optional inputs)."""
+    batch, dim2, length = u.shape
+    E, G2, dstate = dim2 // 2, B.shape[1] // 2, B.shape[2]
+    lib = load()
+    if lib is None:
+        raise RuntimeError("selective_scan: the 'cpu' backward kernel is unavailable")
+    f32 = torch.float32
+    uf, dlf, zf = (x.to(f32) if x is not None else None for x in (u, delta, z))
+    gof = None if grad_out is None else (grad_out.to(f32) * scale if scale != 1.0 else grad_out.to(f32))
+    Bf, Cf, Af = B.to(f32), C.to(f32), A.to(f32).contiguous()
+    Df = D.to(f32).contiguous() if D is not None else None
+    bf = delta_bias.to(f32).contiguous() if delta_bias is not None else None
+    ck = checkpoints if checkpoints is not None and checkpoints.numel() else None
+
+    splits = _splits(batch, G2, E // G2)
+    du, ddelta = _output(u, dim2), _output(u, dim2)
+    dz = [_output(u, E) for _ in range(2)] if z is not None else None
+    dBp = torch.empty(splits, batch, 2 * G2, length, dstate, dtype=f32).transpose(3, 4)
+    dCp = torch.empty(splits, batch, 2 * G2, length, dstate, dtype=f32).transpose(3, 4)
+    dAp = [torch.empty(batch, E, dstate, dtype=f32) for _ in range(2)]
+    dDp = [torch.empty(batch, E, dtype=f32) for _ in range(2)] if D is not None else None
+    dbp = [torch.empty(batch, E, dtype=f32) for _ in range(2)] if delta_bias is not None else None
+    for half in range(2):
+        ch, grp = slice(half * E, (half + 1) * E), slice(half * G2, (half + 1) * G2)
+        seq = _seq_reversed if half else _seq  # the original-order tensors, walked in this direction's time
+        glf = grad_last_state[:, ch].to(f32).contiguous() if grad_last_state is not None else None
+        args = BwdArgs(batch, E, length, dstate, G2, splits, *_seq(uf[:, ch]), *_seq(dlf[:, ch]), ptr(Af[ch]),
+                       *_seq(Bf[:, grp]), *_seq(Cf[:, grp]), ptr(Df[ch] if Df is not None else None),
+                       ptr(bf[ch] if bf is not None else None), *seq(zf), int(bool(delta_softplus)), *seq(gof),
+                       ptr(glf), ck.data_ptr() + 4 * E * half if ck is not None else None,
+                       ck.shape[-1] if ck is not None else 0, *_seq(du[:, ch]), *_seq(ddelta[:, ch]),
+                       *seq(dz[half] if dz is not None else None), *_seq(dBp[:, :, grp]), *_seq(dCp[:, :, grp]),
+                       ptr(dAp[half]), ptr(dDp[half] if dDp is not None else None),
+                       ptr(dbp[half] if dbp is not None else None))
+        _call(lib, args)
+
+    def per_channel(parts):
+        return torch.cat([parts[0].sum(0), parts[1].sum(0)]) if parts is not None else _empty()
+
+    return (du, ddelta, per_channel(dAp), _slices_sum(dBp), _slices_sum(dCp), per_channel(dDp),
+            dz[0].add_(dz[1]) if dz is not None else _empty(), per_channel(dbp))
+
+
+@_bidirectional_backward_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad_out, scale, grad_last_state, checkpoints=None):
+    grads = list(_backward_op(u, delta, A, B, C, D, None, delta_bias, delta_softplus, None, None, None))
+    return (*grads[:6], _output(u, u.shape[1] // 2) if z is not None else _empty(), grads[7])
+
+
+def selective_scan_bidirectional_cpu_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                                              D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+                                              delta_softplus: bool, grad_out: Optional[Tensor], scale: float,
+                                              grad_last_state: Optional[Tensor],
+                                              checkpoints: Optional[Tensor] = None) -> Optional[tuple]:
+    """Gradients of ``(u, delta, A, B, C, D, z, delta_bias)`` of the bidirectional scan in Vim's layout (see
+    :func:`_bidirectional_backward_op`), in the inputs' dtypes (None for absent optional inputs); None when the
+    kernel does not take these inputs (the caller then runs the stacked backward)."""
+    batch, dim2, length = u.shape
+    G, dstate = B.shape[1], B.shape[2]
+    if (u.device.type != "cpu" or u.dtype != torch.float32 or dstate > NMAX or (dim2 // 2) % (G // 2)
+            or length == 0 or load() is None):
+        return None
+    grads = _bidirectional_backward_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad_out, scale,
+                                       grad_last_state, checkpoints)
     like = (u, delta, A, B, C, D, z, delta_bias)
     return tuple(g.to(x.dtype) if x is not None else None for g, x in zip(grads, like))

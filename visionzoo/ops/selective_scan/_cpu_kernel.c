@@ -17,7 +17,11 @@
 #include <stdint.h>
 #include <string.h>
 
-#define VZ_CB 8
+#if defined(__AVX512F__)
+#define VZ_CB 16 /* one AVX-512 register */
+#else
+#define VZ_CB 8 /* one AVX2 register */
+#endif
 #define VZ_NMAX 256
 #define VZ_RMAX 256
 #define VZ_TT 64 /* steps per tile */
