@@ -55,10 +55,13 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, m: int, n_h: int, n_w: 
     B, H, W, c_qk = q.shape
     c_v, S2 = v.shape[-1], n_h * n_w
     rh, rw = H // n_h, W // n_w
-    allow = torch.zeros(B, S2, S2, dtype=torch.bool, device=idx.device).scatter_(2, idx, True)  # (B, S2 query, S2 key)
-    # token (y, x) is in region (y // rh, x // rw): one broadcast copy of the region mask to tokens
-    mask = allow.view(B, n_h, 1, n_w, 1, n_h, 1, n_w, 1).expand(B, n_h, rh, n_w, rw, n_h, rh, n_w, rw)
-    mask = mask.reshape(B, 1, H * W, H * W)
+    dev = idx.device
+    allow = torch.zeros(B, S2, S2, dtype=torch.bool, device=dev).scatter_(2, idx, True)  # (B, S2 query, S2 key)
+    # token (y, x) is in region (y // rh, x // rw): key regions -> key tokens by one gather, then query
+    # regions -> query tokens by a broadcast copy of whole rows (a 9-d broadcast copy is several times slower)
+    region = ((torch.arange(H, device=dev) // rh)[:, None] * n_w + torch.arange(W, device=dev)[None, :] // rw).view(-1)
+    keys = allow.index_select(2, region)  # (B, S2, N)
+    mask = keys.view(B, n_h, 1, n_w, 1, H * W).expand(B, n_h, rh, n_w, rw, H * W).reshape(B, 1, H * W, H * W)
 
     def heads(x: Tensor) -> Tensor:  # (B, H, W, m*d) -> (B, m, N, d) view
         return x.reshape(B, H * W, m, x.shape[-1] // m).transpose(1, 2)
