@@ -26,6 +26,8 @@ Whole models, batch ``--batch`` (4), fp32, ``torch.set_num_threads(--threads)``,
   Median and minimum over ``--rounds`` rounds; the variants take turns inside every round (round-robin)
   so drift on a shared machine hits them alike; also each round's time ratio against ``auto`` (its two
   runs are adjacent in time) and the median of those ratios, the estimate least hurt by load drift.
+  With ``--fresh``, a round runs each variant in its own fresh process instead (build, one warm-up
+  step, median of ``--calls`` steps), the variants alternating.
 * Sizes: 224 and 448 with the classification setting (``n_win=7``, as the official model runs at any
   multiple of 224), and 600x500 with the official ADE20K backbone setting (``n_win=8``, ``auto_pad``).
 * Peak memory: each (model, size, variant, mode) runs once more in a fresh subprocess, after building
@@ -134,7 +136,9 @@ def _upstream(model, name: str, size: str, x: torch.Tensor):
 
 
 def _build(name: str, size: str, variant: str):
+    """(model, input batch of 4); weights and input seeded, so every process builds the same ones."""
     (h, w), extra = SIZES[size]
+    torch.manual_seed(0)
     backend = "reference" if variant == "official" else "auto" if variant == "upstream" else variant
     model = timm.create_model(name, attn_backend=backend, **extra).eval()
     x = torch.randn(4, 3, h, w)
@@ -178,15 +182,41 @@ def measure_memory(name: str, size: str, variant: str, mode: str, batch: int) ->
     return dict(live=round(tracker.peak / 2 ** 20, 1), rss=round(rss, 1))
 
 
-def _memory_subprocess(name, size, variant, mode, batch, threads) -> dict:
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import torch; torch.set_num_threads({threads}); "
-            f"from benchmarks.bench_biformer_cpu import measure_memory; "
-            f"print(repr(measure_memory({name!r}, {size!r}, {variant!r}, {mode!r}, {batch})))")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
+def measure_time(name: str, size: str, variant: str, mode: str, batch: int, calls: int) -> float:
+    """Runs in a fresh interpreter: median seconds of ``calls`` steps after one warm-up step."""
+    model, x = _build(name, size, variant)
+    x = x[:batch]
+    _step(model, x, mode)
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        _step(model, x, mode)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _child(call: str, threads: int, **env_extra):
+    """``call`` (an expression on this module) evaluated in a fresh interpreter with ``threads`` threads;
+    its value comes back as the literal the child prints last."""
+    code = (f"import sys, importlib.util; import torch; torch.set_num_threads({threads}); "
+            f"spec = importlib.util.spec_from_file_location('bench_biformer_cpu', {__file__!r}); "
+            f"b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); print(repr(b.{call}))")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), **env_extra)
     if OFFICIAL_DIR:
         env[OFFICIAL_DIR_ENV] = OFFICIAL_DIR
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
-    return eval(out.stdout.strip().splitlines()[-1])  # a dict literal printed by the child
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"bench_biformer_cpu: child {call} failed:\n{out.stderr.strip()[-2000:]}")
+    lines = out.stdout.strip().splitlines()
+    for line in lines[:-1]:
+        if line.startswith("# "):  # the child's notes (e.g. the upstream parity check)
+            print(line, flush=True)
+    return eval(lines[-1])
+
+
+def _memory_subprocess(name, size, variant, mode, batch, threads) -> dict:
+    return _child(f"measure_memory({name!r}, {size!r}, {variant!r}, {mode!r}, {batch})", threads,
+                  MALLOC_MMAP_THRESHOLD_="65536")
 
 
 def bench_models(args) -> list:
@@ -196,7 +226,13 @@ def bench_models(args) -> list:
             for mode in args.modes:
                 variants = [v for v in args.variants if not (v in ("official", "upstream") and mode != "fwd")]
                 row = dict(model=name, size=size, mode=mode)
-                if not args.memory_only:
+                if not args.memory_only and args.fresh:  # every round: each variant in a fresh process
+                    times = {v: [] for v in variants}
+                    for _ in range(args.rounds):
+                        for v in variants:
+                            times[v].append(_child(f"measure_time({name!r}, {size!r}, {v!r}, {mode!r}, "
+                                                   f"{args.batch}, {args.calls})", args.threads))
+                elif not args.memory_only:
                     models = {v: _build(name, size, v) for v in variants}
                     times = {v: [] for v in variants}
                     for v in variants:  # warm-up
@@ -208,6 +244,7 @@ def bench_models(args) -> list:
                             _step(model, x[:args.batch], mode)
                             times[v].append(time.perf_counter() - t)
                     del models
+                if not args.memory_only:
                     row.update({f"{v}_s": round(statistics.median(times[v]), 3) for v in variants})
                     row.update({f"{v}_min_s": round(min(times[v]), 3) for v in variants})
                     if "auto" in variants:  # per-round ratios: the two runs of a round are adjacent in time
@@ -265,6 +302,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--fresh", action="store_true",
+                   help="time every (round, variant) in a fresh process (one warm-up, median of --calls steps) "
+                        "instead of round-robin in this process")
+    p.add_argument("--calls", type=int, default=3, help="timed steps per fresh process (--fresh)")
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--memory-only", action="store_true", help="skip the timing, measure memory only")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
