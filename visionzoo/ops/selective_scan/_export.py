@@ -97,8 +97,10 @@ def selective_scan_bidirectional_scan(u, delta, A, B, C, D, z, delta_bias, delta
     from ._bidirectional import _scan_order
 
     dim = u.shape[1] // 2
-    stacked, last = selective_scan_scan(*_scan_order(u, delta, A, B, C, D, z, delta_bias, reversed_inputs),
-                                        delta_softplus)
+    # A gate shared by both directions multiplies their sum once, afterwards (no time-reversed copy of z).
+    gate_after = z is not None and z.shape[1] == dim and reduce != "none"
+    stacked, last = selective_scan_scan(*_scan_order(u, delta, A, B, C, D, None if gate_after else z, delta_bias,
+                                                     reversed_inputs), delta_softplus)
     out_f, out_b = stacked[:, :dim], stacked[:, dim:].flip(-1)
     if reduce == "none":
         out = torch.cat([out_f, out_b], dim=1)
@@ -106,4 +108,6 @@ def selective_scan_bidirectional_scan(u, delta, A, B, C, D, z, delta_bias, delta
         out = out_f + out_b
         if reduce == "mean":
             out = out * 0.5
+    if gate_after:
+        out = out * F.silu(z.to(out.dtype))
     return out, last.to(compute_dtype(u))
