@@ -13,7 +13,7 @@ kept) to a plain ViT block. From the block's real per-head ``q``, ``k`` ``(B, H,
    ``cheap = (q' @ k'^T proj_n) * num_heads ** -0.5`` — the scale is the **head count**, not the head
    width, as in the official code;
 3. ``coef = softmax_K(cheap)`` for every query but the class token; only its ``8`` largest entries are
-   kept; the basis is ``|proj_back_n|^T`` with entries ``<= 0.02`` set to zero;
+   kept (chosen on ``cheap``, see below); the basis is ``|proj_back_n|^T`` with entries ``<= 0.02`` set to zero;
 4. ``approx = coef @ basis`` ``(B, H, N - 1, N)``, and every query row keeps the keys of its
    ``ceil(0.25 * N)`` largest scores. The class-token row stays dense. The mask carries no gradient.
 
@@ -29,11 +29,20 @@ other backend, CPU inference computes step 4 from the kept coefficients only
 in the dense product's order, so the scores and kept keys are the official ones) instead of the dense
 ``(B, H, N - 1, K) @ (K, N)`` product over a mostly-zero coefficient tensor; with a C compiler, one C
 pass per query row computes those scores and selects the keys
-(:func:`visionzoo.ops.sparse_attention.sparsifiner_keys`; ``topk``'s keys except on exact ties, where the
-lowest indices are kept). CUDA, and FLOP counting on
+(:func:`visionzoo.ops.sparse_attention.sparsifiner_keys`). CUDA, and FLOP counting on
 the meta device (``count_macs``), run the official dense product.
 
 Differences from the official code, all deliberate:
+
+* **Selections with one rule in every runtime.** The ``8`` coefficients are the largest *logits* ``cheap``
+  (the softmax is increasing: the official keys in exact arithmetic), and every top-k (coefficients, keys,
+  pruned tokens) keeps the lowest indices where values tie exactly at the cut
+  (:func:`visionzoo.ops.sparse_attention.top_indices`, the rule of ONNX ``TopK``). The official
+  ``coef.topk`` runs on the fp32 softmax, which rounds neighbouring coefficients of near-uniform rows
+  (random init) to the same value about once per thousand rows, and ``torch.topk`` then keeps the higher
+  index: eager and onnxruntime chose different keys. Only such fp32 ties separate this model from the
+  official one: bitwise equal logits in the parity tests (depth 2); at depth 12, random init, up to 7e-4 of
+  max |logit| (benchmarks/export_cpu.md, Sparsifiner section).
 
 * **Any input size.** The official model fixes ``N = 197`` (``proj_n`` and ``proj_back_n`` have one row
   per token). Here their token rows are resampled like a position embedding (class row kept, grid
@@ -94,7 +103,7 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 
 from ..layers import plain_feature_indices
 from ..losses.sparsifiner import SparsifinerDistillLoss, attach_aux_loss, attn_self_distill_loss  # noqa: F401 (re-export)
-from ..ops.sparse_attention import sparse_attention, sparse_attention_backend, sparsifiner_keys
+from ..ops.sparse_attention import sparse_attention, sparse_attention_backend, sparsifiner_keys, top_indices
 from ._input import record_input_size
 from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
@@ -266,11 +275,12 @@ class MaskPredictor(nn.Module):
         q, k = self.proj_c_q(q), self.proj_c_k(k)  # (B, H, N, c)
         k = k.transpose(-2, -1) @ proj_n  # (B, H, c, K)
         basis = proj_back_n.transpose(-2, -1)  # (K, N) or (B, 1, K, N)
-        coef = ((q @ k) * self.scale)[..., 1:, :].softmax(dim=-1)  # (B, H, N - 1, K)
+        cheap = ((q @ k) * self.scale)[..., 1:, :]  # (B, H, N - 1, K)
+        coef = cheap.softmax(dim=-1)
         if not recon:
             basis = F.threshold(basis.abs(), self.basis_threshold, 0.0)
-            top, top_idx = coef.topk(self.coef_topk, dim=-1, sorted=False)
-            coef = torch.zeros_like(coef).scatter_(-1, top_idx, top)
+            top_idx = top_indices(cheap, self.coef_topk)  # on the logits: see kept_coefficients
+            coef = torch.zeros_like(coef).scatter(-1, top_idx, coef.gather(-1, top_idx))
         return coef @ basis
 
     @torch.no_grad()
@@ -284,9 +294,14 @@ class MaskPredictor(nn.Module):
         proj_n, proj_back_n = self.token_params(grid, token_index)
         q, k = self.proj_c_q(q), self.proj_c_k(k)  # (B, H, N, c)
         k = k.transpose(-2, -1) @ proj_n  # (B, H, c, K)
-        coef = ((q @ k) * self.scale)[..., 1:, :].softmax(dim=-1)  # (B, H, N - 1, K)
+        cheap = ((q @ k) * self.scale)[..., 1:, :]  # (B, H, N - 1, K)
+        coef = cheap.softmax(dim=-1)
         B, K = coef.shape[0], coef.shape[-1]
-        cols = coef.topk(self.coef_topk, dim=-1, sorted=False).indices.sort(dim=-1).values
+        # The top coefficients are chosen on the logits: the softmax is increasing, so these are the official
+        # coef.topk keys in exact arithmetic, but its fp32 rounding ties near-uniform rows (random init: all K
+        # coefficients within ~2% of 1 / K) about once per thousand rows, the logits not once in the rows
+        # measured (benchmarks/export_cpu.md, Sparsifiner section).
+        cols = top_indices(cheap, self.coef_topk).sort(dim=-1).values
         table = F.threshold(proj_back_n.abs(), self.basis_threshold, 0.0).transpose(-2, -1)  # (K, N) | (B, 1, K, N)
         weights = coef.gather(-1, cols).to(table.dtype)  # autocast may have made coef bf16/fp16
         if table.dim() == 4:  # per-sample rows after token pruning: one table of B * K rows
@@ -322,16 +337,15 @@ class MaskPredictor(nn.Module):
 
         ``official=False`` computes the scores from the kept coefficients (same keys, less work) on CPU
         (where it was measured): in one C pass per row that also selects the keys
-        (:func:`visionzoo.ops.sparse_attention.sparsifiner_keys`; ties at the budget's last score keep the lowest
-        indices) when the kernel builds, ``cpu_kernel`` is True and there are at least
-        ``CPU_KERNEL_MIN_TOKENS`` tokens, else :meth:`approx_attention_kept_coef`
-        and ``topk``; elsewhere (CUDA, and the meta device, so a FLOP counter sees
+        (:func:`visionzoo.ops.sparse_attention.sparsifiner_keys`) when the kernel builds, ``cpu_kernel`` is True and
+        there are at least ``CPU_KERNEL_MIN_TOKENS`` tokens, else :meth:`approx_attention_kept_coef`
+        and :func:`~visionzoo.ops.sparse_attention.top_indices`; elsewhere (CUDA, and the meta device, so a FLOP counter sees
         the official dense product) the official dense product runs.
         """
         budget = self.key_budget(q.shape[2], 1 + grid[0] * grid[1], token_index is not None)
         if with_grad:
             approx = self.approx_attention(q.detach(), k.detach(), grid, token_index)
-            return approx.detach().topk(budget, dim=-1, sorted=False).indices, approx
+            return top_indices(approx.detach(), budget), approx
         with torch.no_grad():  # the mask carries no gradient (official ``attn_mask.detach_()``)
             if official or q.device.type != "cpu":
                 approx = self.approx_attention(q, k, grid, token_index)
@@ -339,7 +353,7 @@ class MaskPredictor(nn.Module):
                 cols, weights, table = self.kept_coefficients(q, k, grid, token_index)
                 use_kernel = self.cpu_kernel and q.shape[2] >= CPU_KERNEL_MIN_TOKENS
                 return sparsifiner_keys(cols, weights, table, budget, backend="auto" if use_kernel else "torch"), None
-            return approx.topk(budget, dim=-1, sorted=False).indices, None
+            return top_indices(approx, budget), None
 
 
 class SparsifinerAttention(nn.Module):
@@ -463,7 +477,7 @@ class SparsifinerBlock(nn.Module):
             B, N, C = x.shape
             budget = min(math.ceil(self.token_keep_rate * grid[0] * grid[1]), N - 1)
             score = cls_attn[..., 1:].mean(dim=1)  # (B, N - 1): head-mean class attention
-            keep = score.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values  # original order
+            keep = top_indices(score, budget).sort(dim=-1).values  # original order
             x = torch.cat([x[:, :1], x[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, C))], dim=1)
             token_index = keep if token_index is None else token_index.gather(1, keep)
         return x, token_index, approx, attn

@@ -49,10 +49,11 @@ from torch import Tensor
 from .._dispatch import call
 from ._op import BACKENDS, KEYS, SPARSE, flops as _flops, resolve, sparse_attention_op
 from ._reference import keep_mask
+from ._select import top_indices
 from ._triton import TILE_CONFIGS
 
 __all__ = ["sparse_attention", "sparse_attention_flops", "sparse_attention_backend", "sparsifiner_keys", "keep_mask",
-           "triton_tiles", "TILE_CONFIGS", "BACKENDS"]
+           "triton_tiles", "TILE_CONFIGS", "BACKENDS", "top_indices"]
 
 
 def sparse_attention_backend(backend: str, x: Tensor) -> str:
@@ -137,12 +138,12 @@ def sparsifiner_keys(cols: Tensor, weights: Tensor, table: Tensor, budget: int, 
         table: ``(R, N)`` basis rows (one row per kept coefficient position).
         budget: keys kept per row, ``1 <= budget <= N``.
         backend: ``"auto"``, ``"cpu"`` (one C pass per row, CPU fp32, ``N <= 8192``: scores and selection
-            in L1, kept keys ascending; ties at the last kept score keep the lowest indices) or ``"torch"``
-            (``embedding_bag`` + ``topk``, any device; kept keys in ``topk``'s order).
+            in L1, kept keys ascending) or ``"torch"`` (``embedding_bag`` + :func:`top_indices`, any device,
+            kept keys in any order). Both keep the lowest indices where scores tie at the last kept score.
             ``VISIONZOO_BACKEND_SPARSE_KEYS`` overrides ``auto``; the C kernel never runs while tracing.
 
     Returns:
-        ``(..., budget)`` int64 key indices; the same set from both backends (up to ties).
+        ``(..., budget)`` int64 key indices; the same set from both backends.
     """
     KEYS.check_name(backend, "sparsifiner_keys")
     if cols.shape != weights.shape or table.dim() != 2 or not 1 <= budget <= table.shape[-1]:

@@ -5,9 +5,8 @@ basis as a table of rows, the kernel sums the ``T`` basis rows of a query row in
 (fused multiply-adds in ascending basis order: the dense ``coef @ basis`` product's order, whose other
 terms are exact zeros), finds the ``K``-th largest score with a histogram plus a quickselect inside one
 bucket, and writes the kept indices in ascending order. The ``(B, H, N - 1, N)`` score tensor, the
-``topk`` over it and its outputs never exist: every row lives in L1. The kept set is ``torch.topk``'s
-except when scores tie at the ``K``-th value, where this kernel keeps the lowest indices and ``topk``'s
-choice is unspecified.
+``topk`` over it and its outputs never exist: every row lives in L1. Where scores tie at the ``K``-th
+value it keeps the lowest indices, the rule of :func:`.top_indices` (the ``torch`` backend) and of ONNX ``TopK``.
 
 Built and loaded by :mod:`visionzoo.ops._cpu_build` (system C compiler, first use); unavailable without
 one (callers then use ``embedding_bag`` + ``topk``). Rows are split over ``torch.get_num_threads()``

@@ -28,6 +28,7 @@ from . import _keys_cpu, _triton
 from ._gather import sparse_attention_gather, sparse_attention_gather_backward
 from ._masked import sparse_attention_masked, sparse_attention_masked_backward
 from ._reference import sparse_attention_reference
+from ._select import top_indices
 
 
 # Forwards take (q, k, v, idx, scale, dense_rows); backwards (q, k, v, idx, scale, dense_rows, out,
@@ -121,10 +122,10 @@ def _flop_formula(q_shape, k_shape, v_shape, idx_shape, scale, dense_rows, *args
 
 # ---------------------------------------------------------------- Sparsifiner's key selection
 def _keys_torch(cols: Tensor, weights: Tensor, table: Tensor, budget: int) -> Tensor:
-    """Scores as one ``embedding_bag`` (the kept basis rows summed in ascending order), then ``topk``."""
+    """Scores as one ``embedding_bag`` (the kept basis rows summed in ascending order), then :func:`top_indices`."""
     T = cols.shape[-1]
     scores = F.embedding_bag(cols.reshape(-1, T), table, per_sample_weights=weights.reshape(-1, T), mode="sum")
-    return scores.view(*cols.shape[:-1], table.shape[-1]).topk(budget, dim=-1, sorted=False).indices
+    return top_indices(scores.view(*cols.shape[:-1], table.shape[-1]), budget)
 
 
 def _keys_cpu_available(device_type: str) -> Optional[str]:
