@@ -154,3 +154,20 @@ def test_bidirectional_in_place_path_matches_flipped_copies(reduce, with_z, time
     expected = {"mean": (f + r.flip(-1)) / 2, "sum": f + r.flip(-1), "none": torch.cat([f, r.flip(-1)], 1)}[reduce]
     assert_close(out, expected, 2e-6, "out")
     assert_close(last, torch.cat([lf, lb], 1), 2e-6, "last_state")
+
+
+@needs_kernel
+def test_both_vector_widths_give_the_same_bits(monkeypatch, tmp_path):
+    """The kernel is 16 lanes wide where the build targets AVX-512, else 8: the lanes never mix, so a build
+    without AVX-512 gives bitwise the same results (checked here on whatever this machine builds by default)."""
+    x = make_inputs(batch=2, dim=40, length=45, dstate=16, groups=2, seed=5)
+    default = run(x, "cpu", True)
+    monkeypatch.setenv("VISIONZOO_CACHE", str(tmp_path))
+    monkeypatch.setattr(_cpu_build, "FLAGS", _cpu_build.FLAGS + ("-mno-avx512f",))
+    _cpu_build.forget(_cpu.OP)
+    try:
+        narrow = run(x, "cpu", True)
+    finally:
+        _cpu_build.forget(_cpu.OP)
+    for a, b in zip(default[:2], narrow[:2]):
+        assert torch.equal(a, b)

@@ -18,7 +18,6 @@ from .._cpu_build import f32c
 
 OP = "causal_conv1d"
 SOURCE = Path(__file__).with_name("_cpu_kernel.c")
-CB = 8  # channels per work item; must equal VZ_CB in the C source
 KMAX = 16  # longest filter; must equal VZ_KMAX
 
 

@@ -30,7 +30,6 @@ from ._chunked import LOG2E
 
 OP = "selective_scan"
 SOURCE = Path(__file__).with_name("_cpu_kernel.c")
-CB = 8  # channels per work item; must equal VZ_CB in the C source
 NMAX = 256  # largest state size; must equal VZ_NMAX
 SUPPORTED_DTYPES = (torch.float32,)
 
