@@ -105,6 +105,16 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return y if residual is None else residual + y
 
 
+def _conv_residual(x: torch.Tensor, conv: nn.Conv2d, fused: bool) -> torch.Tensor:
+    """``x + conv(x)``; with ``fused`` (see :func:`_fused_inference`; ``x`` channels-last, ``conv`` zero-padded)
+    one oneDNN conv with the add in its epilogue (the same values)."""
+    if not fused or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return x + conv(x)
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+        "add", None, None, [], None)
+
+
 @register_notrace_module  # input-size checks and padding are Python control flow on shapes
 class BiLevelRoutingAttention(nn.Module):
     """BRA on channels-last maps (the official ``bra_legacy`` with ``qk_dim = dim``, identity KV
@@ -244,10 +254,11 @@ class BiFormerBlock(nn.Module):
         # channels-last and (B, H, W, C) below is a contiguous view, so the LayerNorms and residual adds
         # read contiguous memory and nothing is copied back and forth between the layouts.
         x = x.contiguous(memory_format=torch.channels_last)
+        fused = _fused_inference(x)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(x)
+            x = _conv_residual(x, self.pos_embed, fused)
         x = x.permute(0, 2, 3, 1)  # (B, H, W, C), contiguous
-        if _fused_inference(x) and not (self.training and isinstance(self.drop_path, DropPath)):
+        if fused and not (self.training and isinstance(self.drop_path, DropPath)):
             # inference: the residual adds and the MLP's GELU run inside the linears (see :func:`_linear`)
             x = self.attn(self.norm1(x), residual=x)
             mlp = self.mlp
