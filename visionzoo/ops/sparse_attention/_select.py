@@ -28,7 +28,8 @@ def top_indices(scores: Tensor, k: int) -> Tensor:
         return scores.topk(k, dim=-1).indices
     values, idx = scores.topk(k, dim=-1, sorted=False)
     kth = values.amin(dim=-1, keepdim=True)
-    tied = (scores == kth).sum(dim=-1) > (values == kth).sum(dim=-1)  # (...,): the cut splits a tie
+    # (...,): a value left out equals the k-th (everything left out is <= it), i.e. the cut splits a tie
+    tied = (scores >= kth).sum(dim=-1, dtype=torch.int32) > k
     if tracing() or scores.device.type == "meta":  # no values to branch on
         stable = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
         return torch.where(tied.unsqueeze(-1), stable, idx)
