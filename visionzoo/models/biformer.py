@@ -84,15 +84,25 @@ def _fused_inference(x: torch.Tensor) -> bool:
             and not aten_only_enabled())
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fused: bool, gelu: bool = False,
-            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, then exact GELU if ``gelu``, then ``residual +`` it if given.
+def _linear(x: torch.Tensor, layer: nn.Module, fused: bool, gelu: bool = False,
+            residual: Optional[torch.Tensor] = None, rows: Optional[slice] = None) -> torch.Tensor:
+    """``layer(x)`` (output features ``rows`` only, if given), then exact GELU if ``gelu``, then
+    ``residual +`` it if given.
 
-    With ``fused`` (see :func:`_fused_inference`) one oneDNN call does it all: the bias, the GELU or the
-    residual add run in the GEMM's epilogue. Besides saving a pass over the output, this avoids ATen's
-    ``addmm`` path for a bias, which first broadcast-copies the bias into the whole output (measured 1.3-2x
-    the GEMM's own time for BiFormer's stage-1 linears at 448 on the AVX-512 Xeon). Same values to
-    rounding (the GELU is the same erf form)."""
+    With ``fused`` (see :func:`_fused_inference`) and a plain ``nn.Linear``, one oneDNN call does it all:
+    the bias, the GELU or the residual add run in the GEMM's epilogue. Besides saving a pass over the
+    output, this avoids ATen's ``addmm`` path for a bias, which first broadcast-copies the bias into the
+    whole output (measured 1.3-2x the GEMM's own time for BiFormer's stage-1 linears at 448 on the
+    AVX-512 Xeon). Same values to rounding (the GELU is the same erf form). Other modules (e.g. a
+    dynamically quantized Linear, which takes no ``rows``) are called as they are."""
+    if not isinstance(layer, nn.Linear):
+        assert rows is None, "output-feature slices need a plain nn.Linear"
+        y = layer(x)
+        y = F.gelu(y) if gelu else y
+        return y if residual is None else residual + y
+    weight, bias = layer.weight, layer.bias
+    if rows is not None:
+        weight, bias = weight[rows], None if bias is None else bias[rows]
     if fused:
         if residual is not None and not gelu:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
@@ -100,8 +110,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                                "none" if gelu else "")
     else:
         y = F.linear(x, weight, bias)
-        if gelu:
-            y = F.gelu(y)
+        y = F.gelu(y) if gelu else y
     return y if residual is None else residual + y
 
 
@@ -168,9 +177,12 @@ class BiLevelRoutingAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # zero-pad the normalised input, as official
         # The qkv projection as two GEMMs, [q | k] and v: V comes out contiguous, so the LePE conv reads it
         # without a layout copy; q and k are channel slices of one tensor (no copies).
-        C, w, b = self.dim, self.qkv.weight, self.qkv.bias
-        qk = _linear(x, w[:2 * C], None if b is None else b[:2 * C], fused)  # (B, Hp, Wp, 2C)
-        v = _linear(x, w[2 * C:], None if b is None else b[2 * C:], fused)  # (B, Hp, Wp, C)
+        C = self.dim
+        if isinstance(self.qkv, nn.Linear):
+            qk = _linear(x, self.qkv, fused, rows=slice(0, 2 * C))  # (B, Hp, Wp, 2C)
+            v = _linear(x, self.qkv, fused, rows=slice(2 * C, 3 * C))  # (B, Hp, Wp, C)
+        else:  # e.g. a dynamically quantized Linear: one call, V a channel slice
+            qk, v = self.qkv(x).split([2 * C, C], dim=-1)
         del x  # (the padded copy; memory: every full-size temporary released early counts at 600x500)
         q, k = qk.split(C, dim=-1)
         if B == 0:  # an empty batch (the kernels index regions per image; there are none)
@@ -186,7 +198,7 @@ class BiLevelRoutingAttention(nn.Module):
         if pad_b or pad_r:
             out = self.proj(out)[:, :H, :W]  # the official crop (a view: the residual add makes the copy)
             return out if residual is None else residual + out
-        return _linear(out, self.proj.weight, self.proj.bias, fused, residual=residual)
+        return _linear(out, self.proj, fused, residual=residual)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, n_win={self.n_win}, topk={self.topk}, "
@@ -215,12 +227,12 @@ class AttentionLePE(nn.Module):
         B, H, W, C = x.shape
         N, m = H * W, self.num_heads
         fused = _fused_inference(x)
-        qkv = _linear(x, self.qkv.weight, self.qkv.bias, fused)
+        qkv = _linear(x, self.qkv, fused)
         q, k, v = qkv.reshape(B, N, 3, m, C // m).permute(2, 0, 3, 1, 4).unbind(0)  # (B, m, N, d) each
         attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)  # (B, m, N, N)
         out = (attn @ v).transpose(1, 2).reshape(B, H, W, C)
         lepe = self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # LePE on x, (B, H, W, C)
-        return _linear(out + lepe, self.proj.weight, self.proj.bias, fused, residual=residual)
+        return _linear(out + lepe, self.proj, fused, residual=residual)
 
 
 class BiFormerBlock(nn.Module):
@@ -262,8 +274,8 @@ class BiFormerBlock(nn.Module):
             # inference: the residual adds and the MLP's GELU run inside the linears (see :func:`_linear`)
             x = self.attn(self.norm1(x), residual=x)
             mlp = self.mlp
-            h = _linear(self.norm2(x), mlp.fc1.weight, mlp.fc1.bias, True, gelu=True)
-            return _linear(h, mlp.fc2.weight, mlp.fc2.bias, True, residual=x).permute(0, 3, 1, 2)
+            h = _linear(self.norm2(x), mlp.fc1, True, gelu=True)
+            return _linear(h, mlp.fc2, True, residual=x).permute(0, 3, 1, 2)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x.permute(0, 3, 1, 2)  # NCHW, channels-last memory
