@@ -289,3 +289,41 @@ def test_bidirectional_kernel_in_vim_layout(groups, last):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=name)
     torch.library.opcheck(torch.ops.visionzoo.selective_scan_bidirectional_cpu_backward.default,
                           (*inputs, True, gout, 0.5, glast))
+
+
+@needs_kernel
+def test_vim_training_hands_the_forward_checkpoints_to_the_backward(monkeypatch):
+    """Under autograd the bidirectional cpu forward keeps its state checkpoints for the backward, which gives
+    bitwise the gradients it gets by recomputing them; without autograd nothing is kept."""
+    from visionzoo.ops.selective_scan import _bidirectional, selective_scan_bidirectional
+
+    torch.manual_seed(0)
+    batch, E, L, N = 2, 16, 70, 4
+    base = [torch.randn(batch, L, 2 * E).transpose(1, 2), torch.randn(batch, L, 2 * E).transpose(1, 2) * 0.5,
+            -torch.rand(2 * E, N) - 0.3, *(torch.randn(batch, L, 2, N).permute(0, 2, 3, 1) for _ in range(2)),
+            torch.randn(2 * E), torch.randn(batch, L, E).transpose(1, 2), torch.randn(2 * E)]
+    seen, drop = [], []
+    real = _cpu_bwd.selective_scan_bidirectional_cpu_backward
+
+    def spy(*args):
+        seen.append(args[-1])
+        return real(*args[:-1], None) if drop else real(*args)
+
+    monkeypatch.setattr(_cpu_bwd, "selective_scan_bidirectional_cpu_backward", spy)
+
+    def grads():
+        leaves = [t.clone().requires_grad_(True) for t in base]
+        out = selective_scan_bidirectional(*leaves[:6], z=leaves[6], delta_bias=leaves[7], delta_softplus=True,
+                                           reversed_inputs=True, backend="cpu")
+        return torch.autograd.grad(out.square().sum(), leaves)
+
+    handed = grads()
+    assert seen[-1] is not None and tuple(seen[-1].shape) == (batch, 3, N, 2 * E)
+    drop.append(True)
+    recomputed = grads()
+    for a, b in zip(handed, recomputed):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        selective_scan_bidirectional(*base[:6], z=base[6], delta_bias=base[7], delta_softplus=True,
+                                     reversed_inputs=True, backend="cpu")
+    assert not _bidirectional._CHECKPOINTS

@@ -74,7 +74,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .._checks import check_tensors
 from .._dispatch import call, tracing
 from ..causal_conv1d import causal_conv1d_bidirectional
-from ._bidirectional import REDUCTIONS, selective_scan_bidirectional_op
+from ._bidirectional import REDUCTIONS, keep_checkpoints, selective_scan_bidirectional_op
 from ._cpu import MixerDirection, bimamba_inner_cpu
 from ._op import BACKENDS, SCAN, flops as _flops, selective_scan_op
 
@@ -341,6 +341,9 @@ def selective_scan_bidirectional(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
     if B4.shape[1] % 2:
         raise ValueError(f"selective_scan_bidirectional: B and C need an even number of groups G (the first "
                          f"G/2 for the forward direction), got G={B4.shape[1]}")
-    out, last_state = call(selective_scan_bidirectional_op, u, delta, A, B4, C4, D, z, delta_bias,
-                           bool(delta_softplus), reduce, bool(reversed_inputs), backend)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (u, delta, A, B4, C4, D, z, delta_bias))
+    with keep_checkpoints(grad):  # the cpu forward's state checkpoints go to the backward
+        out, last_state = call(selective_scan_bidirectional_op, u, delta, A, B4, C4, D, z, delta_bias,
+                               bool(delta_softplus), reduce, bool(reversed_inputs), backend)
     return (out, last_state) if return_last_state else out

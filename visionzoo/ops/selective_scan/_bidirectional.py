@@ -39,6 +39,9 @@ declaration (``_op.SCAN``, ``VISIONZOO_BACKEND_SELECTIVE_SCAN``). Its public ent
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
 from typing import Optional
 
 import torch
@@ -51,6 +54,24 @@ from ._op import SCAN, output_strides
 from ._reference import compute_dtype, selective_scan_reference
 
 REDUCTIONS = ("mean", "sum", "none")
+
+# The cpu forward's state checkpoints, handed to the backward (which then does not recompute them): the
+# op's forward keeps them here under its output tensor's id (dropped when that tensor dies) when the caller
+# asked for them (:func:`keep_checkpoints`, around a call under autograd), and ``_setup_context`` moves them
+# onto the autograd context. Where that does not happen (other backends, compiled graphs) the backward
+# recomputes them.
+_CHECKPOINTS: dict[int, Tensor] = {}
+_WANT = threading.local()
+
+
+@contextlib.contextmanager
+def keep_checkpoints(wanted: bool):
+    """Whether the ``cpu`` forward called inside keeps its checkpoints for the backward (under autograd)."""
+    previous, _WANT.on = getattr(_WANT, "on", False), wanted
+    try:
+        yield
+    finally:
+        _WANT.on = previous
 
 
 def _unflip_half(x: Tensor, half: int) -> Tensor:
@@ -110,7 +131,12 @@ def selective_scan_bidirectional_op(u: Tensor, delta: Tensor, A: Tensor, B: Tens
         if backend.name == "cpu" and reversed_inputs and (z is None or z.shape[1] == dim):
             # Vim's layout on CPU: the C kernel reads z and writes the output backwards in place for the
             # backward direction and accumulates the two directions (no flipped or stacked copies).
-            return _cpu.selective_scan_bidirectional_cpu(*args, reduce)
+            if not (getattr(_WANT, "on", False) and reduce != "none"):
+                return _cpu.selective_scan_bidirectional_cpu(*args, reduce)
+            out, last, ck = _cpu.selective_scan_bidirectional_cpu(*args, reduce, checkpoints=True)
+            _CHECKPOINTS[id(out)] = ck
+            weakref.finalize(out, _CHECKPOINTS.pop, id(out), None)
+            return out, last
         stacked, last = backend.forward(*_scan_order(*args[:8], reversed_inputs), delta_softplus)
         return _combine(u, stacked[:, :dim], stacked[:, dim:].flip(-1), reduce), last
 
@@ -133,6 +159,7 @@ def _setup_context(ctx, inputs, output):
     ctx.reduce = reduce
     ctx.reversed_inputs = reversed_inputs
     ctx.backend = backend
+    ctx.checkpoints = _CHECKPOINTS.pop(id(output[0]), None)
     ctx.set_materialize_grads(False)
 
 
@@ -159,7 +186,7 @@ def _backward(ctx, grad_out, grad_last_state):
         if backend.name == "cpu" and rev_in and reduce != "none" and (z is None or shared_z):
             # Vim's layout on CPU: one kernel call per direction, z and grad_out read backwards in place.
             grads = _cpu_bwd.selective_scan_bidirectional_cpu_backward(*inputs, ctx.delta_softplus, grad_out, scale,
-                                                                       grad_last_state)
+                                                                       grad_last_state, ctx.checkpoints)
             if grads is not None:
                 return list(grads)
         # One plain backward of the stacked scan (backward half time-reversed), then back to the caller's order.
