@@ -67,6 +67,7 @@ import os
 from typing import NamedTuple, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from torch.utils.flop_counter import FlopCounterMode
@@ -173,21 +174,20 @@ def bimamba_inner(xz: Tensor, forward: MambaBranch, backward: MambaBranch, *, ba
     conv_w = torch.cat([forward.conv1d.weight, backward.conv1d.weight])[:, 0]  # (2E, K)
     conv_b = None if forward.conv1d.bias is None else torch.cat([forward.conv1d.bias, backward.conv1d.bias])
     xs = causal_conv1d_bidirectional(xs.transpose(1, 2), conv_w, conv_b, activation="silu")  # (B, 2E, L) view
+    # Per direction, on the (B, L, E) halves of the conv output (strided views: the matmuls read them in
+    # place), as nn.Linear / MatMul: one batched einsum over the directions copied its input in eager and
+    # was ~5x slower in onnxruntime. Plain projections keep dt_proj's bias apart (the scan adds it, as the
+    # official code does); other modules (e.g. dynamically quantized) are called as they are.
+    u = xs.transpose(1, 2)  # (B, L, 2E)
+    branches = (forward, backward)
+    parts = [br.x_proj(u[..., k * E:(k + 1) * E]).split([R, N, N], dim=-1) for k, br in enumerate(branches)]
     if plain:
-        # Batched matmuls over the two directions (not einsum: onnxruntime's Einsum is ~5x slower than MatMul).
-        x_proj_w = torch.stack([forward.x_proj.weight, backward.x_proj.weight])  # (2, R+2N, E)
-        x_dbl = xs.transpose(1, 2).view(batch, length, 2, E).transpose(1, 2) @ x_proj_w.transpose(1, 2)
-        dt, B_ssm, C_ssm = x_dbl.split([R, N, N], dim=-1)  # (B, 2, L, R), (B, 2, L, N) x2
-        dt_w = torch.stack([forward.dt_proj.weight, backward.dt_proj.weight])  # (2, E, R)
-        dt = (dt @ dt_w.transpose(1, 2)).transpose(1, 2).reshape(batch, length, 2 * E)  # (B, L, 2E)
+        dt = torch.cat([F.linear(p[0], br.dt_proj.weight) for br, p in zip(branches, parts)], -1)  # (B, L, 2E)
         dt_bias = torch.cat([forward.dt_proj.bias, backward.dt_proj.bias]).float()  # (2E,)
-    else:  # e.g. dynamically quantized projections: call the modules (dt_proj adds its own bias)
-        u = xs.transpose(1, 2)  # (B, L, 2E)
-        parts = [br.x_proj(u[..., k * E:(k + 1) * E]).split([R, N, N], dim=-1)
-                 for k, br in enumerate((forward, backward))]
-        dt = torch.cat([br.dt_proj(p[0]) for br, p in zip((forward, backward), parts)], dim=-1)  # (B, L, 2E)
-        B_ssm, C_ssm = (torch.stack([p[i] for p in parts], dim=1) for i in (1, 2))  # (B, 2, L, N)
+    else:
+        dt = torch.cat([br.dt_proj(p[0]) for br, p in zip(branches, parts)], dim=-1)  # (B, L, 2E)
         dt_bias = None
+    B_ssm, C_ssm = (torch.stack([p[i] for p in parts], dim=1) for i in (1, 2))  # (B, 2, L, N)
     A = -torch.exp(torch.cat([forward.A_log, backward.A_log]).float())  # (2E, N)
     D = torch.cat([forward.D, backward.D]).float()  # (2E,)
     # (y + flip(y_b)) / 2 in one call: one kernel launch with the Triton backend, one plain scan of the
