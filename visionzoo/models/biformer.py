@@ -72,6 +72,19 @@ _logger = logging.getLogger(__name__)
 
 _ONEDNN_LINEAR: Optional[bool] = None  # oneDNN's fused linear op exists in this torch build (checked once)
 MLP_CHUNK_ELEMENTS = 1 << 23  # fused inference: larger MLP hidden activations run in token chunks (32 MB fp32)
+BATCH_CHUNK_ELEMENTS = 1 << 20  # fused inference: the stem and stages run on batch chunks of at most this size
+
+
+def _in_batch_chunks(fn, x: torch.Tensor, per_image: int) -> torch.Tensor:
+    """``fn(x)``, in fused inference (:func:`_fused_inference`) over chunks of the batch whose per-image
+    activation (``per_image`` elements) adds up to at most ``BATCH_CHUNK_ELEMENTS``, concatenated. Each
+    chunk's activations then stay in cache between the layers: measured 48 -> 23 ms for the stem and
+    219 -> 156 ms for stage 1 at 448 (batch 4, one image per chunk) on the AVX-512 Xeon; stages with
+    smaller maps (and 224 inputs, except the stem) run whole. Per-image math, the same values."""
+    step = max(1, BATCH_CHUNK_ELEMENTS // max(1, per_image))
+    if x.shape[0] <= step or not _fused_inference(x):
+        return fn(x)
+    return torch.cat([fn(x[i:i + step]) for i in range(0, x.shape[0], step)])
 
 
 def _fused_inference(x: torch.Tensor) -> bool:
@@ -310,7 +323,8 @@ class BiFormerStage(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_blocks(self, self.blocks, self.downsample(x))
+        x = self.downsample(x)
+        return _in_batch_chunks(lambda t: run_blocks(self, self.blocks, t), x, x[0].numel())
 
 
 def _default_n_win(img_size: Tuple[int, int]) -> Tuple[int, int]:
@@ -512,7 +526,9 @@ class BiFormer(TimmApi, nn.Module):
         """The stem on the image in channels-last memory: every conv of the model then runs channels-last
         (the stem's first conv on a 3-channel NCHW image measured 7x slower on the AVX-512 Xeon), and the
         blocks' (B, H, W, C) views are contiguous from the first block on."""
-        return self.stem(x.contiguous(memory_format=torch.channels_last))
+        conv = self.stem[0]  # its output is the stem's largest activation
+        per_image = conv.out_channels * (x.shape[-2] // conv.stride[0]) * (x.shape[-1] // conv.stride[1])
+        return _in_batch_chunks(self.stem, x.contiguous(memory_format=torch.channels_last), per_image)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> BatchNorm-ed last-stage map (B, dims[-1], H / 32, W / 32)."""
