@@ -19,10 +19,11 @@ def top_indices(scores: Tensor, k: int) -> Tensor:
     """Indices ``(..., k)`` of the ``k`` largest entries along the last dimension, exact ties at the cut to the
     lowest indices (order within the result unspecified).
 
-    Eager: one ``topk``, and a stable sort only for the rows where a value equal to the ``k``-th was left out
+    Eager on CPU: one ``topk``, and a stable sort only for the rows where a value equal to the ``k``-th was left out
     (rare). Traced for ONNX (``visionzoo.ops.aten_only``): ``topk``, which the exporter writes as ONNX ``TopK``
-    (ONNX has no stable sort). Other traces (``torch.export``, compile) and the meta device: the stable sort for
-    tied rows, selected without data-dependent control flow.
+    (ONNX has no stable sort). Other traces (``torch.export``, compile) and devices other than the CPU (meta;
+    CUDA, where a branch on the values would wait for the device): the stable sort for tied rows, selected
+    without data-dependent control flow.
     """
     if aten_only_enabled():
         return scores.topk(k, dim=-1).indices
@@ -30,7 +31,7 @@ def top_indices(scores: Tensor, k: int) -> Tensor:
     kth = values.amin(dim=-1, keepdim=True)
     # (...,): a value left out equals the k-th (everything left out is <= it), i.e. the cut splits a tie
     tied = (scores >= kth).sum(dim=-1, dtype=torch.int32) > k
-    if tracing() or scores.device.type == "meta":  # no values to branch on
+    if tracing() or scores.device.type != "cpu":  # no values to branch on (meta), or no host sync (CUDA)
         stable = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
         return torch.where(tied.unsqueeze(-1), stable, idx)
     if bool(tied.any()):
