@@ -129,6 +129,24 @@ def f32c(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return x.float().contiguous()
 
 
+NULL_SEQ = (None, 0, 0, 0)
+
+
+def seq(x: Optional[torch.Tensor]) -> tuple:
+    """A kernel's strided view of ``x`` (fp32, any strides): ``(pointer, *strides)`` in elements, or a NULL
+    ``(batch, dim, L)`` sequence for None."""
+    return NULL_SEQ if x is None else (x.data_ptr(), *x.stride())
+
+
+def seq_reversed(x: Optional[torch.Tensor]) -> tuple:
+    """The strided view that walks a ``(batch, dim, L)`` tensor from ``t = L - 1`` down to 0 (the time-reversed
+    sequence, no flipped copy): a pointer to the last step and a negative time stride."""
+    if x is None:
+        return NULL_SEQ
+    sb, sd, sl = x.stride()
+    return (x.data_ptr() + (x.shape[-1] - 1) * sl * x.element_size(), sb, sd, -sl)
+
+
 def ptr(x: Optional[torch.Tensor]) -> Optional[ctypes.c_void_p]:
     return ctypes.c_void_p(x.data_ptr()) if x is not None else None
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _cpu_build
-from .._cpu_build import f32c
+from .._cpu_build import f32c, seq, seq_reversed
 
 OP = "causal_conv1d"
 SOURCE = Path(__file__).with_name("_cpu_kernel.c")
@@ -77,13 +77,9 @@ def causal_conv1d_cpu_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], ac
     """
     lib = _check(x, weight)
     batch, dim, length = x.shape
-    sb, sd, sl = x.stride()
-    xp = x.data_ptr()
-    if reverse:
-        xp, sl = xp + (length - 1) * sl * x.element_size(), -sl
     weight, bias = f32c(weight), f32c(bias)
-    run(lib, [job(batch, dim, length, (xp, sb, sd, sl), weight, bias, activation == "silu",
-                  (out.data_ptr(), *out.stride()))])
+    run(lib, [job(batch, dim, length, seq_reversed(x) if reverse else seq(x), weight, bias, activation == "silu",
+                  seq(out))])
     return out
 
 
@@ -122,25 +118,15 @@ def causal_conv1d_bidirectional_cpu(x: Tensor, weight: Tensor, bias: Optional[Te
     lib = _check(x, weight)
     batch, E, length = x.shape
     weight, bias = f32c(weight), f32c(bias)
-    sb, sd, sl = x.stride()
-    views = ((x.data_ptr(), sb, sd, sl), (x.data_ptr() + (length - 1) * sl * x.element_size(), sb, sd, -sl))
+    views = (seq(x), seq_reversed(x))
     jobs = []
     for half in range(2):
         ch = slice(half * E, (half + 1) * E)
         o = out[:, ch]
         jobs.append(job(batch, E, length, views[half], weight[ch], bias[ch] if bias is not None else None,
-                        activation == "silu", (o.data_ptr(), *o.stride())))
+                        activation == "silu", seq(o)))
     run(lib, jobs)
     return out
-
-
-def _view(x: Tensor, reverse: bool = False) -> tuple:
-    """``(pointer, batch stride, channel stride, time stride)`` of an fp32 ``(batch, dim, L)`` tensor; with
-    ``reverse`` from its last step with a negative time stride (the time-reversed sequence, no copy)."""
-    sb, sd, sl = x.stride()
-    if reverse:
-        return x.data_ptr() + (x.shape[-1] - 1) * sl * 4, sb, sd, -sl
-    return x.data_ptr(), sb, sd, sl
 
 
 def causal_conv1d_cpu_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, grad_out: Tensor,
@@ -161,9 +147,9 @@ def causal_conv1d_cpu_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor]
     for half in range(2 if bidirectional else 1):
         ch = slice(half * E, (half + 1) * E)
         gh = g[:, ch]
-        jobs.append(ConvBwdArgs(batch, E, length, K, *_view(x, bool(half)), w[ch].data_ptr(),
+        jobs.append(ConvBwdArgs(batch, E, length, K, *(seq_reversed(x) if half else seq(x)), w[ch].data_ptr(),
                                 None if b is None else b[ch].data_ptr(), int(activation == "silu"),
-                                *_view(gh), *_view(dx, bool(half)), half, dw[ch].data_ptr(),
+                                *seq(gh), *(seq_reversed(dx) if half else seq(dx)), half, dw[ch].data_ptr(),
                                 None if db is None else db[ch].data_ptr()))
     if _cpu_build.run_jobs(lib.vz_causal_conv1d_bwd, jobs):
         raise RuntimeError(f"causal_conv1d: the 'cpu' backward kernel rejected K={K} (at most {KMAX} taps)")

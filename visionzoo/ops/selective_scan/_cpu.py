@@ -25,7 +25,9 @@ import torch
 from torch import Tensor
 
 from .. import _cpu_build
-from .._cpu_build import f32c, ptr
+from .._cpu_build import NULL_SEQ, f32c, ptr
+from .._cpu_build import seq as _seq
+from .._cpu_build import seq_reversed as _seq_reversed
 from ._chunked import LOG2E
 
 OP = "selective_scan"
@@ -55,9 +57,6 @@ class ScanArgs(ctypes.Structure):
                 + [("softplus", _i64)] + _seq_fields("out", "o")
                 + [("last_state", _fp), ("ckpt", _fp), ("ck_row", _i64), ("out_scale", ctypes.c_float),
                    ("accumulate", ctypes.c_int32), ("gate_total", ctypes.c_int32)])
-
-
-_NULL_SEQ = (None, 0, 0, 0)
 
 
 def _job(batch: int, dim: int, length: int, dstate: int, groups: int, u: tuple, delta: tuple, dt_w, rank: int,
@@ -90,12 +89,6 @@ def load() -> Optional[ctypes.CDLL]:
 
 def is_available(device_type: str) -> bool:
     return device_type == "cpu" and load() is not None
-
-
-def _seq(x: Optional[Tensor]) -> tuple:
-    """Pointer and strides of a ``(batch, dim, L)`` or ``(batch, G, N, L)`` fp32 tensor (any strides), or a
-    NULL sequence."""
-    return _NULL_SEQ if x is None else (x.data_ptr(), *x.stride())
 
 
 def _library_for(dstate: int) -> ctypes.CDLL:
@@ -168,14 +161,6 @@ def selective_scan_cpu(
     if checkpoints:
         return out, last_state, ck
     return out, last_state
-
-
-def _seq_reversed(x: Optional[Tensor]) -> tuple:
-    """Pointer and strides that walk a ``(batch, dim, L)`` tensor from ``t = L - 1`` down to 0."""
-    if x is None:
-        return _NULL_SEQ
-    sb, sd, sl = x.stride()
-    return (x.data_ptr() + (x.shape[-1] - 1) * sl * x.element_size(), sb, sd, -sl)
 
 
 def selective_scan_bidirectional_cpu(
@@ -290,7 +275,7 @@ def bimamba_inner_cpu(xz: Tensor, forward: MixerDirection, backward: MixerDirect
         p, sb = x_dbl.data_ptr(), (R + 2 * N) * length
         jobs.append(_job(batch, E, length, N, 1, u_view, (p, sb, length, 1), dt_w.data_ptr(), R, A_log.data_ptr(),
                          True, (p + 4 * R * length, sb, 0, length, 1), (p + 4 * (R + N) * length, sb, 0, length, 1),
-                         D.data_ptr(), dt_b.data_ptr(), z_rev if k else _NULL_SEQ, True, x_rev if k else x_fwd,
+                         D.data_ptr(), dt_b.data_ptr(), z_rev if k else NULL_SEQ, True, x_rev if k else x_fwd,
                          None, 0.5, bool(k), gate_total=bool(k)))
     # The forward direction's scan overwrites its input x with y_f / 2, then the backward direction's makes
     # it (y_f / 2 + y_b / 2) * silu(z): the shared gate once (item by item: the same channels, so the same
