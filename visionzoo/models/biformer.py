@@ -41,6 +41,13 @@ training-loop choice left to the task layer.
 BRA itself is :func:`visionzoo.ops.routing_attention.bi_level_routing_attention`, whose ``auto``
 backend never materialises the official ``topk``-fold K/V gather (``attn_backend="reference"`` runs
 the official algorithm).
+
+CPU speed (same values to rounding; benchmarks/biformer_cpu.md): the model runs channels-last from the
+stem on (the blocks' ``(B, H, W, C)`` views are contiguous), and eager fp32 CPU inference without
+autograd (:func:`_fused_inference`) runs the linears and the position-embedding conv as oneDNN fused ops
+(bias, MLP GELU and residual adds in the epilogue), the largest MLP activations in token chunks and the
+stem and large-map stages on batch chunks that stay in cache. Training, autocast, tracing and export
+take the plain ops.
 """
 from __future__ import annotations
 
@@ -70,7 +77,7 @@ __all__ = ["BiFormer"]
 _logger = logging.getLogger(__name__)
 
 
-_ONEDNN_LINEAR: Optional[bool] = None  # oneDNN's fused linear op exists in this torch build (checked once)
+_ONEDNN_OPS: Optional[bool] = None  # oneDNN's fused linear and conv ops exist in this torch build (checked once)
 MLP_CHUNK_ELEMENTS = 1 << 23  # fused inference: larger MLP hidden activations run in token chunks (32 MB fp32)
 BATCH_CHUNK_ELEMENTS = 1 << 20  # fused inference: the stem and stages run on batch chunks of at most this size
 
@@ -90,12 +97,14 @@ def _in_batch_chunks(fn, x: torch.Tensor, per_image: int) -> torch.Tensor:
 
 
 def _fused_inference(x: torch.Tensor) -> bool:
-    """Whether the linears of a block may run as oneDNN's fused CPU linear (:func:`_linear`): eager fp32
-    inference on CPU (no autograd, no autocast, not tracing or exporting, not :func:`aten_only`)."""
-    global _ONEDNN_LINEAR
-    if _ONEDNN_LINEAR is None:
-        _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    return (_ONEDNN_LINEAR and not torch.is_grad_enabled() and type(x) is torch.Tensor and x.device.type == "cpu"
+    """Whether a block may run its linears and convs as oneDNN's fused CPU ops (:func:`_linear`,
+    :func:`_conv_residual`) and the model chunk its batch (:func:`_in_batch_chunks`): eager fp32 inference
+    on CPU (no autograd, no autocast, not tracing or exporting, not :func:`aten_only`)."""
+    global _ONEDNN_OPS
+    if _ONEDNN_OPS is None:
+        _ONEDNN_OPS = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                       and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+    return (_ONEDNN_OPS and not torch.is_grad_enabled() and type(x) is torch.Tensor and x.device.type == "cpu"
             and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and not tracing()
             and not aten_only_enabled())
 
@@ -207,7 +216,7 @@ class BiLevelRoutingAttention(nn.Module):
             out = bi_level_routing_attention(
                 q, k, v, self.num_heads, (n_h, n_w), min(self.topk, n_h * n_w), self.scale, backend=self.backend,
             )
-        # LePE on V, (B, Hp, Wp, C); V is a channels-last view, so the depthwise conv runs channels-last.
+        # LePE on V, (B, Hp, Wp, C); its NCHW permute is channels-last, so the depthwise conv runs so.
         lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         del q, k, v, qk
         out = out.add_(lepe) if fused else out + lepe
@@ -293,7 +302,6 @@ class BiFormerBlock(nn.Module):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x.permute(0, 3, 1, 2)  # NCHW, channels-last memory
-
 
     def _mlp_inference(self, x: torch.Tensor) -> torch.Tensor:
         """``x + MLP(LN x)`` for fused inference, ``x`` (B, H, W, C). When the hidden activation would exceed
