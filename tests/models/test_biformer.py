@@ -185,3 +185,30 @@ def test_features_only_without_feature_norms():
     model = timm.create_model("test_biformer", features_only=True, feature_norms=False)
     feats = model(torch.randn(1, 3, 64, 64))
     assert [f.shape[1] for f in feats] == model.feature_info.channels()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused CPU path needs oneDNN")
+@pytest.mark.parametrize("auto_pad", [False, True])
+def test_cpu_inference_fast_path_matches_the_plain_path(monkeypatch, auto_pad):
+    """Eager fp32 CPU inference without autograd takes the fused path (oneDNN linears / conv with the
+    epilogues, MLP token chunks, batch chunks); with grad enabled the model runs the plain ops. Chunk
+    limits shrunk so that every chunking runs on a small input; the two paths agree to 1e-4."""
+    from visionzoo.models import biformer
+
+    size = (72, 64) if auto_pad else (64, 64)
+    model = BiFormer(**TEST_CFG, img_size=64, n_win=2, auto_pad=auto_pad).eval()
+    x = torch.randn(3, 3, *size)
+    plain = model(x)  # grad enabled: the plain path
+    assert not biformer._fused_inference(x)
+    monkeypatch.setattr(biformer, "MLP_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(biformer, "BATCH_CHUNK_ELEMENTS", 1)
+    calls = []
+    real = biformer._in_batch_chunks
+    monkeypatch.setattr(biformer, "_in_batch_chunks", lambda fn, t, n: calls.append(len(t)) or real(fn, t, n))
+    with torch.no_grad():
+        assert biformer._fused_inference(x)
+        fast = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not biformer._fused_inference(x)
+    assert calls == [3] * 5  # the stem and the four stages, each in 3 chunks of one image
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
