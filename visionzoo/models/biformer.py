@@ -450,6 +450,8 @@ class BiFormer(TimmApi, nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+        # conv weights stored channels-last, the layout the convs run in (else each call reorders them)
+        self.to(memory_format=torch.channels_last)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
