@@ -207,6 +207,27 @@ def test_bf16_autocast_runs_close_to_fp32():
     torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.1)
 
 
+def test_bf16_autocast_in_inference_mode_casts_each_projection_weight_once():
+    """Under inference_mode (where autocast keeps no cast cache) the mixer's projections reuse one cast of their
+    weight per weight version, with autocast's own values: bitwise the output autocast gives under no_grad."""
+    model = timm.create_model("test_vim").eval()
+    x = torch.randn(2, 3, 64, 64)
+    proj = model.blocks[0].mixer.in_proj
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            ref = model(x)
+        with torch.inference_mode():
+            out = model(x)
+            first = proj.__dict__["_vz_cast"][1]
+            assert torch.equal(model(x), out) and proj.__dict__["_vz_cast"][1] is first  # reused
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    with torch.no_grad():
+        proj.weight.mul_(2.0)  # an in-place change (as load_state_dict makes) invalidates the cast
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+        model(x)
+    assert torch.equal(proj.__dict__["_vz_cast"][1], (proj.weight * 1).to(torch.bfloat16))
+
+
 def test_cpu_inference_path_matches_the_differentiable_one(monkeypatch):
     """Under no_grad on CPU the mixers take bimamba_inner_cpu; its outputs equal the autograd path's."""
     from visionzoo.ops import is_available

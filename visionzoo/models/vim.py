@@ -166,13 +166,31 @@ class BiMambaMixer(nn.Module):
             dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
+    def _project(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``linear(x)``; under CPU autocast in inference mode with the weight cast once per weight version.
+
+        PyTorch's autocast caches its cast of a weight under ``no_grad`` but not under ``inference_mode``,
+        where every call re-cast the in/out projections' weights (two thirds of a Vim-Ti block's casts; bf16
+        was slower than fp32 on two threads because of it). Same dtypes and values as autocast's cast.
+        """
+        if not (torch.is_inference_mode_enabled() and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and type(linear) is nn.Linear and linear.weight.dtype == torch.float32):
+            return linear(x)
+        dtype, w = torch.get_autocast_dtype("cpu"), linear.weight
+        key = (w.data_ptr(), w._version, dtype)
+        cached = linear.__dict__.get("_vz_cast")
+        if cached is None or cached[0] != key:
+            cached = linear.__dict__["_vz_cast"] = (key, w.to(dtype))
+        return F.linear(x.to(dtype), cached[1], None if linear.bias is None else linear.bias.to(dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Between the projections, one op entry that chooses itself: the fused C path for CPU inference
         # (in place, dt_proj folded into the scans), the differentiable conv and scan ops otherwise.
-        y = bimamba_inner(self.in_proj(x), MambaBranch(self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
+        y = bimamba_inner(self._project(self.in_proj, x),
+                          MambaBranch(self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
                           MambaBranch(self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b),
                           backend=self.scan_backend)
-        return self.out_proj(y)
+        return self._project(self.out_proj, y)
 
 
 class VimBlock(nn.Module):
