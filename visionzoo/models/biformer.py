@@ -64,7 +64,7 @@ from timm.models import generate_default_cfgs, register_model, resolve_pretraine
 from timm.models._hub import download_cached_file
 from timm.models._features_fx import register_notrace_module
 
-from ..ops._dispatch import aten_only_enabled, tracing
+from ..ops import aten_only_enabled, tracing
 from ..ops.routing_attention import bi_level_routing_attention
 from ._input import record_input_size
 from ._loading import load_checkpoint_strict
