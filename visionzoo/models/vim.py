@@ -54,6 +54,7 @@ from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 from ..layers import PatchEmbed, plain_feature_indices, resample_pos_embed_with_inner_token
+from ..ops import tracing
 from ..ops.selective_scan import MambaBranch, bimamba_inner
 from ._input import record_input_size
 from ._loading import load_checkpoint_strict
@@ -173,8 +174,9 @@ class BiMambaMixer(nn.Module):
         where every call re-cast the in/out projections' weights (two thirds of a Vim-Ti block's casts; bf16
         was slower than fp32 on two threads because of it). Same dtypes and values as autocast's cast.
         """
-        if not (torch.is_inference_mode_enabled() and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-                and type(linear) is nn.Linear and linear.weight.dtype == torch.float32):
+        if not (torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+                and torch.is_inference_mode_enabled() and x.device.type == "cpu" and type(linear) is nn.Linear
+                and linear.weight.dtype == torch.float32 and not tracing()):
             return linear(x)
         dtype, w = torch.get_autocast_dtype("cpu"), linear.weight
         key = (w.data_ptr(), w._version, dtype)
