@@ -73,6 +73,19 @@ def _splits(batch: int, groups: int, dg: int) -> int:
     return max(1, min((dg + CB - 1) // CB, -(-ITEMS // (batch * groups))))
 
 
+def _kernel() -> ctypes.CDLL:
+    lib = load()
+    if lib is None:
+        raise RuntimeError("selective_scan: the 'cpu' backward kernel is unavailable")
+    return lib
+
+
+def _takes(u: Tensor, dim: int, groups: int, dstate: int) -> bool:
+    """Whether the kernel takes a scan of ``dim`` channels in ``groups`` groups over ``u``'s steps."""
+    return (u.device.type == "cpu" and u.dtype == torch.float32 and dstate <= NMAX and dim % groups == 0
+            and u.shape[-1] > 0 and load() is not None)
+
+
 def _call(lib: ctypes.CDLL, args: BwdArgs) -> None:
     status = lib.vz_selective_scan_bwd(ctypes.byref(args), _cpu_build.threads())
     if status == -2:
@@ -114,9 +127,7 @@ def _backward_op(
     of absent optional inputs are empty ``(0,)`` tensors (an op's outputs cannot be None)."""
     batch, dim, length = u.shape
     groups, dstate = B.shape[1], B.shape[2]
-    lib = load()
-    if lib is None:
-        raise RuntimeError("selective_scan: the 'cpu' backward kernel is unavailable")
+    lib = _kernel()
     f32 = torch.float32
     uf, dlf, zf, gof = (x.to(f32) if x is not None else None for x in (u, delta, z, grad_out))
     Bf, Cf = B.to(f32), C.to(f32)
@@ -189,8 +200,7 @@ def selective_scan_cpu_backward(
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad_out, grad_last_state)
     batch, dim, length = u.shape
     groups, dstate = B.shape[1], B.shape[2]
-    if (u.device.type != "cpu" or u.dtype != torch.float32 or dstate > NMAX or dim % groups or length == 0
-            or load() is None):
+    if not _takes(u, dim, groups, dstate):
         return selective_scan_chunked_backward(*args)
     if checkpoints is not None and tuple(checkpoints.shape) != checkpoint_shape(batch, dim, length, dstate):
         raise ValueError(f"selective_scan: checkpoints of shape {tuple(checkpoints.shape)} do not fit a scan of "
@@ -228,9 +238,7 @@ def _bidirectional_backward_op(
     (empty ``(0,)`` for absent optional inputs)."""
     batch, dim2, length = u.shape
     E, G2, dstate = dim2 // 2, B.shape[1] // 2, B.shape[2]
-    lib = load()
-    if lib is None:
-        raise RuntimeError("selective_scan: the 'cpu' backward kernel is unavailable")
+    lib = _kernel()
     f32 = torch.float32
     uf, dlf, zf = (x.to(f32) if x is not None else None for x in (u, delta, z))
     gof = None if grad_out is None else (grad_out.to(f32) * scale if scale != 1.0 else grad_out.to(f32))
@@ -282,10 +290,7 @@ def selective_scan_bidirectional_cpu_backward(u: Tensor, delta: Tensor, A: Tenso
     """Gradients of ``(u, delta, A, B, C, D, z, delta_bias)`` of the bidirectional scan in Vim's layout (see
     :func:`_bidirectional_backward_op`), in the inputs' dtypes (None for absent optional inputs); None when the
     kernel does not take these inputs (the caller then runs the stacked backward)."""
-    batch, dim2, length = u.shape
-    G, dstate = B.shape[1], B.shape[2]
-    if (u.device.type != "cpu" or u.dtype != torch.float32 or dstate > NMAX or (dim2 // 2) % (G // 2)
-            or length == 0 or load() is None):
+    if not _takes(u, u.shape[1] // 2, B.shape[1] // 2, B.shape[2]):
         return None
     grads = _bidirectional_backward_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad_out, scale,
                                        grad_last_state, checkpoints)
