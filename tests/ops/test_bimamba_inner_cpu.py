@@ -56,6 +56,7 @@ def mixer_inner_reference(xz, fwd, bwd):
     (2, 67, 24, 16, 3, 4, True),   # Vim's N and K; L not a multiple of the kernel's 64-step tiles
     (1, 1, 16, 4, 2, 4, True),     # a single step
     (2, 130, 20, 5, 4, 3, False),  # E = 20: two blocks of 8 channels and a ragged one; K != 4; no conv bias
+    (1, 50, 32, 16, 24, 4, True),  # x_proj rows of R + 2N = 56 (Vim-S): more than one block of 3 vectors
 ])
 def test_matches_the_differentiable_ops(batch, L, E, N, R, K, conv_bias):
     g = torch.Generator().manual_seed(0)
@@ -116,8 +117,10 @@ def test_work_split_across_threads_matches():
 
 @needs_kernel
 def test_batch_one_thread_count_independent():
-    """At batch 1 the work is split over channel blocks (both directions of a block on one thread): 1, 2 and 3
-    threads give bitwise the same output, for the fused path, the bidirectional scan and the paired conv."""
+    """At batch 1 the work is split over directions and channel blocks (the fused path: one direction per thread
+    with two threads; its x-projection over blocks of rows), or over channel blocks with both directions of a
+    block on one thread (the bidirectional scan): 1, 2 and 3 threads give bitwise the same output, for the fused
+    path, the bidirectional scan and the paired conv."""
     from visionzoo.ops.causal_conv1d import _cpu as conv_cpu
 
     g = torch.Generator().manual_seed(3)

@@ -156,6 +156,7 @@ def threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def run_jobs(fn: Callable[..., int], jobs: Sequence[ctypes.Structure]) -> int:
-    """``fn(jobs array, len(jobs), threads())`` for a kernel taking an array of argument structs; its status."""
-    return fn((type(jobs[0]) * len(jobs))(*jobs), len(jobs), threads())
+def run_jobs(fn: Callable[..., int], jobs: Sequence[ctypes.Structure], *flags: int) -> int:
+    """``fn(jobs array, len(jobs), threads(), *flags)`` for a kernel taking an array of argument structs; its
+    status."""
+    return fn((type(jobs[0]) * len(jobs))(*jobs), len(jobs), threads(), *flags)

@@ -43,6 +43,10 @@ static int vz_parallel(int64_t items, int64_t nthreads, vz_range_fn fn, const vo
  * registers (one AVX2 register, half an AVX-512 one, two SSE/NEON ones). Scalars broadcast. */
 typedef float vf __attribute__((vector_size(4 * VZ_CB)));
 typedef int32_t vi __attribute__((vector_size(4 * VZ_CB)));
+/* One vector from / to unaligned memory (a single vector move). Copying several vectors with one memcpy made
+ * GCC move them through the stack in halves, and the full-width reloads then stalled on store forwarding. */
+static inline vf vz_load(const float *p) { vf v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline void vz_store(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 #define VSEL(mask, a, b) ((vf)(((vi)(a) & (mask)) | ((vi)(b) & ~(mask))))  /* mask lanes are 0 / -1 */
 
 /* Denormals: with Vim's trained A (down to -16 and below) and large delta, exp(delta A) * h drifts

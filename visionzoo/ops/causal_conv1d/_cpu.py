@@ -42,9 +42,10 @@ class ConvBwdArgs(ctypes.Structure):
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    for name, args in (("vz_causal_conv1d_fwd", ConvArgs), ("vz_causal_conv1d_bwd", ConvBwdArgs)):
+    i64 = ctypes.c_int64
+    for name, args, flags in (("vz_causal_conv1d_fwd", ConvArgs, [i64]), ("vz_causal_conv1d_bwd", ConvBwdArgs, [])):
         fn = getattr(lib, name)
-        fn.argtypes = [ctypes.POINTER(args), ctypes.c_int64, ctypes.c_int64]
+        fn.argtypes = [ctypes.POINTER(args), i64, i64] + flags
         fn.restype = ctypes.c_int
 
 
@@ -79,7 +80,7 @@ def causal_conv1d_cpu_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], ac
     batch, dim, length = x.shape
     weight, bias = f32c(weight), f32c(bias)
     run(lib, [job(batch, dim, length, seq_reversed(x) if reverse else seq(x), weight, bias, activation == "silu",
-                  seq(out))])
+                  seq(out))], independent=True)
     return out
 
 
@@ -93,11 +94,12 @@ def job(batch: int, dim: int, length: int, x: tuple, weight: Tensor, bias: Optio
                     None if bias is None else bias.data_ptr(), *out, int(silu))
 
 
-def run(lib: ctypes.CDLL, jobs: list) -> None:
-    """The convs ``jobs`` (same batch and dim) in one kernel call, channel block by channel block: a later
-    job may overwrite an earlier job's input (the fused Vim path convolves x reversed into a new buffer,
-    then x in place)."""
-    if _cpu_build.run_jobs(lib.vz_causal_conv1d_fwd, jobs):
+def run(lib: ctypes.CDLL, jobs: list, independent: bool = False) -> None:
+    """The convs ``jobs`` (same batch and dim) in one kernel call. By default channel block by channel block,
+    every job's block on one thread in job order (a later job may overwrite an earlier job's input); with
+    ``independent`` (no job reads another's output) job after job, the threads splitting the sequence of
+    jobs (two threads, two jobs: one job per thread)."""
+    if _cpu_build.run_jobs(lib.vz_causal_conv1d_fwd, jobs, int(independent)):
         raise RuntimeError(f"causal_conv1d: the 'cpu' kernel rejected K={jobs[0].K} (at most {KMAX} taps, "
                            f"jobs of one batch and dim)")
 
@@ -125,7 +127,7 @@ def causal_conv1d_bidirectional_cpu(x: Tensor, weight: Tensor, bias: Optional[Te
         o = out[:, ch]
         jobs.append(job(batch, E, length, views[half], weight[ch], bias[ch] if bias is not None else None,
                         activation == "silu", seq(o)))
-    run(lib, jobs)
+    run(lib, jobs, independent=True)
     return out
 
 

@@ -80,14 +80,16 @@ typedef struct {
 
 typedef struct {
     const vz_conv_args *jobs;
-    int64_t njobs;
+    int64_t njobs, per_job, independent;
 } conv_ctx;
 
 static int conv_range(const void *p, int64_t begin, int64_t end) {
     const conv_ctx *ctx = p;
     const vz_fpmode fpmode = vz_ftz_on();
-    for (int64_t item = begin; item < end; ++item)
-        for (int64_t j = 0; j < ctx->njobs; ++j) {
+    for (int64_t it = begin; it < end; ++it) {
+        const int64_t j0 = ctx->independent ? it / ctx->per_job : 0, j1 = ctx->independent ? j0 + 1 : ctx->njobs;
+        const int64_t item = ctx->independent ? it % ctx->per_job : it;
+        for (int64_t j = j0; j < j1; ++j) {
             const vz_conv_args *a = &ctx->jobs[j];
             const int64_t blocks = (a->dim + VZ_CB - 1) / VZ_CB;
             const int64_t b = item / blocks, d0 = (item % blocks) * VZ_CB;
@@ -102,22 +104,25 @@ static int conv_range(const void *p, int64_t begin, int64_t end) {
                 conv_item(a->K, a->length, d0, nc, dense, xb, a->x_sd, a->x_sl, a->w, a->bias, a->silu != 0, ob,
                           a->o_sd, a->o_sl);
         }
+    }
     vz_ftz_restore(fpmode);
     return 0;
 }
 
 /* njobs convs with the same batch and dim over nthreads threads. A work item is one batch element and one
- * block of VZ_CB channels of every job, job after job (so a later job may overwrite an earlier one's input:
- * the fused Vim path convolves x reversed into a new buffer, then x in place). Returns 0, or -1 when
- * K > VZ_KMAX or the jobs' batch or dim differ. */
-int vz_causal_conv1d_fwd(const vz_conv_args *jobs, int64_t njobs, int64_t nthreads)
+ * block of VZ_CB channels. Dependent jobs (independent = 0): an item runs that block of every job, job after
+ * job (so a later job may overwrite an earlier one's input). Independent jobs: the items of job 0, then of
+ * job 1, ..., over the threads' contiguous ranges (two threads, two directions: one direction per thread; see
+ * vz_selective_scan_fwd). Returns 0, or -1 when K > VZ_KMAX or the jobs' batch or dim differ. */
+int vz_causal_conv1d_fwd(const vz_conv_args *jobs, int64_t njobs, int64_t nthreads, int64_t independent)
 {
     if (njobs < 1) return 0;
     for (int64_t j = 0; j < njobs; ++j)
         if (jobs[j].K < 1 || jobs[j].K > VZ_KMAX || jobs[j].batch != jobs[0].batch || jobs[j].dim != jobs[0].dim)
             return -1;
-    const conv_ctx ctx = {jobs, njobs};
-    return vz_parallel(jobs[0].batch * ((jobs[0].dim + VZ_CB - 1) / VZ_CB), nthreads, conv_range, &ctx);
+    const int64_t per_job = jobs[0].batch * ((jobs[0].dim + VZ_CB - 1) / VZ_CB);
+    const conv_ctx ctx = {jobs, njobs, per_job, independent != 0};
+    return vz_parallel(independent ? njobs * per_job : per_job, nthreads, conv_range, &ctx);
 }
 
 /* ---------------------------------------------------------------- backward

@@ -11,13 +11,18 @@ which the forward can hand over: ``checkpoints=True``); without its kernel it is
 backward.
 
 Threads: a kernel call takes a list of jobs (:class:`ScanArgs`, one per scan direction, same batch and
-channels) and splits (batch element, 8-channel block) items over ``torch.get_num_threads()`` OpenMP
-threads, every job of an item on the same thread in job order (:mod:`.._cpu_build`). So batch 1 uses every
-thread too, and the output is bitwise the same for any thread count.
+channels) and splits (batch element, channel block) items over ``torch.get_num_threads()`` OpenMP
+threads (:mod:`.._cpu_build`): every job of an item on the same thread in job order when later jobs
+depend on earlier ones (the bidirectional scan accumulates its second direction into the first's output),
+or job after job when they are independent (the fused mixer: with two threads, one direction each). So batch
+1 uses every thread too, and the output is bitwise the same for any thread count.
 """
 from __future__ import annotations
 
 import ctypes
+import math
+import threading
+import weakref
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -70,17 +75,40 @@ def _job(batch: int, dim: int, length: int, dstate: int, groups: int, u: tuple, 
                     *z, int(softplus), *out, last_state, ckpt, ck_row, scale, int(accumulate), int(gate_total))
 
 
-def _run(lib: ctypes.CDLL, jobs: list, what: str) -> None:
-    if _cpu_build.run_jobs(lib.vz_selective_scan_fwd, jobs):
+class LinearArgs(ctypes.Structure):
+    """The C struct ``vz_linear_args``: ``out[b, t] = w @ u[b, t]`` over rows (unit strides along k and m), ``w``
+    given as :func:`packed_transpose` of it."""
+
+    _fields_ = ([(k, _i64) for k in ("batch", "rows", "K", "M")] + [("u", _fp), ("u_sb", _i64), ("u_sl", _i64),
+                                                                    ("wt", _fp), ("wt_ld", _i64), ("out", _fp),
+                                                                    ("o_sb", _i64), ("o_sl", _i64)])
+
+
+class GateArgs(ctypes.Structure):
+    """The C struct ``vz_gate_args``: ``out = (a + b) * silu(z)`` over ``(batch, rows, dim)``, each a
+    ``(pointer, batch stride, row stride)`` view with unit stride along dim."""
+
+    _fields_ = ([(k, _i64) for k in ("batch", "rows", "dim")]
+                + [f for name in ("a", "b", "z", "out") for f in ((name, _fp), (f"{name[0]}_sb", _i64),
+                                                                  (f"{name[0]}_sl", _i64))])
+
+
+def _run(lib: ctypes.CDLL, jobs: list, what: str, independent: bool = False) -> None:
+    """The scans ``jobs`` in one call: by default channel block by channel block, every job's block on one
+    thread in job order (a later job may accumulate into an earlier one's output); with ``independent`` job
+    after job, the threads splitting the sequence of jobs (two threads, two directions: one each)."""
+    if _cpu_build.run_jobs(lib.vz_selective_scan_fwd, jobs, int(independent)):
         a = jobs[0]
         raise RuntimeError(f"{what}: the 'cpu' kernel rejected the inputs (N={a.dstate}, dim={a.dim}, "
                            f"groups={a.groups}, rank={a.rank})")
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    fn = lib.vz_selective_scan_fwd
-    fn.argtypes = [ctypes.POINTER(ScanArgs), _i64, _i64]
-    fn.restype = ctypes.c_int
+    for name, args, flags in (("vz_selective_scan_fwd", ScanArgs, [_i64]), ("vz_linear_rows", LinearArgs, []),
+                              ("vz_gate", GateArgs, None)):
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.POINTER(args), _i64] if flags is None else [ctypes.POINTER(args), _i64, _i64] + flags
+        fn.restype = ctypes.c_int
 
 
 def load() -> Optional[ctypes.CDLL]:
@@ -231,6 +259,45 @@ class MixerDirection(NamedTuple):
     D: Tensor  # (E,)
 
 
+_PACKED: dict[int, tuple] = {}  # id(weight) -> (its version, pointer and shape, packed copy)
+
+
+def packed_transpose(w: Tensor) -> Tensor:
+    """``w`` ``(M, K)`` as the C Linear takes it: fp32 ``(K, M')``, ``M'`` = M rounded up to 16 (whole vectors of
+    any build), zero past M. Cached per weight tensor (dropped when the weight is freed) and rebuilt when it
+    is changed in place (its version counter) or its storage or shape changes."""
+    key = (w._version, w.data_ptr(), tuple(w.shape))
+    hit = _PACKED.get(id(w))
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    M, K = w.shape
+    wt = torch.zeros(K, -(-M // 16) * 16, dtype=torch.float32)
+    wt[:, :M] = w.detach().t()
+    if hit is None:
+        weakref.finalize(w, _PACKED.pop, id(w), None)
+    _PACKED[id(w)] = (key, wt)
+    return wt
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(*shapes) -> list:
+    """fp32 buffers of these shapes, the same memory call after call on this thread (grown when too small):
+    the fused mixer's per-layer scratch stays in the core's caches from one layer to the next, where new
+    memory at every call cost the conv ~30% more (first writes to lines no cache held)."""
+    last = getattr(_WORKSPACE, "last", None)  # (shapes, views) of the previous call: layers repeat shapes
+    if last is not None and last[0] == shapes:
+        return last[1]
+    sizes = [math.prod(s) for s in shapes]
+    buf = getattr(_WORKSPACE, "buf", None)
+    if buf is None or buf.numel() < sum(sizes):
+        buf = _WORKSPACE.buf = torch.empty(sum(sizes), dtype=torch.float32)
+    views = [t.view(s) for t, s in zip(buf[:sum(sizes)].split(sizes), shapes)]
+    _WORKSPACE.last = (shapes, views)
+    return views
+
+
 def bimamba_inner_cpu(xz: Tensor, forward: MixerDirection, backward: MixerDirection) -> Tensor:
     """Inference (no autograd) of a Vim mixer between its in- and out-projections, on fp32 CPU tensors.
 
@@ -238,16 +305,19 @@ def bimamba_inner_cpu(xz: Tensor, forward: MixerDirection, backward: MixerDirect
     ``(y_f + flip(y_b)) / 2 * silu(z)`` ``(batch, L, E)``, written over the x half of ``xz`` (a view of
     it; ``xz`` is consumed).
 
-    Same arithmetic as the differentiable path, in far less memory and with one C call per stage: the
-    backward direction's conv reads x time-reversed into the only new ``(batch, L, E)`` buffer; the
-    forward direction's conv, then its scan, run in place over x; ``dt_proj`` is folded into the scans
-    (no ``(L, E)`` delta); B and C are read in place from the x-projection output. At Vim-Tiny 1024x1024
-    the mixer holds ~19 MiB instead of ~55 MiB, and at 224 it saves the dispatch of ~25 small ops.
+    Same arithmetic as the differentiable path, in less memory and with one C call per stage, four stages:
+    both directions' convs (the backward one reads x time-reversed in place), both x-projections, both scans
+    (``dt_proj`` folded in: no ``(L, E)`` delta; dt, B and C read in place from the x-projection's rows), and
+    the shared gate over the sum. The directions are independent jobs until the gate: with two threads each
+    direction runs whole on one thread, reading only what that thread wrote (with the channels split
+    instead, each core re-read and overwrote lines the other had just written). At Vim-Tiny 1024x1024 the
+    mixer holds ~25 MiB instead of ~55 MiB, and at 224 it saves the dispatch of ~25 small ops.
     """
     from ..causal_conv1d import _cpu as conv
 
     batch, length, E2 = xz.shape
     E, N, R = E2 // 2, forward.A_log.shape[-1], forward.dt_proj_weight.shape[-1]
+    M = R + 2 * N
     lib, conv_lib = _library_for(N), conv.load()
     if conv_lib is None:
         raise RuntimeError("bimamba_inner_cpu: the causal_conv1d 'cpu' kernel is unavailable")
@@ -257,28 +327,39 @@ def bimamba_inner_cpu(xz: Tensor, forward: MixerDirection, backward: MixerDirect
     x_sb, x_sl = xz.stride(0), xz.stride(1)
     x0, last = xz.data_ptr(), (length - 1) * x_sl * 4
     x_fwd, x_rev = (x0, x_sb, 1, x_sl), (x0 + last, x_sb, 1, -x_sl)
-    z_rev = (x0 + 4 * E + last, x_sb, 1, -x_sl)
-    u_b = torch.empty(batch, length, E, dtype=torch.float32)
-    ub_view = (u_b.data_ptr(), length * E, 1, E)
+    # Per direction k: u[k] the conv output (k = 1 in the time-reversed order), then the scan's output in its
+    # place; x_dbl[k] the x-projection, (dt, B, C) per row.
+    u, x_dbl = _workspace((2, batch, length, E), (2, batch, length, M))
+    u0, xd0 = u.data_ptr(), x_dbl.data_ptr()
+    u_views = [(u0 + 4 * k * batch * length * E, length * E, 1, E) for k in range(2)]
+    xd_ptrs = [xd0 + 4 * k * batch * length * M for k in range(2)]
     keep = [f32c(t) for w in (forward, backward) for t in w]  # fp32 contiguous weights, alive until the calls
-    wf, wb = keep[:7], keep[7:]
-    # Both directions in one call per stage, channel block by channel block (threads split the blocks): the
-    # backward direction's conv reads x before the forward one's overwrites it in place.
-    conv.run(conv_lib, [conv.job(batch, E, length, x_rev, wb[0], wb[1], True, ub_view),
-                        conv.job(batch, E, length, x_fwd, wf[0], wf[1], True, x_fwd)])
-    xs = xz[..., :E]
+    ws = (keep[:7], keep[7:])
+    conv.run(conv_lib, [conv.job(batch, E, length, x_view, w[0], w[1], True, u_view)
+                        for x_view, w, u_view in zip((x_fwd, x_rev), ws, u_views)], independent=True)
+    wts = [packed_transpose(d.x_proj_weight) for d in (forward, backward)]
+    if _cpu_build.run_jobs(lib.vz_linear_rows, [LinearArgs(batch, length, E, M, u_views[k][0], length * E, E,
+                                                           wt.data_ptr(), wt.shape[1], xd_ptrs[k], length * M, M)
+                                                for k, wt in enumerate(wts)]):
+        raise RuntimeError("bimamba_inner_cpu: the x-projection kernel rejected its inputs")
+    # The scans, then (y_f / 2 + y_b / 2) * silu(z) over the x half of xz, the backward direction read
+    # time-reversed. On one thread the backward scan adds its half into the forward one's output and applies the
+    # gate as it goes (no separate pass); on several, each scan writes over its own input and one more pass sums
+    # them. The same operations in the same order: bitwise the same result.
+    one_thread = _cpu_build.threads() == 1
+    z_rev = (x0 + 4 * E + last, x_sb, 1, -x_sl)
     jobs = []
-    for k, (u, u_view, w) in enumerate(((xs, x_fwd, wf), (u_b, ub_view, wb))):
-        _, _, x_proj, dt_w, dt_b, A_log, D = w
-        x_dbl = f32c(x_proj @ u.transpose(1, 2))  # (batch, R + 2N, L); ~10% faster than a Linear
-        keep.append(x_dbl)
-        p, sb = x_dbl.data_ptr(), (R + 2 * N) * length
-        jobs.append(_job(batch, E, length, N, 1, u_view, (p, sb, length, 1), dt_w.data_ptr(), R, A_log.data_ptr(),
-                         True, (p + 4 * R * length, sb, 0, length, 1), (p + 4 * (R + N) * length, sb, 0, length, 1),
-                         D.data_ptr(), dt_b.data_ptr(), z_rev if k else NULL_SEQ, True, x_rev if k else x_fwd,
-                         None, 0.5, bool(k), gate_total=bool(k)))
-    # The forward direction's scan overwrites its input x with y_f / 2, then the backward direction's makes
-    # it (y_f / 2 + y_b / 2) * silu(z): the shared gate once (item by item: the same channels, so the same
-    # thread, in this order).
-    _run(lib, jobs, "bimamba_inner_cpu")
-    return xs
+    for k, w in enumerate(ws):
+        _, _, _, dt_w, dt_b, A_log, D = w
+        p, sb = xd_ptrs[k], length * M
+        out = (x_rev if k else x_fwd) if one_thread else u_views[k]
+        gate = one_thread and k == 1
+        jobs.append(_job(batch, E, length, N, 1, u_views[k], (p, sb, 1, M), dt_w.data_ptr(), R, A_log.data_ptr(),
+                         True, (p + 4 * R, sb, 0, 1, M), (p + 4 * (R + N), sb, 0, 1, M), D.data_ptr(),
+                         dt_b.data_ptr(), z_rev if gate else NULL_SEQ, True, out, None, 0.5, gate, gate_total=gate))
+    _run(lib, jobs, "bimamba_inner_cpu", independent=not one_thread)
+    if not one_thread:
+        u_b_last = u_views[1][0] + 4 * (length - 1) * E
+        lib.vz_gate(GateArgs(batch, length, E, u0, length * E, E, u_b_last, length * E, -E, x0 + 4 * E, x_sb, x_sl,
+                             x0, x_sb, x_sl), _cpu_build.threads())
+    return xz[..., :E]

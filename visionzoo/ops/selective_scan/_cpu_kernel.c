@@ -251,24 +251,33 @@ static void scan_item(const vz_scan_args *args, int64_t item)
 
 typedef struct {
     const vz_scan_args *jobs;
-    int64_t njobs;
+    int64_t njobs, per_job, independent;
 } scan_ctx;
 
 static int scan_range(const void *p, int64_t begin, int64_t end) {
     const scan_ctx *ctx = p;
     const vz_fpmode fpmode = vz_ftz_on();
-    for (int64_t item = begin; item < end; ++item)
-        for (int64_t j = 0; j < ctx->njobs; ++j) scan_item(&ctx->jobs[j], item);
+    for (int64_t item = begin; item < end; ++item) {
+        if (ctx->independent)
+            scan_item(&ctx->jobs[item / ctx->per_job], item % ctx->per_job);
+        else
+            for (int64_t j = 0; j < ctx->njobs; ++j) scan_item(&ctx->jobs[j], item);
+    }
     vz_ftz_restore(fpmode);
     return 0;
 }
 
 /* njobs scans with the same batch and dim (the two directions of a Vim mixer), over nthreads threads. A work
- * item is one batch element and one block of VZ_CB channels of every job, run job after job (a later job may
- * accumulate into an earlier one's output, or overwrite its input: the same channels of the same batch
- * element, so always on the same thread, in job order). Returns 0, or -1 when N > VZ_NMAX,
- * rank > VZ_RMAX, dim is not a multiple of G, or the jobs' batch or dim differ. */
-int vz_selective_scan_fwd(const vz_scan_args *jobs, int64_t njobs, int64_t nthreads)
+ * item is one batch element and one block of VZ_CB channels. Dependent jobs (independent = 0): an item runs
+ * that block of every job, job after job (a later job may accumulate into an earlier one's output, or overwrite
+ * its input: the same channels of the same batch element, so always on the same thread, in job order).
+ * Independent jobs (no job reads what another writes): the items of job 0, then those of job 1, ..., cut into
+ * the threads' contiguous ranges, so with two threads and two directions each thread runs one direction whole
+ * and reads only what it wrote itself in the stages before (on a 2-core Xeon, reading and overwriting
+ * lines the other core had just written cost the channel split ~25% of the scan's time at 224x224).
+ * Returns 0, or -1 when N > VZ_NMAX, rank > VZ_RMAX, dim is not a multiple of G, or the jobs' batch or dim
+ * differ. */
+int vz_selective_scan_fwd(const vz_scan_args *jobs, int64_t njobs, int64_t nthreads, int64_t independent)
 {
     if (njobs < 1) return 0;
     for (int64_t j = 0; j < njobs; ++j) {
@@ -277,6 +286,151 @@ int vz_selective_scan_fwd(const vz_scan_args *jobs, int64_t njobs, int64_t nthre
             a->batch != jobs[0].batch || a->dim != jobs[0].dim || (a->ckpt && a->ck_row < a->dim))
             return -1;
     }
-    const scan_ctx ctx = {jobs, njobs};
-    return vz_parallel(jobs[0].batch * ((jobs[0].dim + VZ_CB - 1) / VZ_CB), nthreads, scan_range, &ctx);
+    const int64_t per_job = jobs[0].batch * ((jobs[0].dim + VZ_CB - 1) / VZ_CB);
+    const scan_ctx ctx = {jobs, njobs, per_job, independent != 0};
+    return vz_parallel(independent ? njobs * per_job : per_job, nthreads, scan_range, &ctx);
+}
+
+/* ---------------------------------------------------------------- the fused Vim mixer's other stages
+ *
+ * vz_linear_rows: a Linear without bias over rows, out[b, t, m] = sum_k u[b, t, k] w[m, k] (Vim's x_proj), in C
+ * so that each direction's projection runs on the thread that wrote its input and then scans its output
+ * (independent jobs, as above). u rows have unit stride along k; wt is w transposed, (K, M) with row stride
+ * wt_ld >= M rounded up to whole vectors, zero past M (packed once per weight by the caller); out rows have unit stride along m. A block
+ * of VZ_GR rows keeps VZ_GR x 3 vectors of sums in registers. Every output is one sum over k in order (FMA), so
+ * the result does not depend on the thread count. */
+#define VZ_GR (VZ_CB == 16 ? 8 : 4) /* rows per block: 8 x 3 zmm or 4 x 3 ymm accumulators */
+typedef struct {
+    int64_t batch, rows, K, M;
+    const float *u;
+    int64_t u_sb, u_sl;
+    const float *wt;
+    int64_t wt_ld;
+    float *out;
+    int64_t o_sb, o_sl;
+} vz_linear_args;
+
+/* Columns [m0, m0 + NV * VZ_CB) of a block of rows; rows past the last (nr < VZ_GR) re-read the last row and
+ * are not stored, so every loop bound is a constant. */
+VZ_INLINE void linear_cols(const int NV, const float *const *ur, const float *wt, int64_t K, int64_t ld,
+                           int64_t m0, int64_t M, int64_t nr, float *o, int64_t o_sl)
+{
+    vf acc[VZ_GR][3];
+    for (int r = 0; r < VZ_GR; ++r)
+        for (int v = 0; v < NV; ++v) acc[r][v] = (vf){0};
+    for (int64_t k = 0; k < K; ++k) {
+        const float *wk = wt + k * ld + m0;
+        vf w3[3];
+        for (int v = 0; v < NV; ++v) w3[v] = vz_load(wk + v * VZ_CB);
+        for (int r = 0; r < VZ_GR; ++r) {
+            const float x = ur[r][k];
+            for (int v = 0; v < NV; ++v) acc[r][v] += x * w3[v];
+        }
+    }
+    for (int r = 0; r < nr; ++r)
+        for (int v = 0; v < NV; ++v) {
+            const int64_t m = m0 + v * VZ_CB;
+            if (m + VZ_CB <= M)
+                vz_store(o + r * o_sl + m, acc[r][v]);
+            else
+                for (int c = 0; m + c < M; ++c) o[r * o_sl + m + c] = acc[r][v][c];
+        }
+}
+
+static void linear_block(const vz_linear_args *a, int64_t b, int64_t t0)
+{
+    const int64_t K = a->K, M = a->M, Mp = (M + VZ_CB - 1) / VZ_CB * VZ_CB;
+    const int64_t nr = a->rows - t0 < VZ_GR ? a->rows - t0 : VZ_GR;
+    const float *ur[VZ_GR];
+    for (int r = 0; r < VZ_GR; ++r) ur[r] = a->u + b * a->u_sb + (t0 + (r < nr ? r : nr - 1)) * a->u_sl;
+    float *o = a->out + b * a->o_sb + t0 * a->o_sl;
+    for (int64_t m0 = 0; m0 < Mp; m0 += 3 * VZ_CB) {
+        const int64_t nv = (Mp - m0) / VZ_CB;
+        if (nv >= 3)
+            linear_cols(3, ur, a->wt, K, a->wt_ld, m0, M, nr, o, a->o_sl);
+        else if (nv == 2)
+            linear_cols(2, ur, a->wt, K, a->wt_ld, m0, M, nr, o, a->o_sl);
+        else
+            linear_cols(1, ur, a->wt, K, a->wt_ld, m0, M, nr, o, a->o_sl);
+    }
+}
+
+typedef struct {
+    const vz_linear_args *jobs;
+    int64_t per_job;
+} linear_ctx;
+
+static int linear_range(const void *p, int64_t begin, int64_t end) {
+    const linear_ctx *ctx = p;
+    for (int64_t item = begin; item < end; ++item) {
+        const vz_linear_args *a = &ctx->jobs[item / ctx->per_job];
+        const int64_t i = item % ctx->per_job, blocks = (a->rows + VZ_GR - 1) / VZ_GR;
+        linear_block(a, i / blocks, (i % blocks) * VZ_GR);
+    }
+    return 0;
+}
+
+/* njobs independent row Linears (same batch and rows) over nthreads threads; work items are (job, batch element,
+ * block of VZ_GR rows), job-major. Returns 0, or -1 for mismatched jobs. */
+int vz_linear_rows(const vz_linear_args *jobs, int64_t njobs, int64_t nthreads)
+{
+    if (njobs < 1) return 0;
+    for (int64_t j = 0; j < njobs; ++j)
+        if (jobs[j].batch != jobs[0].batch || jobs[j].rows != jobs[0].rows || jobs[j].K < 1 || jobs[j].M < 1 ||
+            jobs[j].wt_ld < (jobs[j].M + VZ_CB - 1) / VZ_CB * VZ_CB)
+            return -1;
+    const int64_t per_job = jobs[0].batch * ((jobs[0].rows + VZ_GR - 1) / VZ_GR);
+    const linear_ctx ctx = {jobs, per_job};
+    return vz_parallel(njobs * per_job, nthreads, linear_range, &ctx);
+}
+
+/* vz_gate: out = (a + b) * silu(z) over (batch, rows, dim) with unit stride along dim (time strides may be
+ * negative: Vim's backward direction is read time-reversed in place). Items are (batch element, block of VZ_GR
+ * rows); out may be a, or share memory with z row by row (each row reads before it writes). */
+typedef struct {
+    int64_t batch, rows, dim;
+    const float *a;
+    int64_t a_sb, a_sl;
+    const float *b;
+    int64_t b_sb, b_sl;
+    const float *z;
+    int64_t z_sb, z_sl;
+    float *out;
+    int64_t o_sb, o_sl;
+} vz_gate_args;
+
+static int gate_range(const void *p, int64_t begin, int64_t end) {
+    const vz_gate_args *g = p;
+    const vz_fpmode fpmode = vz_ftz_on();
+    const int64_t blocks = (g->rows + VZ_GR - 1) / VZ_GR, dim = g->dim;
+    for (int64_t item = begin; item < end; ++item) {
+        const int64_t bi = item / blocks, t0 = (item % blocks) * VZ_GR;
+        for (int64_t t = t0; t < t0 + VZ_GR && t < g->rows; ++t) {
+            const float *a = g->a + bi * g->a_sb + t * g->a_sl, *b = g->b + bi * g->b_sb + t * g->b_sl,
+                        *z = g->z + bi * g->z_sb + t * g->z_sl;
+            float *o = g->out + bi * g->o_sb + t * g->o_sl;
+            int64_t c = 0;
+            for (; c + 4 * VZ_CB <= dim; c += 4 * VZ_CB) {  /* four SiLU chains at once */
+                vf zv[4];
+                for (int v = 0; v < 4; ++v) zv[v] = vz_load(z + c + v * VZ_CB);
+                vz_silu_n(zv, 4);
+                for (int v = 0; v < 4; ++v)
+                    vz_store(o + c + v * VZ_CB, (vz_load(a + c + v * VZ_CB) + vz_load(b + c + v * VZ_CB)) * zv[v]);
+            }
+            for (; c < dim; c += VZ_CB) {
+                const int nc = dim - c < VZ_CB ? (int)(dim - c) : VZ_CB;
+                vf av = {0}, bv = {0}, zv = {0};
+                for (int k = 0; k < nc; ++k) { av[k] = a[c + k]; bv[k] = b[c + k]; zv[k] = z[c + k]; }
+                av = (av + bv) * vz_silu(zv);
+                for (int k = 0; k < nc; ++k) o[c + k] = av[k];
+            }
+        }
+    }
+    vz_ftz_restore(fpmode);
+    return 0;
+}
+
+int vz_gate(const vz_gate_args *g, int64_t nthreads)
+{
+    return vz_parallel(g->batch * ((g->rows + VZ_GR - 1) / VZ_GR), nthreads, gate_range, g);
 }
