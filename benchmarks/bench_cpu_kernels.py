@@ -67,7 +67,7 @@ def main():
                         D.data_ptr(), bias.data_ptr(), (z.data_ptr(), 0, 1, dim), True, (out.data_ptr(), 0, 1, dim),
                         None, 0.5)
     jobs = (scan_cpu.ScanArgs * 1)(job)
-    scan = best_ms(lambda: lib.vz_selective_scan_fwd(jobs, 1, 1), args.rounds, inner)
+    scan = best_ms(lambda: lib.vz_selective_scan_fwd(jobs, 1, 1, 0), args.rounds, inner)
     updates = L * dim * N / 8
 
     clib = conv_cpu.load()
@@ -89,7 +89,7 @@ def main():
     xz3 = torch.randn(1, L, dim, generator=g)
     real = _cpu_build.run_jobs
     with torch.no_grad():
-        _cpu_build.run_jobs = lambda fn, jobs: 0
+        _cpu_build.run_jobs = lambda fn, jobs, *flags: 0
         try:
             total = best_ms(lambda: bimamba_inner(xz3, *branches), args.rounds, inner)
         finally:

@@ -148,3 +148,17 @@ def test_batch_one_thread_count_independent():
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
+
+
+@needs_kernel
+def test_packed_x_proj_weight_follows_in_place_changes():
+    """The C x-projection reads a packed copy of the weight, cached per tensor: an in-place change (as
+    ``load_state_dict`` makes) must reach the next call."""
+    g = torch.Generator().manual_seed(4)
+    fwd, bwd = (make_direction(16, 16, 2, 4, True, g) for _ in range(2))
+    xz = torch.randn(1, 21, 32, generator=g)
+    with torch.no_grad():
+        bimamba_inner_cpu(xz.clone(), fwd, bwd)
+        fwd.x_proj_weight.copy_(torch.randn(fwd.x_proj_weight.shape, generator=g) * 0.25)
+        out = bimamba_inner_cpu(xz.clone(), fwd, bwd)
+    torch.testing.assert_close(out, mixer_inner_reference(xz, fwd, bwd), rtol=1e-4, atol=1e-5)
