@@ -118,7 +118,7 @@ def test_public_lookup_by_op_name(monkeypatch):
     monkeypatch.setenv("VISIONZOO_BACKEND_SELECTIVE_SCAN", "reference")
     assert resolve("selective_scan", "auto", x) == "reference"
     for op in ("selective_scan", "causal_conv1d", "neighborhood_aggregation", "routing_attention",
-               "sparse_attention", "reversed_attention", "sparse_keys"):
+               "sparse_attention", "reversed_attention", "sparse_keys", "rms_norm"):
         decl = _dispatch.declaration(op)
         for name in decl.names:
             assert is_available(op, name, "cpu") == decl.is_available(name, "cpu")

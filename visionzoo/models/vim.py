@@ -55,6 +55,7 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 
 from ..layers import PatchEmbed, plain_feature_indices, resample_pos_embed_with_inner_token
 from ..ops import tracing
+from ..ops.rms_norm import rms_norm
 from ..ops.selective_scan import MambaBranch, bimamba_inner
 from ._input import record_input_size
 from ._loading import load_checkpoint_strict
@@ -86,6 +87,7 @@ def insert_cls_and_pos_embed(
     return x + pos_embed
 
 
+@register_notrace_module  # an FX leaf: its forward picks the C kernel or the aten op at run time
 class RMSNorm(nn.Module):
     """RMSNorm without bias, computed in fp32 (Mamba's ``RMSNorm``; eps 1e-5).
 
@@ -99,7 +101,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        out = rms_norm(x.float(), self.weight.float(), self.eps)
         return out.to(self.weight.dtype)
 
 
