@@ -104,10 +104,10 @@ def _run(lib: ctypes.CDLL, jobs: list, what: str, independent: bool = False) -> 
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    for name, args, flags in (("vz_selective_scan_fwd", ScanArgs, [_i64]), ("vz_linear_rows", LinearArgs, []),
-                              ("vz_gate", GateArgs, None)):
-        fn = getattr(lib, name)
-        fn.argtypes = [ctypes.POINTER(args), _i64] if flags is None else [ctypes.POINTER(args), _i64, _i64] + flags
+    lib.vz_selective_scan_fwd.argtypes = [ctypes.POINTER(ScanArgs), _i64, _i64, _i64]
+    lib.vz_mixer_tail.argtypes = [ctypes.POINTER(LinearArgs), ctypes.POINTER(ScanArgs), _i64, _i64,
+                                  ctypes.POINTER(GateArgs), _i64]
+    for fn in (lib.vz_selective_scan_fwd, lib.vz_mixer_tail):
         fn.restype = ctypes.c_int
 
 
@@ -305,10 +305,10 @@ def bimamba_inner_cpu(xz: Tensor, forward: MixerDirection, backward: MixerDirect
     ``(y_f + flip(y_b)) / 2 * silu(z)`` ``(batch, L, E)``, written over the x half of ``xz`` (a view of
     it; ``xz`` is consumed).
 
-    Same arithmetic as the differentiable path, in less memory and with one C call per stage, four stages:
-    both directions' convs (the backward one reads x time-reversed in place), both x-projections, both scans
-    (``dt_proj`` folded in: no ``(L, E)`` delta; dt, B and C read in place from the x-projection's rows), and
-    the shared gate over the sum. The directions are independent jobs until the gate: with two threads each
+    Same arithmetic as the differentiable path, in less memory and with two C calls, four stages: both
+    directions' convs (the backward one reads x time-reversed in place), then in one parallel region both
+    x-projections, both scans (``dt_proj`` folded in: no ``(L, E)`` delta; dt, B and C read in place from the
+    x-projection's rows) and the shared gate over the sum. The directions are independent jobs until the gate: with two threads each
     direction runs whole on one thread, reading only what that thread wrote (with the channels split
     instead, each core re-read and overwrote lines the other had just written). At Vim-Tiny 1024x1024 the
     mixer holds ~25 MiB instead of ~55 MiB, and at 224 it saves the dispatch of ~25 small ops.
@@ -338,28 +338,29 @@ def bimamba_inner_cpu(xz: Tensor, forward: MixerDirection, backward: MixerDirect
     conv.run(conv_lib, [conv.job(batch, E, length, x_view, w[0], w[1], True, u_view)
                         for x_view, w, u_view in zip((x_fwd, x_rev), ws, u_views)], independent=True)
     wts = [packed_transpose(d.x_proj_weight) for d in (forward, backward)]
-    if _cpu_build.run_jobs(lib.vz_linear_rows, [LinearArgs(batch, length, E, M, u_views[k][0], length * E, E,
-                                                           wt.data_ptr(), wt.shape[1], xd_ptrs[k], length * M, M)
-                                                for k, wt in enumerate(wts)]):
-        raise RuntimeError("bimamba_inner_cpu: the x-projection kernel rejected its inputs")
-    # The scans, then (y_f / 2 + y_b / 2) * silu(z) over the x half of xz, the backward direction read
-    # time-reversed. On one thread the backward scan adds its half into the forward one's output and applies the
-    # gate as it goes (no separate pass); on several, each scan writes over its own input and one more pass sums
-    # them. The same operations in the same order: bitwise the same result.
-    one_thread = _cpu_build.threads() == 1
+    lin = [LinearArgs(batch, length, E, M, u_views[k][0], length * E, E, wt.data_ptr(), wt.shape[1], xd_ptrs[k],
+                      length * M, M) for k, wt in enumerate(wts)]
+    # The x-projections, the scans, then (y_f / 2 + y_b / 2) * silu(z) over the x half of xz, the backward
+    # direction read time-reversed: one C call, one parallel region. On one thread the backward scan adds its
+    # half into the forward one's output and applies the gate as it goes (no gate pass); on several, each scan
+    # writes over its own input and the gate pass sums them. The same operations in the same order: bitwise
+    # the same result.
+    threads = _cpu_build.threads()
+    one_thread = threads == 1
     z_rev = (x0 + 4 * E + last, x_sb, 1, -x_sl)
-    jobs = []
+    scans = []
     for k, w in enumerate(ws):
         _, _, _, dt_w, dt_b, A_log, D = w
         p, sb = xd_ptrs[k], length * M
         out = (x_rev if k else x_fwd) if one_thread else u_views[k]
         gate = one_thread and k == 1
-        jobs.append(_job(batch, E, length, N, 1, u_views[k], (p, sb, 1, M), dt_w.data_ptr(), R, A_log.data_ptr(),
-                         True, (p + 4 * R, sb, 0, 1, M), (p + 4 * (R + N), sb, 0, 1, M), D.data_ptr(),
-                         dt_b.data_ptr(), z_rev if gate else NULL_SEQ, True, out, None, 0.5, gate, gate_total=gate))
-    _run(lib, jobs, "bimamba_inner_cpu", independent=not one_thread)
-    if not one_thread:
-        u_b_last = u_views[1][0] + 4 * (length - 1) * E
-        lib.vz_gate(GateArgs(batch, length, E, u0, length * E, E, u_b_last, length * E, -E, x0 + 4 * E, x_sb, x_sl,
-                             x0, x_sb, x_sl), _cpu_build.threads())
+        scans.append(_job(batch, E, length, N, 1, u_views[k], (p, sb, 1, M), dt_w.data_ptr(), R, A_log.data_ptr(),
+                          True, (p + 4 * R, sb, 0, 1, M), (p + 4 * (R + N), sb, 0, 1, M), D.data_ptr(),
+                          dt_b.data_ptr(), z_rev if gate else NULL_SEQ, True, out, None, 0.5, gate, gate_total=gate))
+    gate_pass = None if one_thread else GateArgs(
+        batch, length, E, u0, length * E, E, u_views[1][0] + 4 * (length - 1) * E, length * E, -E, x0 + 4 * E,
+        x_sb, x_sl, x0, x_sb, x_sl)
+    if lib.vz_mixer_tail((LinearArgs * 2)(*lin), (ScanArgs * 2)(*scans), 2, int(not one_thread), gate_pass,
+                         threads):
+        raise RuntimeError(f"bimamba_inner_cpu: the 'cpu' kernel rejected the inputs (N={N}, E={E}, R={R})")
     return xz[..., :E]

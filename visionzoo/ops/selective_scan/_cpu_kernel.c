@@ -277,23 +277,36 @@ static int scan_range(const void *p, int64_t begin, int64_t end) {
  * lines the other core had just written cost the channel split ~25% of the scan's time at 224x224).
  * Returns 0, or -1 when N > VZ_NMAX, rank > VZ_RMAX, dim is not a multiple of G, or the jobs' batch or dim
  * differ. */
-int vz_selective_scan_fwd(const vz_scan_args *jobs, int64_t njobs, int64_t nthreads, int64_t independent)
+static int scan_jobs_ok(const vz_scan_args *jobs, int64_t njobs)
 {
-    if (njobs < 1) return 0;
     for (int64_t j = 0; j < njobs; ++j) {
         const vz_scan_args *a = &jobs[j];
         if (a->dstate > VZ_NMAX || a->dstate < 1 || a->rank > VZ_RMAX || a->groups < 1 || a->dim % a->groups ||
             a->batch != jobs[0].batch || a->dim != jobs[0].dim || (a->ckpt && a->ck_row < a->dim))
-            return -1;
+            return 0;
     }
+    return 1;
+}
+
+static scan_ctx scan_context(const vz_scan_args *jobs, int64_t njobs, int64_t independent, int64_t *items)
+{
     const int64_t per_job = jobs[0].batch * ((jobs[0].dim + VZ_CB - 1) / VZ_CB);
-    const scan_ctx ctx = {jobs, njobs, per_job, independent != 0};
-    return vz_parallel(independent ? njobs * per_job : per_job, nthreads, scan_range, &ctx);
+    *items = independent ? njobs * per_job : per_job;
+    return (scan_ctx){jobs, njobs, per_job, independent != 0};
+}
+
+int vz_selective_scan_fwd(const vz_scan_args *jobs, int64_t njobs, int64_t nthreads, int64_t independent)
+{
+    if (njobs < 1) return 0;
+    if (!scan_jobs_ok(jobs, njobs)) return -1;
+    int64_t items;
+    const scan_ctx ctx = scan_context(jobs, njobs, independent, &items);
+    return vz_parallel(items, nthreads, scan_range, &ctx);
 }
 
 /* ---------------------------------------------------------------- the fused Vim mixer's other stages
  *
- * vz_linear_rows: a Linear without bias over rows, out[b, t, m] = sum_k u[b, t, k] w[m, k] (Vim's x_proj), in C
+ * The x-projection: a Linear without bias over rows, out[b, t, m] = sum_k u[b, t, k] w[m, k] (Vim's x_proj), in C
  * so that each direction's projection runs on the thread that wrote its input and then scans its output
  * (independent jobs, as above). u rows have unit stride along k; wt is w transposed, (K, M) with row stride
  * wt_ld >= M rounded up to whole vectors, zero past M (packed once per weight by the caller); out rows have unit stride along m. A block
@@ -370,21 +383,16 @@ static int linear_range(const void *p, int64_t begin, int64_t end) {
     return 0;
 }
 
-/* njobs independent row Linears (same batch and rows) over nthreads threads; work items are (job, batch element,
- * block of VZ_GR rows), job-major. Returns 0, or -1 for mismatched jobs. */
-int vz_linear_rows(const vz_linear_args *jobs, int64_t njobs, int64_t nthreads)
+static int linear_jobs_ok(const vz_linear_args *jobs, int64_t njobs)
 {
-    if (njobs < 1) return 0;
     for (int64_t j = 0; j < njobs; ++j)
         if (jobs[j].batch != jobs[0].batch || jobs[j].rows != jobs[0].rows || jobs[j].K < 1 || jobs[j].M < 1 ||
             jobs[j].wt_ld < (jobs[j].M + VZ_CB - 1) / VZ_CB * VZ_CB)
-            return -1;
-    const int64_t per_job = jobs[0].batch * ((jobs[0].rows + VZ_GR - 1) / VZ_GR);
-    const linear_ctx ctx = {jobs, per_job};
-    return vz_parallel(njobs * per_job, nthreads, linear_range, &ctx);
+            return 0;
+    return 1;
 }
 
-/* vz_gate: out = (a + b) * silu(z) over (batch, rows, dim) with unit stride along dim (time strides may be
+/* The gate pass: out = (a + b) * silu(z) over (batch, rows, dim) with unit stride along dim (time strides may be
  * negative: Vim's backward direction is read time-reversed in place). Items are (batch element, block of VZ_GR
  * rows); out may be a, or share memory with z row by row (each row reads before it writes). */
 typedef struct {
@@ -430,7 +438,23 @@ static int gate_range(const void *p, int64_t begin, int64_t end) {
     return 0;
 }
 
-int vz_gate(const vz_gate_args *g, int64_t nthreads)
+/* Vim's fused mixer after its convs, in one parallel region (vz_parallel_stages): the njobs row Linears lin
+ * (x_proj; items (job, batch element, block of VZ_GR rows), job-major), then the njobs scans (as
+ * vz_selective_scan_fwd with `independent`), then, when gate is not NULL, the gate pass over (batch element,
+ * block of VZ_GR rows). Every item is computed whole by one thread: the result does not depend on the thread
+ * count. Returns 0, or -1 for jobs the kernels do not take. */
+int vz_mixer_tail(const vz_linear_args *lin, const vz_scan_args *scan, int64_t njobs, int64_t independent,
+                  const vz_gate_args *gate, int64_t nthreads)
 {
-    return vz_parallel(g->batch * ((g->rows + VZ_GR - 1) / VZ_GR), nthreads, gate_range, g);
+    if (njobs < 1) return 0;
+    if (!linear_jobs_ok(lin, njobs) || !scan_jobs_ok(scan, njobs) || lin[0].batch != scan[0].batch) return -1;
+    const linear_ctx lctx = {lin, lin[0].batch * ((lin[0].rows + VZ_GR - 1) / VZ_GR)};
+    int64_t scan_items;
+    const scan_ctx sctx = scan_context(scan, njobs, independent, &scan_items);
+    const vz_stage stages[3] = {
+        {njobs * lctx.per_job, linear_range, &lctx},
+        {scan_items, scan_range, &sctx},
+        {gate ? gate->batch * ((gate->rows + VZ_GR - 1) / VZ_GR) : 0, gate_range, gate},
+    };
+    return vz_parallel_stages(stages, gate ? 3 : 2, nthreads);
 }
