@@ -157,12 +157,11 @@ def bimamba_inner(xz: Tensor, forward: MambaBranch, backward: MambaBranch, *, ba
     """
     plain = all(_plain_linear(m) for m in (forward.x_proj, forward.dt_proj, backward.x_proj, backward.dt_proj))
     if plain and forward.x_proj.weight.dtype == torch.float32 and bimamba_inner_cpu_applies(xz, backend):
-        directions = [MixerDirection(b.conv1d.weight, b.conv1d.bias, b.x_proj.weight, b.dt_proj.weight,
-                                     b.dt_proj.bias, b.A_log, b.D) for b in (forward, backward)]
-        if not torch.is_autocast_enabled("cpu"):
-            return bimamba_inner_cpu(xz, *directions)
-        with torch.autocast("cpu", enabled=False):
-            return bimamba_inner_cpu(xz, *directions)
+        # Under CPU autocast too: the fused path calls no op that autocast recasts (only casts, views and
+        # copies around the C calls), so it runs in fp32 without leaving autocast.
+        return bimamba_inner_cpu(xz, *(MixerDirection(b.conv1d.weight, b.conv1d.bias, b.x_proj.weight,
+                                                      b.dt_proj.weight, b.dt_proj.bias, b.A_log, b.D)
+                                       for b in (forward, backward)))
     # Everything stays time-major, (B, L, channels) in memory, as the Linear layers produce it; the conv
     # and the scan take (B, channels, L) *views* of it, so no transposing copies.
     batch, length, _ = xz.shape
