@@ -184,3 +184,29 @@ def test_cpu_backward_kernel_matches_shifted_and_any_thread_count(time_major):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
         assert torch.equal(a, a2)
     assert got[0][0].stride() == x.stride() or not time_major  # dx keeps the time-major layout
+
+
+@pytest.mark.skipif(_cpu.load() is None, reason="no C compiler for the cpu kernels")
+def test_both_vector_widths_give_the_same_bits(monkeypatch, tmp_path):
+    """The C conv is 16 lanes wide where the build targets AVX-512, else 8: lanes never mix, so a build without
+    AVX-512 gives bitwise the same forward and backward (checked on whatever this machine builds by default)."""
+    from visionzoo.ops import _cpu_build
+
+    torch.manual_seed(1)
+    B, E, L, K = 2, 37, 29, 4  # 37 channels: whole blocks of either width and a ragged one
+    x, w, b, g = torch.randn(B, L, E).transpose(1, 2), torch.randn(2 * E, K), torch.randn(2 * E), torch.randn(B, 2 * E, L)
+
+    def both():
+        fwd = _cpu.causal_conv1d_bidirectional_cpu(x, w, b, "silu", torch.empty(B, 2 * E, L))
+        return (fwd, *_cpu.causal_conv1d_cpu_backward(x, w, b, "silu", g, (True, True, True), bidirectional=True))
+
+    default = both()
+    monkeypatch.setenv("VISIONZOO_CACHE", str(tmp_path))
+    monkeypatch.setattr(_cpu_build, "FLAGS", _cpu_build.FLAGS + ("-mno-avx512f",))
+    _cpu_build.forget(_cpu.OP)
+    try:
+        narrow = both()
+    finally:
+        _cpu_build.forget(_cpu.OP)
+    for a, n in zip(default, narrow):
+        assert torch.equal(a, n)

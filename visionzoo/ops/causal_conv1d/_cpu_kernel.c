@@ -11,7 +11,11 @@
 #include <stdint.h>
 #include <string.h>
 
-#define VZ_CB 8
+#if defined(__AVX512F__)
+#define VZ_CB 16 /* one AVX-512 register: a block is one cache line of a time-major row */
+#else
+#define VZ_CB 8 /* one AVX2 register */
+#endif
 #define VZ_KMAX 16
 #define VZ_IL 4 /* steps per group */
 #define VZ_PF 16 /* steps ahead to prefetch */
