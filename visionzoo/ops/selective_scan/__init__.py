@@ -110,7 +110,8 @@ def bimamba_inner_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
     """
     if (torch.is_grad_enabled() or type(x) is not torch.Tensor or x.device.type != "cpu"
             or not (x.dtype == torch.float32 or torch.is_autocast_enabled("cpu")) or tracing()
-            or any(isinstance(m, _FLOP_COUNTER_MODES) for m in _get_current_dispatch_mode_stack())):
+            or (torch._C._len_torch_dispatch_stack()
+                and any(isinstance(m, _FLOP_COUNTER_MODES) for m in _get_current_dispatch_mode_stack()))):
         return False
     # The selection for an fp32 CPU probe depends on the requested backend and the two ops' environment
     # switches; a positive answer is cached on them (this check runs once per Vim layer: its cost is overhead).
@@ -137,9 +138,10 @@ class MambaBranch(NamedTuple):
 
 
 def _plain_linear(m: nn.Module) -> bool:
-    """An ``nn.Linear`` whose weight can be read as a tensor (not e.g. a dynamically quantized layer, whose
-    ``weight`` is a method)."""
-    return isinstance(m, nn.Linear) and isinstance(m.weight, Tensor)
+    """An ``nn.Linear`` whose weight is a registered tensor (not e.g. a dynamically quantized layer, whose
+    ``weight`` is a method). Read from ``_parameters``: ``Module.__getattr__`` is Python, and this runs four
+    times per Vim layer."""
+    return isinstance(m, nn.Linear) and isinstance(m._parameters.get("weight"), Tensor)
 
 
 def bimamba_inner(xz: Tensor, forward: MambaBranch, backward: MambaBranch, *, backend: str = "auto") -> Tensor:
