@@ -72,3 +72,23 @@ def test_traced_and_exported_graphs_hold_the_aten_op():
 def test_bad_weight_shape_is_one_clear_line():
     with pytest.raises(ValueError, match=r"rms_norm: weight must be \(8,\), got \(7,\)"):
         rms_norm(torch.randn(2, 8), torch.ones(7), 1e-5)
+
+
+@needs_kernel
+def test_bf16_output_is_the_cast_of_the_fp32_result():
+    """``out_dtype=torch.bfloat16`` rounds in the kernel to nearest even: the same bits as ``.to(torch.bfloat16)``
+    of the fp32 result (NaN stays NaN), and the reference backend casts."""
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(4, 50, 96, generator=g) * 7, torch.randn(96, generator=g)
+    x[1, 3, 5] = float("nan")
+    x[2, 0] = 3e38
+    with torch.no_grad():
+        full = rms_norm(x, w, 1e-5, backend="cpu")
+        half = rms_norm(x, w, 1e-5, out_dtype=torch.bfloat16, backend="cpu")
+        ref = rms_norm(x, w, 1e-5, out_dtype=torch.bfloat16, backend="reference")
+    assert half.dtype == ref.dtype == torch.bfloat16
+    cast = full.to(torch.bfloat16)
+    finite = ~torch.isnan(cast)
+    assert torch.equal(torch.isnan(half), ~finite)
+    assert torch.equal(half[finite].view(torch.int16), cast[finite].view(torch.int16))
+    torch.testing.assert_close(half.float(), ref.float(), rtol=1e-2, atol=1e-2, equal_nan=True)

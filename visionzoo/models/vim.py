@@ -100,9 +100,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = rms_norm(x.float(), self.weight.float(), self.eps)
-        return out.to(self.weight.dtype)
+    def forward(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``out_dtype`` (default: the weight's): the result cast to it, in the kernel where it can."""
+        dtype = out_dtype or self.weight.dtype
+        return rms_norm(x.float(), self.weight.float(), self.eps, out_dtype=None if dtype == torch.float32 else dtype)
 
 
 @register_notrace_module
@@ -216,7 +217,11 @@ class VimBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.mixer(self.norm(x)))
+        # Under CPU autocast the mixer's in-projection casts its input to the autocast dtype: the norm writes it
+        # in that dtype (the same values, one cast op less per layer; see benchmarks/threads_cpu.md, bf16).
+        cast = (torch.get_autocast_dtype("cpu") if x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                else None)
+        return x + self.drop_path(self.mixer(self.norm(x, cast)))
 
 
 class VisionMamba(TimmApi, nn.Module):

@@ -30,8 +30,9 @@ from . import _cpu
 __all__ = ["rms_norm", "NORM"]
 
 
-def _reference(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+def _reference(x: Tensor, weight: Optional[Tensor], eps: float, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    out = F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def _cpu_can_run(x: Tensor, weight: Optional[Tensor] = None) -> Optional[str]:
@@ -64,13 +65,15 @@ def _auto_takes_cpu() -> bool:
     return hit
 
 
-def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float, *, backend: str = "auto") -> Tensor:
-    """RMSNorm of ``x`` over its last dimension; ``weight``: ``(x.shape[-1],)`` or None."""
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float, *, out_dtype: Optional[torch.dtype] = None,
+             backend: str = "auto") -> Tensor:
+    """RMSNorm of ``x`` over its last dimension; ``weight``: ``(x.shape[-1],)`` or None. ``out_dtype``: the
+    result cast to it (the ``cpu`` backend writes bf16 directly, the same bits as the cast)."""
     if weight is not None and tuple(weight.shape) != (x.shape[-1],):
         raise ValueError(f"rms_norm: weight must be ({x.shape[-1]},), got {tuple(weight.shape)}")
     # Models call this once per block, in CPU inference on the C kernel: that case skips the general selection
     # (the same answer, cached per environment setting; ~40 us a call inside a model's forward, cold).
     if (backend == "auto" and not torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu"
             and _cpu_can_run(x, weight) is None and not tracing() and _auto_takes_cpu()):
-        return _cpu.rms_norm_cpu(x, weight, eps)
-    return NORM.dispatch(backend, x, lambda b: b.forward(x, weight, eps), weight=weight)
+        return _cpu.rms_norm_cpu(x, weight, eps, out_dtype)
+    return NORM.dispatch(backend, x, lambda b: b.forward(x, weight, eps, out_dtype), weight=weight)

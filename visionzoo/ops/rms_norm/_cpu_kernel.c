@@ -3,6 +3,8 @@
  *   out[r, :] = x[r, :] * (1 / sqrt(sum_d x[r, d]^2 / D + eps)) * w
  *
  * x and out are (rows, D) with unit stride along D and row strides x_sr / o_sr (elements); w is (D,) or NULL.
+ * With out_bf16, out holds bfloat16 (uint16) values: the fp32 result rounded to nearest even, as torch's
+ * fp32 -> bf16 conversion does (an autocast model's next Linear would cast it so; NaN stays a quiet NaN).
  * One pass over each row for the sum of squares (VZ_CB partial sums, then added in a fixed order) and one
  * for the output: every row is computed whole by one thread, so the result does not depend on the thread
  * count. Work items are blocks of 8 rows. */
@@ -22,10 +24,19 @@ typedef struct {
     const float *x;
     int64_t x_sr;
     const float *w;
-    float *out;
+    void *out;
     int64_t o_sr;
     float eps;
+    int32_t out_bf16;
 } vz_norm_args;
+
+static inline uint16_t vz_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN: keep it quiet */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
 
 #define VZ_ROWS 8
 
@@ -36,7 +47,6 @@ static int norm_range(const void *p, int64_t begin, int64_t end)
     for (int64_t item = begin; item < end; ++item)
         for (int64_t r = item * VZ_ROWS; r < (item + 1) * VZ_ROWS && r < a->rows; ++r) {
             const float *x = a->x + r * a->x_sr;
-            float *o = a->out + r * a->o_sr;
             vf s0 = {0}, s1 = {0};
             int64_t d = 0;
             for (; d + 2 * VZ_CB <= D; d += 2 * VZ_CB) {
@@ -49,6 +59,12 @@ static int norm_range(const void *p, int64_t begin, int64_t end)
             for (int c = 0; c < VZ_CB; ++c) ss += s0[c];
             for (; d < D; ++d) ss += x[d] * x[d];
             const float inv = 1.0f / sqrtf(ss / (float)D + a->eps);
+            if (a->out_bf16) {
+                uint16_t *o = (uint16_t *)a->out + r * a->o_sr;
+                for (d = 0; d < D; ++d) o[d] = vz_bf16(a->w ? x[d] * inv * a->w[d] : x[d] * inv);
+                continue;
+            }
+            float *o = (float *)a->out + r * a->o_sr;
             d = 0;
             for (; d + VZ_CB <= D; d += VZ_CB) {
                 const vf y = vz_load(x + d) * inv;
