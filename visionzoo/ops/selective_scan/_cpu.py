@@ -93,18 +93,17 @@ class GateArgs(ctypes.Structure):
                                                                   (f"{name[0]}_sl", _i64))])
 
 
-def _run(lib: ctypes.CDLL, jobs: list, what: str, independent: bool = False) -> None:
-    """The scans ``jobs`` in one call: by default channel block by channel block, every job's block on one
-    thread in job order (a later job may accumulate into an earlier one's output); with ``independent`` job
-    after job, the threads splitting the sequence of jobs (two threads, two directions: one each)."""
-    if _cpu_build.run_jobs(lib.vz_selective_scan_fwd, jobs, int(independent)):
+def _run(lib: ctypes.CDLL, jobs: list, what: str) -> None:
+    """The scans ``jobs`` in one call, channel block by channel block, every job's block on one thread in job
+    order (a later job may accumulate into an earlier one's output)."""
+    if _cpu_build.run_jobs(lib.vz_selective_scan_fwd, jobs):
         a = jobs[0]
         raise RuntimeError(f"{what}: the 'cpu' kernel rejected the inputs (N={a.dstate}, dim={a.dim}, "
                            f"groups={a.groups}, rank={a.rank})")
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    lib.vz_selective_scan_fwd.argtypes = [ctypes.POINTER(ScanArgs), _i64, _i64, _i64]
+    lib.vz_selective_scan_fwd.argtypes = [ctypes.POINTER(ScanArgs), _i64, _i64]
     lib.vz_mixer_tail.argtypes = [ctypes.POINTER(LinearArgs), ctypes.POINTER(ScanArgs), _i64, _i64,
                                   ctypes.POINTER(GateArgs), _i64]
     for fn in (lib.vz_selective_scan_fwd, lib.vz_mixer_tail):
@@ -308,10 +307,11 @@ def bimamba_inner_cpu(xz: Tensor, forward: MixerDirection, backward: MixerDirect
     Same arithmetic as the differentiable path, in less memory and with two C calls, four stages: both
     directions' convs (the backward one reads x time-reversed in place), then in one parallel region both
     x-projections, both scans (``dt_proj`` folded in: no ``(L, E)`` delta; dt, B and C read in place from the
-    x-projection's rows) and the shared gate over the sum. The directions are independent jobs until the gate: with two threads each
-    direction runs whole on one thread, reading only what that thread wrote (with the channels split
-    instead, each core re-read and overwrote lines the other had just written). At Vim-Tiny 1024x1024 the
-    mixer holds ~25 MiB instead of ~55 MiB, and at 224 it saves the dispatch of ~25 small ops.
+    x-projection's rows) and the shared gate over the sum. The directions are independent jobs until the
+    gate: with two threads each direction runs whole on one thread, reading only what that thread wrote (with
+    the channels split instead, each core re-read and overwrote lines the other had just written). At
+    Vim-Tiny 1024x1024 the mixer holds ~25 MiB instead of ~55 MiB, and at 224 it saves the dispatch of ~25
+    small ops.
     """
     from ..causal_conv1d import _cpu as conv
 

@@ -267,16 +267,6 @@ static int scan_range(const void *p, int64_t begin, int64_t end) {
     return 0;
 }
 
-/* njobs scans with the same batch and dim (the two directions of a Vim mixer), over nthreads threads. A work
- * item is one batch element and one block of VZ_CB channels. Dependent jobs (independent = 0): an item runs
- * that block of every job, job after job (a later job may accumulate into an earlier one's output, or overwrite
- * its input: the same channels of the same batch element, so always on the same thread, in job order).
- * Independent jobs (no job reads what another writes): the items of job 0, then those of job 1, ..., cut into
- * the threads' contiguous ranges, so with two threads and two directions each thread runs one direction whole
- * and reads only what it wrote itself in the stages before (on a 2-core Xeon, reading and overwriting
- * lines the other core had just written cost the channel split ~25% of the scan's time at 224x224).
- * Returns 0, or -1 when N > VZ_NMAX, rank > VZ_RMAX, dim is not a multiple of G, or the jobs' batch or dim
- * differ. */
 static int scan_jobs_ok(const vz_scan_args *jobs, int64_t njobs)
 {
     for (int64_t j = 0; j < njobs; ++j) {
@@ -295,12 +285,21 @@ static scan_ctx scan_context(const vz_scan_args *jobs, int64_t njobs, int64_t in
     return (scan_ctx){jobs, njobs, per_job, independent != 0};
 }
 
-int vz_selective_scan_fwd(const vz_scan_args *jobs, int64_t njobs, int64_t nthreads, int64_t independent)
+/* njobs scans with the same batch and dim (the two directions of a Vim mixer), over nthreads threads. A work
+ * item is one batch element and one block of VZ_CB channels. Dependent jobs (here): an item runs that block of
+ * every job, job after job (a later job may accumulate into an earlier one's output, or overwrite its input:
+ * the same channels of the same batch element, so always on the same thread, in job order). Independent jobs
+ * (vz_mixer_tail; no job reads what another writes): the items of job 0, then those of job 1, ..., cut into
+ * the threads' contiguous ranges, so with two threads and two directions each thread runs one direction whole
+ * and reads only what it wrote itself in the stages before (on a 2-core Xeon, reading and overwriting lines
+ * the other core had just written cost the channel split ~25% of the scan's time at 224x224). Returns 0, or
+ * -1 when N > VZ_NMAX, rank > VZ_RMAX, dim is not a multiple of G, or the jobs' batch or dim differ. */
+int vz_selective_scan_fwd(const vz_scan_args *jobs, int64_t njobs, int64_t nthreads)
 {
     if (njobs < 1) return 0;
     if (!scan_jobs_ok(jobs, njobs)) return -1;
     int64_t items;
-    const scan_ctx ctx = scan_context(jobs, njobs, independent, &items);
+    const scan_ctx ctx = scan_context(jobs, njobs, 0, &items);
     return vz_parallel(items, nthreads, scan_range, &ctx);
 }
 
