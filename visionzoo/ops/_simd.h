@@ -9,43 +9,22 @@
 #include <omp.h>
 #endif
 
-/* Runs fn(ctx, begin, end) over [0, items) cut into nthreads contiguous ranges, one per thread, and returns
- * the first non-zero status. Built with -fopenmp (see _cpu_build.py), the threads are OpenMP's: in a torch
- * process the same libgomp, and so the same thread pool, as torch's intra-op threads (no second set of
- * threads competing with torch's spinning ones for the cores). Which thread runs a range changes nothing
- * in the result: every item is computed whole by one thread, in the same order of operations. Without
- * OpenMP everything runs on the calling thread. */
+/* A stage runs fn(ctx, begin, end) over [0, items) cut into nthreads contiguous ranges, one per thread. Built with
+ * -fopenmp (see _cpu_build.py), the threads are OpenMP's: in a torch process the same libgomp, and so the same
+ * thread pool, as torch's intra-op threads (no second set of threads competing with torch's spinning ones for
+ * the cores). Which thread runs a range changes nothing in the result: every item is computed whole by one
+ * thread, in the same order of operations. Without OpenMP everything runs on the calling thread. */
 typedef int (*vz_range_fn)(const void *ctx, int64_t begin, int64_t end);
-static int vz_parallel(int64_t items, int64_t nthreads, vz_range_fn fn, const void *ctx) {
-    if (nthreads > items) nthreads = items;
-    if (nthreads > 256) nthreads = 256;
-#if defined(_OPENMP)
-    if (nthreads > 1) {
-        int status[256] = {0};
-#pragma omp parallel num_threads((int)nthreads)
-        {
-            const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
-            status[t] = fn(ctx, items * t / n, items * (t + 1) / n);
-        }
-        for (int64_t t = 0; t < nthreads; ++t)
-            if (status[t]) return status[t];
-        return 0;
-    }
-#endif
-    (void)nthreads;
-    return fn(ctx, 0, items);
-}
-/* Several stages in one parallel region: stage s runs fn over [0, items) cut as vz_parallel cuts it, and
- * every thread waits for all others (a barrier) before the next stage, which may read anything an earlier
- * stage wrote. One region instead of one per stage: a region's start and end cost ~5-10 us on a small VM,
- * and Vim's fused mixer has four stages per layer. Returns the first non-zero status (the later stages
- * still run). */
 typedef struct {
     int64_t items;
     vz_range_fn fn;
     const void *ctx;
 } vz_stage;
 
+/* Several stages in one parallel region, every thread waiting for all others (a barrier) before the next stage,
+ * which may read anything an earlier stage wrote. One region instead of one per stage: a region's start and
+ * end cost ~5-10 us on a small VM, and Vim's fused mixer has four stages per layer. Returns the first non-zero
+ * status (the later stages still run). */
 static int vz_parallel_stages(const vz_stage *stages, int64_t nstages, int64_t nthreads) {
     int64_t most = 1;
     for (int64_t s = 0; s < nstages; ++s) most = stages[s].items > most ? stages[s].items : most;
@@ -61,7 +40,9 @@ static int vz_parallel_stages(const vz_stage *stages, int64_t nstages, int64_t n
                 const int64_t items = stages[s].items;
                 const int st = stages[s].fn(stages[s].ctx, items * t / n, items * (t + 1) / n);
                 if (st && !status[t]) status[t] = st;
+                if (s + 1 < nstages) {
 #pragma omp barrier
+                }
             }
         }
         for (int64_t t = 0; t < nthreads; ++t)
@@ -75,6 +56,12 @@ static int vz_parallel_stages(const vz_stage *stages, int64_t nstages, int64_t n
         if (st && !status) status = st;
     }
     return status;
+}
+
+/* One stage: fn over [0, items) on nthreads threads; its status. */
+static int vz_parallel(int64_t items, int64_t nthreads, vz_range_fn fn, const void *ctx) {
+    const vz_stage stage = {items, fn, ctx};
+    return vz_parallel_stages(&stage, 1, nthreads);
 }
 #if defined(__SSE__)
 #include <xmmintrin.h>
