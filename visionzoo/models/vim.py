@@ -219,8 +219,8 @@ class VimBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under CPU autocast the mixer's in-projection casts its input to the autocast dtype: the norm writes it
         # in that dtype (the same values, one cast op less per layer; see benchmarks/threads_cpu.md, bf16).
-        cast = (torch.get_autocast_dtype("cpu") if x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-                else None)
+        cast = (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") and x.device.type == "cpu"
+                else None)  # autocast first: FX's symbolic tracing cannot branch on x.device
         return x + self.drop_path(self.mixer(self.norm(x, cast)))
 
 
