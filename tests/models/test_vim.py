@@ -229,9 +229,11 @@ def test_bf16_autocast_in_inference_mode_casts_each_projection_weight_once():
 
 
 def test_cpu_inference_path_matches_the_differentiable_one(monkeypatch):
-    """Under no_grad on CPU the mixers take bimamba_inner_cpu; its outputs equal the autograd path's."""
+    """Under no_grad on CPU all blocks run as one C call (vim_blocks_cpu); a block whose modules carry hooks runs
+    op by op (its mixer through bimamba_inner_cpu), the others one call each. Every way gives bitwise the same
+    result, and the autograd path's within 1e-5."""
     from visionzoo.ops import is_available
-    from visionzoo.ops.selective_scan import bimamba_inner_cpu
+    from visionzoo.ops.selective_scan import bimamba_inner_cpu, vim_blocks_cpu
 
     if not is_available("selective_scan", "cpu", "cpu"):
         pytest.skip("no C compiler for the cpu kernels")
@@ -239,10 +241,40 @@ def test_cpu_inference_path_matches_the_differentiable_one(monkeypatch):
     _randomise_ssm(model)
     x = torch.randn(2, 3, 96, 128)
     expected = model.forward_features(x)  # autograd on: the custom ops
-    calls = []
-    real = bimamba_inner_cpu
-    monkeypatch.setattr("visionzoo.ops.selective_scan.bimamba_inner_cpu", lambda *a: calls.append(1) or real(*a))
+    mixers, stacks = [], []
+    monkeypatch.setattr("visionzoo.ops.selective_scan.bimamba_inner_cpu",
+                        lambda *a: mixers.append(1) or bimamba_inner_cpu(*a))
+    monkeypatch.setattr("visionzoo.models.vim.vim_blocks_cpu",
+                        lambda x, layers, owner: stacks.append(len(layers)) or vim_blocks_cpu(x, layers, owner))
     with torch.no_grad():
         out = model.forward_features(x)
-    assert len(calls) == 3
+    assert stacks == [3] and not mixers
     torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-5)
+    seen = []
+    model.blocks[1].mixer.in_proj.register_forward_hook(lambda *a: seen.append(1))
+    stacks.clear()
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), out)
+    assert stacks == [1, 1] and len(mixers) == 1 and seen == [1]
+
+
+def test_one_call_blocks_keep_copies_and_hooks_working():
+    """After an inference forward (the blocks' arguments cached for the one-call path) the model still deep-copies
+    and pickles, and a global forward hook sees every module called (the one-call paths step aside)."""
+    import copy
+    import pickle
+
+    model = timm.create_model("vim_tiny", depth=2, img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+    clone = copy.deepcopy(model)
+    pickle.dumps(model)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(x), out) and torch.equal(clone(x), out)
+    finally:
+        handle.remove()
+    assert seen.count("VimBlock") == 4 and seen.count("RMSNorm") == 6 and seen.count("Linear") >= 8

@@ -47,6 +47,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
@@ -56,7 +57,8 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 from ..layers import PatchEmbed, plain_feature_indices, resample_pos_embed_with_inner_token
 from ..ops import tracing
 from ..ops.rms_norm import rms_norm
-from ..ops.selective_scan import MambaBranch, bimamba_inner
+from ..ops.selective_scan import (MambaBranch, VimBlockWeights, bimamba_inner, mixer_direction, plain_linear,
+                                  vim_blocks_cpu, vim_blocks_cpu_applies)
 from ._input import record_input_size
 from ._loading import load_checkpoint_strict
 from ._registry import ModelMeta, register_meta
@@ -188,14 +190,22 @@ class BiMambaMixer(nn.Module):
             cached = linear.__dict__["_vz_cast"] = (key, w.to(dtype))
         return F.linear(x.to(dtype), cached[1], None if linear.bias is None else linear.bias.to(dtype))
 
+    def branches(self) -> Tuple[MambaBranch, MambaBranch]:
+        """The forward and backward directions' modules."""
+        return (MambaBranch(self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
+                MambaBranch(self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Between the projections, one op entry that chooses itself: the fused C path for CPU inference
         # (in place, dt_proj folded into the scans), the differentiable conv and scan ops otherwise.
-        y = bimamba_inner(self._project(self.in_proj, x),
-                          MambaBranch(self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
-                          MambaBranch(self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b),
-                          backend=self.scan_backend)
+        y = bimamba_inner(self._project(self.in_proj, x), *self.branches(), backend=self.scan_backend)
         return self._project(self.out_proj, y)
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook would see any of ``modules`` called (their own hooks, or global ones)."""
+    return bool(_global_forward_hooks or _global_forward_pre_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class VimBlock(nn.Module):
@@ -216,7 +226,26 @@ class VimBlock(nn.Module):
         self.mixer = BiMambaMixer(dim, **(mixer_kwargs or {}), **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
+    def fusable(self) -> bool:
+        """Whether this block's modules allow it to run as one C call (:func:`vim_blocks_cpu`, with
+        :func:`vim_blocks_cpu_applies` for the input): plain fp32 ``nn.Linear`` layers and norm, no stochastic
+        depth in training mode, and no forward hooks on the modules the call does not enter."""
+        m = self.mixer
+        linears = (m.in_proj, m.out_proj, m.x_proj, m.dt_proj, m.x_proj_b, m.dt_proj_b)
+        return (not (self.training and type(self.drop_path) is not nn.Identity)
+                and all(plain_linear(lin) and lin.weight.dtype == torch.float32 for lin in linears)
+                and self.norm.weight.dtype == torch.float32 and not _hooked(self.norm, m, m.in_proj, m.out_proj))
+
+    def fused_weights(self) -> VimBlockWeights:
+        m = self.mixer
+        fwd, bwd = m.branches()
+        return VimBlockWeights(self.norm.weight, self.norm.eps, m.in_proj.weight, m.out_proj.weight,
+                               mixer_direction(fwd), mixer_direction(bwd))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x's type first: FX's Proxy is not a Tensor (and the op's check returns False under other tracers first)
+        if type(x) is torch.Tensor and vim_blocks_cpu_applies(x, self.mixer.scan_backend) and self.fusable():
+            return vim_blocks_cpu(x, [self.fused_weights()], self)
         # Under CPU autocast the mixer's in-projection casts its input to the autocast dtype: the norm writes it
         # in that dtype (the same values, one cast op less per layer; see benchmarks/threads_cpu.md, bf16).
         cast = (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") and x.device.type == "cpu"
@@ -413,9 +442,21 @@ class VisionMamba(TimmApi, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> normalised tokens (B, H'*W' + 1, D), class token at index H'*W' // 2."""
         x, _, _ = self._embed(x)
-        for block in self.blocks:
-            x = run_block(self, block, x)
+        if self._blocks_in_one_call(x):
+            x = vim_blocks_cpu(x, [block.fused_weights() for block in self.blocks], self)
+        else:
+            for block in self.blocks:
+                x = run_block(self, block, x)
         return self.norm(x)
+
+    def _blocks_in_one_call(self, x: torch.Tensor) -> bool:
+        """Whether all blocks may run as one C call: each block could alone (:meth:`VimBlock.fusable`), with one
+        scan backend, and none has a forward hook (blocks are not called)."""
+        blocks = self.blocks
+        if not (len(blocks) and type(x) is torch.Tensor and vim_blocks_cpu_applies(x, blocks[0].mixer.scan_backend)):
+            return False
+        backend = blocks[0].mixer.scan_backend
+        return not _hooked(*blocks) and all(b.fusable() and b.mixer.scan_backend == backend for b in blocks)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "token":

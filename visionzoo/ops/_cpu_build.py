@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -76,8 +77,23 @@ def _build(source: Path, cc: str) -> Path:
         return _build_with(source, cc, FLAGS)
 
 
+_INCLUDE = re.compile(rb'^\s*#\s*include\s*"([^"]+)"', re.M)
+
+
+def _source_text(source: Path, seen: Optional[set] = None) -> bytes:
+    """``source`` followed by every local file it includes (``#include "..."``, recursively, each once): what the
+    cache key hashes, so that a change to the shared header or to an included kernel rebuilds the library."""
+    seen = set() if seen is None else seen
+    source = source.resolve()
+    if source in seen:
+        return b""
+    seen.add(source)
+    text = source.read_bytes()
+    return text + b"".join(_source_text(source.parent / name.decode(), seen) for name in _INCLUDE.findall(text))
+
+
 def _build_with(source: Path, cc: str, flags: tuple) -> Path:
-    text = source.read_bytes() + Path(__file__).with_name("_simd.h").read_bytes()  # the shared header
+    text = _source_text(source)
     key = hashlib.sha256(text + " ".join(flags).encode() + cc.encode() + _cpu_id().encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.parent.name}_{key}.so"
     if target.exists():

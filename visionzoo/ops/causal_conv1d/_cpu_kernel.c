@@ -122,12 +122,18 @@ static int conv_range(const void *p, int64_t begin, int64_t end) {
  * job (so a later job may overwrite an earlier one's input). Independent jobs: the items of job 0, then of
  * job 1, ..., over the threads' contiguous ranges (two threads, two directions: one direction per thread; see
  * vz_selective_scan_fwd). Returns 0, or -1 when K > VZ_KMAX or the jobs' batch or dim differ. */
+static int conv_jobs_ok(const vz_conv_args *jobs, int64_t njobs)
+{
+    for (int64_t j = 0; j < njobs; ++j)
+        if (jobs[j].K < 1 || jobs[j].K > VZ_KMAX || jobs[j].batch != jobs[0].batch || jobs[j].dim != jobs[0].dim)
+            return 0;
+    return 1;
+}
+
 int vz_causal_conv1d_fwd(const vz_conv_args *jobs, int64_t njobs, int64_t nthreads, int64_t independent)
 {
     if (njobs < 1) return 0;
-    for (int64_t j = 0; j < njobs; ++j)
-        if (jobs[j].K < 1 || jobs[j].K > VZ_KMAX || jobs[j].batch != jobs[0].batch || jobs[j].dim != jobs[0].dim)
-            return -1;
+    if (!conv_jobs_ok(jobs, njobs)) return -1;
     const int64_t per_job = jobs[0].batch * ((jobs[0].dim + VZ_CB - 1) / VZ_CB);
     const conv_ctx ctx = {jobs, njobs, per_job, independent != 0};
     return vz_parallel(independent ? njobs * per_job : per_job, nthreads, conv_range, &ctx);

@@ -76,11 +76,12 @@ from .._checks import check_tensors
 from .._dispatch import call, tracing
 from ..causal_conv1d import causal_conv1d_bidirectional
 from ._bidirectional import REDUCTIONS, keep_checkpoints, selective_scan_bidirectional_op
-from ._cpu import MixerDirection, bimamba_inner_cpu
+from ._cpu import MixerDirection, VimBlockWeights, bimamba_inner_cpu, torch_sgemm, vim_blocks_cpu
 from ._op import BACKENDS, SCAN, flops as _flops, selective_scan_op
 
 __all__ = ["selective_scan", "selective_scan_bidirectional", "selective_scan_flops", "bimamba_inner", "MambaBranch",
-           "BACKENDS", "MixerDirection", "bimamba_inner_cpu", "bimamba_inner_cpu_applies"]
+           "BACKENDS", "MixerDirection", "bimamba_inner_cpu", "bimamba_inner_cpu_applies", "mixer_direction",
+           "VimBlockWeights", "vim_blocks_cpu", "vim_blocks_cpu_applies", "plain_linear"]
 
 
 # FlopCounterMode pushes a private mode class in recent torch versions, itself in older ones.
@@ -127,6 +128,17 @@ def bimamba_inner_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
     return False
 
 
+def vim_blocks_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
+    """Whether :func:`vim_blocks_cpu` may run a whole Vim block on ``x``: where :func:`bimamba_inner_cpu_applies`
+    says the mixer may, for fp32 outside autocast (under autocast the projections compute in its dtype, op by
+    op), with torch's BLAS found (:func:`._cpu.torch_sgemm`) and ``rms_norm``'s ``auto`` choosing its C kernel.
+    The caller checks that its layers are plain fp32 ``nn.Linear`` and carry no hooks (the call skips them)."""
+    from ..rms_norm import _auto_takes_cpu
+
+    return (x.dtype == torch.float32 and bimamba_inner_cpu_applies(x, backend)
+            and not torch.is_autocast_enabled("cpu") and _auto_takes_cpu() and torch_sgemm() is not None)
+
+
 class MambaBranch(NamedTuple):
     """One direction of a Vim mixer, as its modules hold it (official names in the comments)."""
 
@@ -137,7 +149,13 @@ class MambaBranch(NamedTuple):
     D: Tensor  # (E,)
 
 
-def _plain_linear(m: nn.Module) -> bool:
+def mixer_direction(branch: MambaBranch) -> MixerDirection:
+    """The weights of one direction, as the fused CPU paths take them."""
+    return MixerDirection(branch.conv1d.weight, branch.conv1d.bias, branch.x_proj.weight, branch.dt_proj.weight,
+                          branch.dt_proj.bias, branch.A_log, branch.D)
+
+
+def plain_linear(m: nn.Module) -> bool:
     """An ``nn.Linear`` whose weight is a registered tensor (not e.g. a dynamically quantized layer, whose
     ``weight`` is a method). Read from ``_parameters``: ``Module.__getattr__`` is Python, and this runs four
     times per Vim layer."""
@@ -157,13 +175,11 @@ def bimamba_inner(xz: Tensor, forward: MambaBranch, backward: MambaBranch, *, ba
         ``(batch, L, E)``: ``(y_f + flip(y_b)) / 2 * silu(z)``. On the fused CPU path (inference) it is a
         view of ``xz``'s memory (``xz`` is consumed); otherwise a new tensor, differentiable.
     """
-    plain = all(_plain_linear(m) for m in (forward.x_proj, forward.dt_proj, backward.x_proj, backward.dt_proj))
+    plain = all(plain_linear(m) for m in (forward.x_proj, forward.dt_proj, backward.x_proj, backward.dt_proj))
     if plain and forward.x_proj.weight.dtype == torch.float32 and bimamba_inner_cpu_applies(xz, backend):
         # Under CPU autocast too: the fused path calls no op that autocast recasts (only casts, views and
         # copies around the C calls), so it runs in fp32 without leaving autocast.
-        return bimamba_inner_cpu(xz, *(MixerDirection(b.conv1d.weight, b.conv1d.bias, b.x_proj.weight,
-                                                      b.dt_proj.weight, b.dt_proj.bias, b.A_log, b.D)
-                                       for b in (forward, backward)))
+        return bimamba_inner_cpu(xz, mixer_direction(forward), mixer_direction(backward))
     # Everything stays time-major, (B, L, channels) in memory, as the Linear layers produce it; the conv
     # and the scan take (B, channels, L) *views* of it, so no transposing copies.
     batch, length, _ = xz.shape

@@ -20,11 +20,13 @@ or job after job when they are independent (the fused mixer: with two threads, o
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
+import sys
 import threading
 import weakref
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -33,9 +35,11 @@ from .. import _cpu_build
 from .._cpu_build import NULL_SEQ, f32c, ptr
 from .._cpu_build import seq as _seq
 from .._cpu_build import seq_reversed as _seq_reversed
+from ..causal_conv1d._cpu import ConvArgs
 from ._chunked import LOG2E
 
 OP = "selective_scan"
+_logger = logging.getLogger("visionzoo.ops")
 SOURCE = Path(__file__).with_name("_cpu_kernel.c")
 NMAX = 256  # largest state size; must equal VZ_NMAX
 SUPPORTED_DTYPES = (torch.float32,)
@@ -104,9 +108,10 @@ def _run(lib: ctypes.CDLL, jobs: list, what: str) -> None:
 
 def _declare(lib: ctypes.CDLL) -> None:
     lib.vz_selective_scan_fwd.argtypes = [ctypes.POINTER(ScanArgs), _i64, _i64]
-    lib.vz_mixer_tail.argtypes = [ctypes.POINTER(LinearArgs), ctypes.POINTER(ScanArgs), _i64, _i64,
-                                  ctypes.POINTER(GateArgs), _i64]
-    for fn in (lib.vz_selective_scan_fwd, lib.vz_mixer_tail):
+    lib.vz_mixer.argtypes = [ctypes.POINTER(ConvArgs), ctypes.POINTER(LinearArgs), ctypes.POINTER(ScanArgs), _i64,
+                             _i64, ctypes.POINTER(GateArgs), _i64]
+    lib.vz_vim_blocks.argtypes = [ctypes.POINTER(VimBlockArgs), _i64, _fp, _fp, _fp, _i64]
+    for fn in (lib.vz_selective_scan_fwd, lib.vz_mixer, lib.vz_vim_blocks):
         fn.restype = ctypes.c_int
 
 
@@ -297,55 +302,34 @@ def _workspace(*shapes) -> list:
     return views
 
 
-def bimamba_inner_cpu(xz: Tensor, forward: MixerDirection, backward: MixerDirection) -> Tensor:
-    """Inference (no autograd) of a Vim mixer between its in- and out-projections, on fp32 CPU tensors.
-
-    ``xz``: the in-projection ``(batch, L, 2E)`` (x, then the gate z). Returns
-    ``(y_f + flip(y_b)) / 2 * silu(z)`` ``(batch, L, E)``, written over the x half of ``xz`` (a view of
-    it; ``xz`` is consumed).
-
-    Same arithmetic as the differentiable path, in less memory and with two C calls, four stages: both
-    directions' convs (the backward one reads x time-reversed in place), then in one parallel region both
-    x-projections, both scans (``dt_proj`` folded in: no ``(L, E)`` delta; dt, B and C read in place from the
-    x-projection's rows) and the shared gate over the sum. The directions are independent jobs until the
-    gate: with two threads each direction runs whole on one thread, reading only what that thread wrote (with
-    the channels split instead, each core re-read and overwrote lines the other had just written). At
-    Vim-Tiny 1024x1024 the mixer holds ~25 MiB instead of ~55 MiB, and at 224 it saves the dispatch of ~25
-    small ops.
-    """
+def _mixer_jobs(xz: tuple, batch: int, length: int, E: int, ws: tuple, u: Tensor, x_dbl: Tensor,
+                threads: int) -> tuple:
+    """The arguments of ``vz_mixer`` for a Vim mixer on the in-projection ``xz``, a raw ``(pointer, batch stride,
+    row stride)`` view of ``(batch, L, 2E)`` fp32 rows (unit stride along channels), whose x half receives the
+    output; ``ws``: both directions' fp32 contiguous weights (:class:`MixerDirection` order, alive until the
+    call); ``u`` ``(2, batch, L, E)`` and ``x_dbl`` ``(2, batch, L, R + 2N)``: scratch memory. Returns
+    ``(convs, x-projections, scans, gate pass or None, independent)``, the keep-alive packed weights last."""
     from ..causal_conv1d import _cpu as conv
 
-    batch, length, E2 = xz.shape
-    E, N, R = E2 // 2, forward.A_log.shape[-1], forward.dt_proj_weight.shape[-1]
+    x0, x_sb, x_sl = xz
+    N, R = ws[0][5].shape[-1], ws[0][3].shape[-1]
     M = R + 2 * N
-    lib, conv_lib = _library_for(N), conv.load()
-    if conv_lib is None:
-        raise RuntimeError("bimamba_inner_cpu: the causal_conv1d 'cpu' kernel is unavailable")
-    xz = f32c(xz)
-    # Raw (pointer, batch, channel, time) views, in elements: this runs once per layer, and every torch op
-    # it avoids (views, slices) is a few microseconds at 224x224.
-    x_sb, x_sl = xz.stride(0), xz.stride(1)
-    x0, last = xz.data_ptr(), (length - 1) * x_sl * 4
+    last = (length - 1) * x_sl * 4
     x_fwd, x_rev = (x0, x_sb, 1, x_sl), (x0 + last, x_sb, 1, -x_sl)
     # Per direction k: u[k] the conv output (k = 1 in the time-reversed order), then the scan's output in its
     # place; x_dbl[k] the x-projection, (dt, B, C) per row.
-    u, x_dbl = _workspace((2, batch, length, E), (2, batch, length, M))
     u0, xd0 = u.data_ptr(), x_dbl.data_ptr()
     u_views = [(u0 + 4 * k * batch * length * E, length * E, 1, E) for k in range(2)]
     xd_ptrs = [xd0 + 4 * k * batch * length * M for k in range(2)]
-    keep = [f32c(t) for w in (forward, backward) for t in w]  # fp32 contiguous weights, alive until the calls
-    ws = (keep[:7], keep[7:])
-    conv.run(conv_lib, [conv.job(batch, E, length, x_view, w[0], w[1], True, u_view)
-                        for x_view, w, u_view in zip((x_fwd, x_rev), ws, u_views)], independent=True)
-    wts = [packed_transpose(d.x_proj_weight) for d in (forward, backward)]
+    convs = [conv.job(batch, E, length, x_view, w[0], w[1], True, u_view)
+             for x_view, w, u_view in zip((x_fwd, x_rev), ws, u_views)]
+    wts = [packed_transpose(w[2]) for w in ws]
     lin = [LinearArgs(batch, length, E, M, u_views[k][0], length * E, E, wt.data_ptr(), wt.shape[1], xd_ptrs[k],
                       length * M, M) for k, wt in enumerate(wts)]
     # The x-projections, the scans, then (y_f / 2 + y_b / 2) * silu(z) over the x half of xz, the backward
-    # direction read time-reversed: one C call, one parallel region. On one thread the backward scan adds its
-    # half into the forward one's output and applies the gate as it goes (no gate pass); on several, each scan
-    # writes over its own input and the gate pass sums them. The same operations in the same order: bitwise
-    # the same result.
-    threads = _cpu_build.threads()
+    # direction read time-reversed. On one thread the backward scan adds its half into the forward one's output
+    # and applies the gate as it goes (no gate pass); on several, each scan writes over its own input and the gate
+    # pass sums them. The same operations in the same order: bitwise the same result.
     one_thread = threads == 1
     z_rev = (x0 + 4 * E + last, x_sb, 1, -x_sl)
     scans = []
@@ -360,7 +344,161 @@ def bimamba_inner_cpu(xz: Tensor, forward: MixerDirection, backward: MixerDirect
     gate_pass = None if one_thread else GateArgs(
         batch, length, E, u0, length * E, E, u_views[1][0] + 4 * (length - 1) * E, length * E, -E, x0 + 4 * E,
         x_sb, x_sl, x0, x_sb, x_sl)
-    if lib.vz_mixer_tail((LinearArgs * 2)(*lin), (ScanArgs * 2)(*scans), 2, int(not one_thread), gate_pass,
-                         threads):
+    return convs, lin, scans, gate_pass, int(not one_thread), wts
+
+
+def _weights(d: MixerDirection) -> list:
+    return [f32c(t) for t in d]
+
+
+def bimamba_inner_cpu(xz: Tensor, forward: MixerDirection, backward: MixerDirection) -> Tensor:
+    """Inference (no autograd) of a Vim mixer between its in- and out-projections, on fp32 CPU tensors.
+
+    ``xz``: the in-projection ``(batch, L, 2E)`` (x, then the gate z). Returns
+    ``(y_f + flip(y_b)) / 2 * silu(z)`` ``(batch, L, E)``, written over the x half of ``xz`` (a view of
+    it; ``xz`` is consumed).
+
+    Same arithmetic as the differentiable path, in less memory and with one C call (``vz_mixer``), one parallel
+    region of four stages: both directions' convs (the backward one reads x time-reversed in place), both
+    x-projections, both scans (``dt_proj`` folded in: no ``(L, E)`` delta; dt, B and C read in place from the
+    x-projection's rows) and the shared gate over the sum. The directions are independent jobs until the
+    gate: with two threads each direction runs whole on one thread, reading only what that thread wrote (with
+    the channels split instead, each core re-read and overwrote lines the other had just written). At
+    Vim-Tiny 1024x1024 the mixer holds ~25 MiB instead of ~55 MiB, and at 224 it saves the dispatch of ~25
+    small ops.
+    """
+    batch, length, E2 = xz.shape
+    E, N, R = E2 // 2, forward.A_log.shape[-1], forward.dt_proj_weight.shape[-1]
+    lib = _library_for(N)
+    xz = f32c(xz)
+    u, x_dbl = _workspace((2, batch, length, E), (2, batch, length, R + 2 * N))
+    ws = (_weights(forward), _weights(backward))  # fp32 contiguous weights, alive until the call
+    threads = _cpu_build.threads()
+    convs, lin, scans, gate, independent, _ = _mixer_jobs((xz.data_ptr(), xz.stride(0), xz.stride(1)), batch,
+                                                          length, E, ws, u, x_dbl, threads)
+    if lib.vz_mixer(_array(convs), _array(lin), _array(scans), 2, independent, gate, threads):
         raise RuntimeError(f"bimamba_inner_cpu: the 'cpu' kernel rejected the inputs (N={N}, E={E}, R={R})")
     return xz[..., :E]
+
+
+def _array(structs: list):
+    return (type(structs[0]) * len(structs))(*structs)
+
+
+# ---------------------------------------------------------------------------------------------- a whole Vim block
+class VimBlockArgs(ctypes.Structure):
+    """The C struct ``vz_vim_block_args``: a Vim block's weights, scratch memory and mixer jobs, all but its input
+    and output (same fields, same order)."""
+
+    _fields_ = ([(k, _i64) for k in ("rows", "dim", "inner")] + [("norm_w", _fp), ("eps", ctypes.c_float)]
+                + [(k, _fp) for k in ("in_w", "out_w", "h", "xz", "proj")]
+                + [("conv", ConvArgs * 2), ("lin", LinearArgs * 2), ("scan", ScanArgs * 2), ("gate", GateArgs),
+                   ("use_gate", _i64), ("independent", _i64), ("sgemm", _fp)])
+
+
+_SGEMM: list = []  # [address of torch's sgemm_, or None], found once
+
+
+def torch_sgemm() -> Optional[int]:
+    """The address of the BLAS ``sgemm_`` in torch's own CPU library, the one its fp32 ``nn.Linear`` calls, or None
+    where this torch build has none or it is not what ``F.linear`` computes with (checked once, bitwise, on a
+    small product)."""
+    if not _SGEMM:
+        _SGEMM.append(_find_sgemm())
+    return _SGEMM[0]
+
+
+def _find_sgemm() -> Optional[int]:
+    names = {"linux": "libtorch_cpu.so", "darwin": "libtorch_cpu.dylib"}
+    name = names.get(sys.platform)
+    try:
+        fn = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / name)).sgemm_ if name else None
+    except (OSError, AttributeError):
+        fn = None
+    if fn is None:
+        _logger.info("visionzoo.ops.selective_scan: no BLAS sgemm_ in torch's library; Vim blocks run op by op")
+        return None
+    x, w = torch.randn(37, 24, generator=torch.Generator().manual_seed(0)), torch.randn(40, 24)
+    out, c_int, c_float = torch.empty(37, 40), ctypes.c_int, ctypes.c_float
+    p = ctypes.c_void_p
+    args = [ctypes.c_char(b"T"), ctypes.c_char(b"N"), c_int(40), c_int(37), c_int(24), c_float(1.0), p(w.data_ptr()),
+            c_int(24), p(x.data_ptr()), c_int(24), c_float(0.0), p(out.data_ptr()), c_int(40)]
+    fn(*(a if isinstance(a, p) else ctypes.byref(a) for a in args))
+    if not torch.equal(out, torch.nn.functional.linear(x, w)):
+        _logger.info("visionzoo.ops.selective_scan: torch's sgemm_ is not what its Linear computes with; Vim blocks "
+                     "run op by op")
+        return None
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+class VimBlockWeights(NamedTuple):
+    """A Vim block's weights for :func:`vim_blocks_cpu` (fp32)."""
+
+    norm_weight: Tensor  # (D,)
+    eps: float
+    in_proj_weight: Tensor  # (2E, D)
+    out_proj_weight: Tensor  # (D, E)
+    forward: MixerDirection
+    backward: MixerDirection
+
+
+def _version_key(tensors) -> tuple:
+    return tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
+
+
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # owner -> its last plan (see vim_blocks_cpu)
+
+
+def vim_blocks_cpu(x: Tensor, layers: Sequence[VimBlockWeights], owner: object) -> Tensor:
+    """Vim blocks for inference on fp32 CPU tensors, ``x <- x + out_proj(mixer(in_proj(rms_norm(x))))`` for each of
+    ``layers`` in turn, in one C call (``vz_vim_blocks``): the RMSNorm kernel, torch's sgemm for the projections
+    (:func:`torch_sgemm`: the same bits as ``nn.Linear``), the fused mixer of :func:`bimamba_inner_cpu`, and the
+    residual add. ``x``: ``(batch, L, D)``; returns a new tensor (bitwise what the blocks give op by op).
+
+    ``owner``: what the call's arguments are cached for (the model or block; weakly held, so copies and pickles
+    of it carry nothing). The arguments, all but ``x`` and the output (weight pointers, the mixers' jobs on this
+    thread's scratch memory), are built once per input size, thread count and weight version and reused: inside
+    a model's forward the Python that built them per call cost more than the norm, the conv and the residual add
+    together.
+    """
+    batch, length, D = x.shape
+    threads = _cpu_build.threads()
+    first = layers[0].forward
+    E, N, R = first.A_log.shape[0], first.A_log.shape[-1], first.dt_proj_weight.shape[-1]
+    rows = batch * length
+    bufs = _workspace((rows, D), (rows, 2 * E), (rows, D), (rows, D), (2, batch, length, E),
+                      (2, batch, length, R + 2 * N))
+    key = (tuple(x.shape), threads, bufs[0].data_ptr(), tuple(w.eps for w in layers),
+           _version_key([t for w in layers
+                         for t in (w.norm_weight, w.in_proj_weight, w.out_proj_weight, *w.forward, *w.backward)]))
+    plan = _PLANS.get(owner)
+    if plan is None or plan[0] != key:
+        built = [_block_plan(batch, length, D, w, bufs, threads) for w in layers]
+        plan = _PLANS[owner] = (key, (VimBlockArgs * len(built))(*(b[0] for b in built)), built)
+    x = f32c(x)
+    out = torch.empty_like(x)
+    if _library_for(N).vz_vim_blocks(plan[1], len(layers), x.data_ptr(), out.data_ptr(), bufs[3].data_ptr(),
+                                     threads):
+        raise RuntimeError(f"vim_blocks_cpu: the 'cpu' kernel rejected the inputs (D={D}, E={E}, N={N}, R={R})")
+    return out
+
+
+def _block_plan(batch: int, length: int, D: int, weights: VimBlockWeights, bufs: list, threads: int) -> tuple:
+    """``(VimBlockArgs, tensors it points to)`` of one layer for :func:`vim_blocks_cpu`."""
+    h, xz, proj, _, u, x_dbl = bufs
+    E = u.shape[-1]
+    fwd = weights.forward
+    if fwd.A_log.shape[0] != E or fwd.dt_proj_weight.shape[-1] + 2 * fwd.A_log.shape[-1] != x_dbl.shape[-1]:
+        raise ValueError("vim_blocks_cpu: every layer must have the first one's E, N and R")
+    shapes = tuple(tuple(t.shape) for t in (weights.norm_weight, weights.in_proj_weight, weights.out_proj_weight))
+    if shapes != ((D,), (2 * E, D), (D, E)):
+        raise ValueError(f"vim_blocks_cpu: norm, in_proj and out_proj weights of shapes {shapes}; expected "
+                         f"({D},), ({2 * E}, {D}), ({D}, {E}) for D={D}, E={E}")
+    ws = (_weights(weights.forward), _weights(weights.backward))
+    norm_w, in_w, out_w = (f32c(t) for t in (weights.norm_weight, weights.in_proj_weight, weights.out_proj_weight))
+    convs, lin, scans, gate, independent, wts = _mixer_jobs((xz.data_ptr(), length * 2 * E, 2 * E), batch, length,
+                                                            E, ws, u, x_dbl, threads)
+    args = VimBlockArgs(batch * length, D, E, norm_w.data_ptr(), weights.eps, in_w.data_ptr(), out_w.data_ptr(),
+                        h.data_ptr(), xz.data_ptr(), proj.data_ptr(), _array(convs), _array(lin), _array(scans),
+                        gate if gate is not None else GateArgs(), int(gate is not None), independent, torch_sgemm())
+    return args, (ws, norm_w, in_w, out_w, wts)

@@ -437,23 +437,119 @@ static int gate_range(const void *p, int64_t begin, int64_t end) {
     return 0;
 }
 
-/* Vim's fused mixer after its convs, in one parallel region (vz_parallel_stages): the njobs row Linears lin
- * (x_proj; items (job, batch element, block of VZ_GR rows), job-major), then the njobs scans (as
- * vz_selective_scan_fwd with `independent`), then, when gate is not NULL, the gate pass over (batch element,
- * block of VZ_GR rows). Every item is computed whole by one thread: the result does not depend on the thread
- * count. Returns 0, or -1 for jobs the kernels do not take. */
-int vz_mixer_tail(const vz_linear_args *lin, const vz_scan_args *scan, int64_t njobs, int64_t independent,
-                  const vz_gate_args *gate, int64_t nthreads)
+/* ---------------------------------------------------------------- the whole mixer, and a whole Vim block */
+#include "../causal_conv1d/_cpu_kernel.c"
+#include "../rms_norm/_cpu_kernel.c"
+
+/* Vim's fused mixer, in one parallel region (vz_parallel_stages): the njobs convs conv (causal_conv1d's kernel:
+ * conv + bias + SiLU; independent jobs, job after job), then the njobs row Linears lin (x_proj; items (job, batch
+ * element, block of VZ_GR rows), job-major), then the njobs scans (as vz_selective_scan_fwd with `independent`),
+ * then, when gate is not NULL, the gate pass over (batch element, block of VZ_GR rows). Every item is computed
+ * whole by one thread: the result does not depend on the thread count. Returns 0, or -1 for jobs the kernels do
+ * not take. */
+
+int vz_mixer(const vz_conv_args *conv, const vz_linear_args *lin, const vz_scan_args *scan, int64_t njobs,
+             int64_t independent, const vz_gate_args *gate, int64_t nthreads)
 {
     if (njobs < 1) return 0;
-    if (!linear_jobs_ok(lin, njobs) || !scan_jobs_ok(scan, njobs) || lin[0].batch != scan[0].batch) return -1;
+    if (!conv_jobs_ok(conv, njobs) || !linear_jobs_ok(lin, njobs) || !scan_jobs_ok(scan, njobs) ||
+        lin[0].batch != scan[0].batch || conv[0].batch != scan[0].batch)
+        return -1;
+    const int64_t conv_per_job = conv[0].batch * ((conv[0].dim + VZ_CB - 1) / VZ_CB);
+    const conv_ctx cctx = {conv, njobs, conv_per_job, 1};
     const linear_ctx lctx = {lin, lin[0].batch * ((lin[0].rows + VZ_GR - 1) / VZ_GR)};
     int64_t scan_items;
     const scan_ctx sctx = scan_context(scan, njobs, independent, &scan_items);
-    const vz_stage stages[3] = {
+    const vz_stage stages[4] = {
+        {njobs * conv_per_job, conv_range, &cctx},
         {njobs * lctx.per_job, linear_range, &lctx},
         {scan_items, scan_range, &sctx},
         {gate ? gate->batch * ((gate->rows + VZ_GR - 1) / VZ_GR) : 0, gate_range, gate},
     };
-    return vz_parallel_stages(stages, gate ? 3 : 2, nthreads);
+    return vz_parallel_stages(stages, gate ? 4 : 3, nthreads);
+}
+
+/* Vim blocks for inference, x <- x + out_proj(mixer(in_proj(rms_norm(x)))) for each layer in turn, in one call:
+ * the Python around a block's ~10 op calls cost ~0.4 ms of a Vim-Ti layer's ~1.9 ms at 224x224 inside a model
+ * (each call runs cold there: the kernels in between evict the interpreter's data from the caches), and a
+ * per-block call still ~0.15 ms. x and out: (rows, dim) contiguous, rows = batch * L. Per layer, the norm writes
+ * h, the in-projection xz (rows, 2E), which the mixer's jobs (conv, lin, scan, gate, built by the caller on xz
+ * and its scratch memory) turn into y = xz[:, :E] in place; the out-projection writes proj, and the residual add
+ * the next layer's input (tmp or out, alternating so that the last layer writes out). The projections are
+ * sgemm, the caller's BLAS: torch's own, the one its fp32 Linear calls with the same arguments (the same bits
+ * as nn.Linear). */
+typedef void (*vz_sgemm_fn)(const char *transa, const char *transb, const int *m, const int *n, const int *k,
+                            const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
+                            const float *beta, float *c, const int *ldc);
+typedef struct {
+    int64_t rows, dim, inner;  /* batch * L, D, E */
+    const float *norm_w;
+    float eps;
+    const float *in_w, *out_w;  /* (2E, D), (D, E), as nn.Linear holds them */
+    float *h, *xz, *proj;       /* (rows, D), (rows, 2E), (rows, D) */
+    vz_conv_args conv[2];
+    vz_linear_args lin[2];
+    vz_scan_args scan[2];
+    vz_gate_args gate;
+    int64_t use_gate, independent;
+    vz_sgemm_fn sgemm;
+} vz_vim_block_args;
+
+/* out (rows, M) = x (rows, K; row stride ldx) @ w^T, w (M, K) row-major: nn.Linear without bias, as torch
+ * calls BLAS for it (column-major: out^T = w^T' x^T). */
+static void linear_sgemm(vz_sgemm_fn sgemm, float *out, int64_t M, const float *w, int64_t K, const float *x,
+                         int64_t ldx, int64_t rows)
+{
+    const int m = (int)M, n = (int)rows, k = (int)K, lda = (int)K, ldb = (int)ldx, ldc = (int)M;
+    const float one = 1.0f, zero = 0.0f;
+    sgemm("T", "N", &m, &n, &k, &one, w, &lda, x, &ldb, &zero, out, &ldc);
+}
+
+typedef struct {
+    const float *a, *b;
+    float *out;
+    int64_t n;
+} add_ctx;
+
+#define VZ_ADD_BLOCK 4096
+static int add_range(const void *p, int64_t begin, int64_t end)
+{
+    const add_ctx *c = p;
+    const int64_t stop = end * VZ_ADD_BLOCK < c->n ? end * VZ_ADD_BLOCK : c->n;
+    int64_t i = begin * VZ_ADD_BLOCK;
+    for (; i + VZ_CB <= stop; i += VZ_CB) vz_store(c->out + i, vz_load(c->a + i) + vz_load(c->b + i));
+    for (; i < stop; ++i) c->out[i] = c->a[i] + c->b[i];
+    return 0;
+}
+
+static int vim_block(const vz_vim_block_args *a, const float *x, float *out, int64_t nthreads)
+{
+    const int64_t rows = a->rows, D = a->dim, E = a->inner;
+    if (rows < 1 || rows > INT32_MAX || D < 1 || E < 1 || a->conv[0].batch * a->conv[0].length != rows ||
+        a->conv[0].dim != E)
+        return -1;
+    const vz_norm_args norm = {rows, D, x, D, a->norm_w, a->h, D, a->eps, 0};
+    int status = vz_rms_norm(&norm, nthreads);
+    linear_sgemm(a->sgemm, a->xz, 2 * E, a->in_w, D, a->h, D, rows);
+    if (vz_mixer(a->conv, a->lin, a->scan, 2, a->independent, a->use_gate ? &a->gate : NULL, nthreads)) return -1;
+    linear_sgemm(a->sgemm, a->proj, D, a->out_w, E, a->xz, 2 * E, rows);
+    const add_ctx add = {x, a->proj, out, rows * D};
+    status |= vz_parallel((rows * D + VZ_ADD_BLOCK - 1) / VZ_ADD_BLOCK, nthreads, add_range, &add);
+    return status;
+}
+
+/* nlayers blocks (same rows and dim) from x to out; tmp: (rows, dim) scratch, used when nlayers > 1. Returns 0,
+ * or -1 (a layer's arguments rejected: out is then not written in full). */
+int vz_vim_blocks(const vz_vim_block_args *layers, int64_t nlayers, const float *x, float *out, float *tmp,
+                  int64_t nthreads)
+{
+    const float *src = x;
+    for (int64_t i = 0; i < nlayers; ++i) {
+        float *dst = (nlayers - 1 - i) % 2 ? tmp : out;
+        if (layers[i].rows != layers[0].rows || layers[i].dim != layers[0].dim ||
+            vim_block(&layers[i], src, dst, nthreads))
+            return -1;
+        src = dst;
+    }
+    return 0;
 }
