@@ -1,5 +1,5 @@
 """``vim_blocks_cpu``: whole Vim blocks (RMSNorm -> in_proj -> fused mixer -> out_proj -> residual add) in one C
-call, against the same blocks composed from the public ops; its argument cache; ``torch_sgemm``; and
+call, against the same blocks composed from the public ops; its argument cache; ``torch_blas``; and
 ``vim_blocks_cpu_applies``."""
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ from visionzoo.ops.selective_scan import (
     VimBlockWeights,
     _cpu,
     bimamba_inner_cpu,
-    torch_sgemm,
+    torch_blas,
     vim_blocks_cpu,
     vim_blocks_cpu_applies,
 )
 
 from .test_bimamba_inner_cpu import make_direction
 
-needs_kernel = pytest.mark.skipif(not _cpu.is_available("cpu") or torch_sgemm() is None,
-                                  reason="no C compiler for the cpu kernels, or no BLAS sgemm in torch")
+needs_kernel = pytest.mark.skipif(not _cpu.is_available("cpu") or torch_blas() is None,
+                                  reason="no C compiler for the cpu kernels, or no MKL packed GEMM in torch")
 
 
 def make_layer(D, E, N, R, K, g, conv_bias=True):
@@ -103,10 +103,18 @@ def test_bad_layers_give_one_clear_error():
         vim_blocks_cpu(x, [good._replace(in_proj_weight=torch.randn(64, 12))], Owner())
 
 
-def test_torch_sgemm_is_what_linear_computes_with():
-    if torch_sgemm() is None:
-        pytest.skip("this torch build has no BLAS sgemm_ that F.linear uses")
-    assert isinstance(torch_sgemm(), int) and torch_sgemm() == torch_sgemm()  # found once
+def test_packed_weights_give_linear_s_bits():
+    if torch_blas() is None:
+        pytest.skip("this torch build has no MKL packed GEMM that F.linear uses")
+    assert torch_blas() is torch_blas()  # found once
+    g = torch.Generator().manual_seed(3)
+    for rows, M, K, ldx in ((197, 768, 192, 192), (197, 192, 384, 768), (5, 20, 8, 8)):
+        x = torch.randn(rows, ldx, generator=g)[:, :K]  # a row stride past K, as the out-projection reads y
+        w = torch.randn(M, K, generator=g)
+        out, packed = torch.empty(rows, M), _cpu.pack_weight(w, rows)
+        torch_blas().compute(_cpu._CB_ROW_MAJOR, _cpu._CB_NO_TRANS, _cpu._CB_PACKED, rows, M, K, x.data_ptr(), ldx,
+                             packed.data_ptr(), K, 0.0, out.data_ptr(), M)
+        assert torch.equal(out, F.linear(x, w))
 
 
 @needs_kernel

@@ -76,7 +76,7 @@ from .._checks import check_tensors
 from .._dispatch import call, tracing
 from ..causal_conv1d import causal_conv1d_bidirectional
 from ._bidirectional import REDUCTIONS, keep_checkpoints, selective_scan_bidirectional_op
-from ._cpu import MixerDirection, VimBlockWeights, bimamba_inner_cpu, torch_sgemm, vim_blocks_cpu
+from ._cpu import MixerDirection, VimBlockWeights, bimamba_inner_cpu, torch_blas, vim_blocks_cpu
 from ._op import BACKENDS, SCAN, flops as _flops, selective_scan_op
 
 __all__ = ["selective_scan", "selective_scan_bidirectional", "selective_scan_flops", "bimamba_inner", "MambaBranch",
@@ -131,12 +131,12 @@ def bimamba_inner_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
 def vim_blocks_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
     """Whether :func:`vim_blocks_cpu` may run a whole Vim block on ``x``: where :func:`bimamba_inner_cpu_applies`
     says the mixer may, for fp32 outside autocast (under autocast the projections compute in its dtype, op by
-    op), with torch's BLAS found (:func:`._cpu.torch_sgemm`) and ``rms_norm``'s ``auto`` choosing its C kernel.
+    op), with torch's BLAS found (:func:`._cpu.torch_blas`) and ``rms_norm``'s ``auto`` choosing its C kernel.
     The caller checks that its layers are plain fp32 ``nn.Linear`` and carry no hooks (the call skips them)."""
     from ..rms_norm import _auto_takes_cpu
 
     return (x.dtype == torch.float32 and bimamba_inner_cpu_applies(x, backend)
-            and not torch.is_autocast_enabled("cpu") and _auto_takes_cpu() and torch_sgemm() is not None)
+            and not torch.is_autocast_enabled("cpu") and _auto_takes_cpu() and torch_blas() is not None)
 
 
 class MambaBranch(NamedTuple):

@@ -393,42 +393,67 @@ class VimBlockArgs(ctypes.Structure):
     _fields_ = ([(k, _i64) for k in ("rows", "dim", "inner")] + [("norm_w", _fp), ("eps", ctypes.c_float)]
                 + [(k, _fp) for k in ("in_w", "out_w", "h", "xz", "proj")]
                 + [("conv", ConvArgs * 2), ("lin", LinearArgs * 2), ("scan", ScanArgs * 2), ("gate", GateArgs),
-                   ("use_gate", _i64), ("independent", _i64), ("sgemm", _fp)])
+                   ("use_gate", _i64), ("independent", _i64), ("gemm", _fp)])
 
 
-_SGEMM: list = []  # [address of torch's sgemm_, or None], found once
+class TorchBlas(NamedTuple):
+    """MKL's packed GEMM in torch's own CPU library (``cblas_sgemm_pack_get_size``, ``cblas_sgemm_pack``,
+    ``cblas_sgemm_compute``)."""
+
+    pack_size: ctypes._CFuncPtr
+    pack: ctypes._CFuncPtr
+    compute: ctypes._CFuncPtr
 
 
-def torch_sgemm() -> Optional[int]:
-    """The address of the BLAS ``sgemm_`` in torch's own CPU library, the one its fp32 ``nn.Linear`` calls, or None
-    where this torch build has none or it is not what ``F.linear`` computes with (checked once, bitwise, on a
-    small product)."""
-    if not _SGEMM:
-        _SGEMM.append(_find_sgemm())
-    return _SGEMM[0]
+_CB_ROW_MAJOR, _CB_NO_TRANS, _CB_TRANS, _CB_PACKED, _CB_B_MATRIX = 101, 111, 112, 151, 162  # CBLAS enums
+_BLAS: list = []  # [TorchBlas or None], found once
 
 
-def _find_sgemm() -> Optional[int]:
-    names = {"linux": "libtorch_cpu.so", "darwin": "libtorch_cpu.dylib"}
-    name = names.get(sys.platform)
+def torch_blas() -> Optional[TorchBlas]:
+    """MKL's packed GEMM from torch's own CPU library, or None where this torch build has none or it is not what
+    ``F.linear`` computes with (checked once, bitwise, on a small product)."""
+    if not _BLAS:
+        _BLAS.append(_find_blas())
+    return _BLAS[0]
+
+
+def _find_blas() -> Optional[TorchBlas]:
+    name = {"linux": "libtorch_cpu.so", "darwin": "libtorch_cpu.dylib"}.get(sys.platform)
+    c_int, p = ctypes.c_int, ctypes.c_void_p
     try:
-        fn = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / name)).sgemm_ if name else None
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / name)) if name else None
+        blas = None if lib is None else TorchBlas(lib.cblas_sgemm_pack_get_size, lib.cblas_sgemm_pack,
+                                                   lib.cblas_sgemm_compute)
     except (OSError, AttributeError):
-        fn = None
-    if fn is None:
-        _logger.info("visionzoo.ops.selective_scan: no BLAS sgemm_ in torch's library; Vim blocks run op by op")
+        blas = None
+    if blas is None:
+        _logger.info("visionzoo.ops.selective_scan: no MKL packed GEMM in torch's library; Vim blocks run op by op")
         return None
-    x, w = torch.randn(37, 24, generator=torch.Generator().manual_seed(0)), torch.randn(40, 24)
-    out, c_int, c_float = torch.empty(37, 40), ctypes.c_int, ctypes.c_float
-    p = ctypes.c_void_p
-    args = [ctypes.c_char(b"T"), ctypes.c_char(b"N"), c_int(40), c_int(37), c_int(24), c_float(1.0), p(w.data_ptr()),
-            c_int(24), p(x.data_ptr()), c_int(24), c_float(0.0), p(out.data_ptr()), c_int(40)]
-    fn(*(a if isinstance(a, p) else ctypes.byref(a) for a in args))
+    blas.pack_size.restype = ctypes.c_size_t
+    blas.pack_size.argtypes = [c_int] * 4
+    blas.pack.argtypes = [c_int] * 6 + [ctypes.c_float, p, c_int, p]
+    blas.compute.argtypes = [c_int] * 6 + [p, c_int, p, c_int, ctypes.c_float, p, c_int]
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(37, 24, generator=g), torch.randn(40, 24, generator=g)
+    out, packed = torch.empty(37, 40), pack_weight(w, 37, blas)
+    blas.compute(_CB_ROW_MAJOR, _CB_NO_TRANS, _CB_PACKED, 37, 40, 24, x.data_ptr(), 24, packed.data_ptr(), 24, 0.0,
+                 out.data_ptr(), 40)
     if not torch.equal(out, torch.nn.functional.linear(x, w)):
-        _logger.info("visionzoo.ops.selective_scan: torch's sgemm_ is not what its Linear computes with; Vim blocks "
-                     "run op by op")
+        _logger.info("visionzoo.ops.selective_scan: MKL's packed GEMM is not what torch's Linear computes with; Vim "
+                     "blocks run op by op")
         return None
-    return ctypes.cast(fn, ctypes.c_void_p).value
+    return blas
+
+
+def pack_weight(w: Tensor, rows: int, blas: Optional[TorchBlas] = None) -> Tensor:
+    """``w`` ``(M, K)`` packed by MKL as the right operand of ``x @ w.T`` for ``x`` of ``rows`` rows (a buffer of
+    :func:`torch_blas`'s format: about the size of ``w``)."""
+    blas = blas or torch_blas()
+    M, K = w.shape
+    w = f32c(w.detach())
+    buf = torch.empty(-(-blas.pack_size(_CB_B_MATRIX, rows, M, K) // 4), dtype=torch.float32)
+    blas.pack(_CB_ROW_MAJOR, _CB_B_MATRIX, _CB_TRANS, rows, M, K, 1.0, w.data_ptr(), K, buf.data_ptr())
+    return buf
 
 
 class VimBlockWeights(NamedTuple):
@@ -451,8 +476,10 @@ _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # owner -> it
 
 def vim_blocks_cpu(x: Tensor, layers: Sequence[VimBlockWeights], owner: object) -> Tensor:
     """Vim blocks for inference on fp32 CPU tensors, ``x <- x + out_proj(mixer(in_proj(rms_norm(x))))`` for each of
-    ``layers`` in turn, in one C call (``vz_vim_blocks``): the RMSNorm kernel, torch's sgemm for the projections
-    (:func:`torch_sgemm`: the same bits as ``nn.Linear``), the fused mixer of :func:`bimamba_inner_cpu`, and the
+    ``layers`` in turn, in one C call (``vz_vim_blocks``): the RMSNorm kernel, MKL's packed GEMM for the
+    projections (:func:`torch_blas`, torch's own, on weights packed once: the same bits as ``nn.Linear``; the
+    packed copies take about as much memory as the projection weights), the fused mixer of
+    :func:`bimamba_inner_cpu`, and the
     residual add. ``x``: ``(batch, L, D)``; returns a new tensor (bitwise what the blocks give op by op).
 
     ``owner``: what the call's arguments are cached for (the model or block; weakly held, so copies and pickles
@@ -495,10 +522,12 @@ def _block_plan(batch: int, length: int, D: int, weights: VimBlockWeights, bufs:
         raise ValueError(f"vim_blocks_cpu: norm, in_proj and out_proj weights of shapes {shapes}; expected "
                          f"({D},), ({2 * E}, {D}), ({D}, {E}) for D={D}, E={E}")
     ws = (_weights(weights.forward), _weights(weights.backward))
-    norm_w, in_w, out_w = (f32c(t) for t in (weights.norm_weight, weights.in_proj_weight, weights.out_proj_weight))
+    norm_w = f32c(weights.norm_weight)
+    in_w, out_w = (pack_weight(t, batch * length) for t in (weights.in_proj_weight, weights.out_proj_weight))
     convs, lin, scans, gate, independent, wts = _mixer_jobs((xz.data_ptr(), length * 2 * E, 2 * E), batch, length,
                                                             E, ws, u, x_dbl, threads)
     args = VimBlockArgs(batch * length, D, E, norm_w.data_ptr(), weights.eps, in_w.data_ptr(), out_w.data_ptr(),
                         h.data_ptr(), xz.data_ptr(), proj.data_ptr(), _array(convs), _array(lin), _array(scans),
-                        gate if gate is not None else GateArgs(), int(gate is not None), independent, torch_sgemm())
+                        gate if gate is not None else GateArgs(), int(gate is not None), independent,
+                        ctypes.cast(torch_blas().compute, ctypes.c_void_p).value)
     return args, (ws, norm_w, in_w, out_w, wts)

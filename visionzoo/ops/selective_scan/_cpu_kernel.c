@@ -195,7 +195,7 @@ static void scan_item(const vz_scan_args *args, int64_t item)
                     }
                 } else {
                     for (int64_t n = 0; n < N; ++n) {
-                        vf bn, cn;
+                        vf bn = {0}, cn = {0};
                         for (int c = 0; c < VZ_CB; ++c) {
                             bn[c] = B[b * B_sb + grp[c] * B_sg + n * B_sn + l * B_sl];
                             cn[c] = C[b * C_sb + grp[c] * C_sg + n * C_sn + l * C_sl];
@@ -476,33 +476,32 @@ int vz_mixer(const vz_conv_args *conv, const vz_linear_args *lin, const vz_scan_
  * h, the in-projection xz (rows, 2E), which the mixer's jobs (conv, lin, scan, gate, built by the caller on xz
  * and its scratch memory) turn into y = xz[:, :E] in place; the out-projection writes proj, and the residual add
  * the next layer's input (tmp or out, alternating so that the last layer writes out). The projections are
- * sgemm, the caller's BLAS: torch's own, the one its fp32 Linear calls with the same arguments (the same bits
- * as nn.Linear). */
-typedef void (*vz_sgemm_fn)(const char *transa, const char *transb, const int *m, const int *n, const int *k,
-                            const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
-                            const float *beta, float *c, const int *ldc);
+ * MKL's packed GEMM (cblas_sgemm_compute on weights packed once by the caller with cblas_sgemm_pack: torch's
+ * own MKL, passed in as a function pointer): the same bits as nn.Linear (the caller checks), without re-packing
+ * the weight at every call, which cost an unpacked sgemm ~20% of a Vim-Ti projection at 224x224. */
+typedef void (*vz_gemm_compute_fn)(int layout, int transa, int transb, int m, int n, int k, const float *a, int lda,
+                                   const float *b, int ldb, float beta, float *c, int ldc);
 typedef struct {
     int64_t rows, dim, inner;  /* batch * L, D, E */
     const float *norm_w;
     float eps;
-    const float *in_w, *out_w;  /* (2E, D), (D, E), as nn.Linear holds them */
+    const float *in_w, *out_w;  /* (2E, D) and (D, E) as nn.Linear holds them, packed for rows rows */
     float *h, *xz, *proj;       /* (rows, D), (rows, 2E), (rows, D) */
     vz_conv_args conv[2];
     vz_linear_args lin[2];
     vz_scan_args scan[2];
     vz_gate_args gate;
     int64_t use_gate, independent;
-    vz_sgemm_fn sgemm;
+    vz_gemm_compute_fn gemm;
 } vz_vim_block_args;
 
-/* out (rows, M) = x (rows, K; row stride ldx) @ w^T, w (M, K) row-major: nn.Linear without bias, as torch
- * calls BLAS for it (column-major: out^T = w^T' x^T). */
-static void linear_sgemm(vz_sgemm_fn sgemm, float *out, int64_t M, const float *w, int64_t K, const float *x,
-                         int64_t ldx, int64_t rows)
+/* out (rows, M) = x (rows, K; row stride ldx) @ w^T, w (M, K) packed: nn.Linear without bias (row-major
+ * C = A B with B = w^T, the packed operand). */
+static void linear_packed(vz_gemm_compute_fn gemm, float *out, int64_t M, const float *w_packed, int64_t K,
+                          const float *x, int64_t ldx, int64_t rows)
 {
-    const int m = (int)M, n = (int)rows, k = (int)K, lda = (int)K, ldb = (int)ldx, ldc = (int)M;
-    const float one = 1.0f, zero = 0.0f;
-    sgemm("T", "N", &m, &n, &k, &one, w, &lda, x, &ldb, &zero, out, &ldc);
+    enum { row_major = 101, no_trans = 111, packed = 151 };  /* CBLAS_LAYOUT, CBLAS_TRANSPOSE, CBLAS_STORAGE */
+    gemm(row_major, no_trans, packed, (int)rows, (int)M, (int)K, x, (int)ldx, w_packed, (int)K, 0.0f, out, (int)M);
 }
 
 typedef struct {
@@ -530,9 +529,9 @@ static int vim_block(const vz_vim_block_args *a, const float *x, float *out, int
         return -1;
     const vz_norm_args norm = {rows, D, x, D, a->norm_w, a->h, D, a->eps, 0};
     int status = vz_rms_norm(&norm, nthreads);
-    linear_sgemm(a->sgemm, a->xz, 2 * E, a->in_w, D, a->h, D, rows);
+    linear_packed(a->gemm, a->xz, 2 * E, a->in_w, D, a->h, D, rows);
     if (vz_mixer(a->conv, a->lin, a->scan, 2, a->independent, a->use_gate ? &a->gate : NULL, nthreads)) return -1;
-    linear_sgemm(a->sgemm, a->proj, D, a->out_w, E, a->xz, 2 * E, rows);
+    linear_packed(a->gemm, a->proj, D, a->out_w, E, a->xz, 2 * E, rows);
     const add_ctx add = {x, a->proj, out, rows * D};
     status |= vz_parallel((rows * D + VZ_ADD_BLOCK - 1) / VZ_ADD_BLOCK, nthreads, add_range, &add);
     return status;
