@@ -226,26 +226,27 @@ class VimBlock(nn.Module):
         self.mixer = BiMambaMixer(dim, **(mixer_kwargs or {}), **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def fusable(self) -> bool:
-        """Whether this block's modules allow it to run as one C call (:func:`vim_blocks_cpu`, with
-        :func:`vim_blocks_cpu_applies` for the input): plain fp32 ``nn.Linear`` layers and norm, no stochastic
-        depth in training mode, and no forward hooks on the modules the call does not enter."""
-        m = self.mixer
-        linears = (m.in_proj, m.out_proj, m.x_proj, m.dt_proj, m.x_proj_b, m.dt_proj_b)
-        return (not (self.training and type(self.drop_path) is not nn.Identity)
-                and all(plain_linear(lin) and lin.weight.dtype == torch.float32 for lin in linears)
-                and self.norm.weight.dtype == torch.float32 and not _hooked(self.norm, m, m.in_proj, m.out_proj))
-
-    def fused_weights(self) -> VimBlockWeights:
-        m = self.mixer
+    def fused_weights(self) -> Optional[VimBlockWeights]:
+        """This block's weights for one C call (:func:`vim_blocks_cpu`, with :func:`vim_blocks_cpu_applies` for the
+        input), or None where its modules do not allow one: it takes plain fp32 ``nn.Linear`` layers and norm, no
+        stochastic depth in training mode, and no forward hooks on the modules the call does not enter."""
+        if self.training and type(self.drop_path) is not nn.Identity:
+            return None
+        norm, m = self.norm, self.mixer
         fwd, bwd = m.branches()
-        return VimBlockWeights(self.norm.weight, self.norm.eps, m.in_proj.weight, m.out_proj.weight,
-                               mixer_direction(fwd), mixer_direction(bwd))
+        linears = (m.in_proj, m.out_proj, fwd.x_proj, fwd.dt_proj, bwd.x_proj, bwd.dt_proj)
+        if (not all(plain_linear(lin) and lin.weight.dtype == torch.float32 for lin in linears)
+                or norm.weight.dtype != torch.float32 or _hooked(norm, m, *linears[:2])):
+            return None
+        return VimBlockWeights(norm.weight, norm.eps, linears[0].weight, linears[1].weight, mixer_direction(fwd),
+                               mixer_direction(bwd))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x's type first: FX's Proxy is not a Tensor (and the op's check returns False under other tracers first)
-        if type(x) is torch.Tensor and vim_blocks_cpu_applies(x, self.mixer.scan_backend) and self.fusable():
-            return vim_blocks_cpu(x, [self.fused_weights()], self)
+        if type(x) is torch.Tensor and vim_blocks_cpu_applies(x, self.mixer.scan_backend):
+            weights = self.fused_weights()
+            if weights is not None:
+                return vim_blocks_cpu(x, [weights], self)
         # Under CPU autocast the mixer's in-projection casts its input to the autocast dtype: the norm writes it
         # in that dtype (the same values, one cast op less per layer; see benchmarks/threads_cpu.md, bf16).
         cast = (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") and x.device.type == "cpu"
@@ -442,21 +443,25 @@ class VisionMamba(TimmApi, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> normalised tokens (B, H'*W' + 1, D), class token at index H'*W' // 2."""
         x, _, _ = self._embed(x)
-        if self._blocks_in_one_call(x):
-            x = vim_blocks_cpu(x, [block.fused_weights() for block in self.blocks], self)
+        layers = self._fused_layers(x)
+        if layers is not None:
+            x = vim_blocks_cpu(x, layers, self)
         else:
             for block in self.blocks:
                 x = run_block(self, block, x)
         return self.norm(x)
 
-    def _blocks_in_one_call(self, x: torch.Tensor) -> bool:
-        """Whether all blocks may run as one C call: each block could alone (:meth:`VimBlock.fusable`), with one
-        scan backend, and none has a forward hook (blocks are not called)."""
+    def _fused_layers(self, x: torch.Tensor) -> Optional[List[VimBlockWeights]]:
+        """The blocks' weights where all may run as one C call: each could alone (:meth:`VimBlock.fused_weights`),
+        with one scan backend, and none has a forward hook (blocks are not called); else None."""
         blocks = self.blocks
         if not (len(blocks) and type(x) is torch.Tensor and vim_blocks_cpu_applies(x, blocks[0].mixer.scan_backend)):
-            return False
+            return None
         backend = blocks[0].mixer.scan_backend
-        return not _hooked(*blocks) and all(b.fusable() and b.mixer.scan_backend == backend for b in blocks)
+        if _hooked(*blocks) or any(b.mixer.scan_backend != backend for b in blocks):
+            return None
+        layers = [b.fused_weights() for b in blocks]
+        return None if None in layers else layers
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "token":
