@@ -57,7 +57,7 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 from ..layers import PatchEmbed, plain_feature_indices, resample_pos_embed_with_inner_token
 from ..ops import tracing
 from ..ops.rms_norm import rms_norm
-from ..ops.selective_scan import (MambaBranch, VimBlockWeights, bimamba_inner, mixer_direction, plain_linear,
+from ..ops.selective_scan import (MambaBranch, MixerDirection, VimBlockWeights, bimamba_inner, plain_linear,
                                   vim_blocks_cpu, vim_blocks_cpu_applies)
 from ._input import record_input_size
 from ._loading import load_checkpoint_strict
@@ -230,16 +230,26 @@ class VimBlock(nn.Module):
         """This block's weights for one C call (:func:`vim_blocks_cpu`, with :func:`vim_blocks_cpu_applies` for the
         input), or None where its modules do not allow one: it takes plain fp32 ``nn.Linear`` layers and norm, no
         stochastic depth in training mode, and no forward hooks on the modules the call does not enter."""
+        # Read from the modules' own dicts (``Module.__getattr__`` is Python; the model asks every block at every
+        # forward, with its code cold in the caches after the previous call).
         if self.training and type(self.drop_path) is not nn.Identity:
             return None
-        norm, m = self.norm, self.mixer
-        fwd, bwd = m.branches()
-        linears = (m.in_proj, m.out_proj, fwd.x_proj, fwd.dt_proj, bwd.x_proj, bwd.dt_proj)
-        if (not all(plain_linear(lin) and lin.weight.dtype == torch.float32 for lin in linears)
-                or norm.weight.dtype != torch.float32 or _hooked(norm, m, *linears[:2])):
+        norm, m = self._modules["norm"], self._modules["mixer"]
+        mods, params = m._modules, m._parameters
+        lin = [mods[k] for k in ("in_proj", "out_proj", "x_proj", "dt_proj", "x_proj_b", "dt_proj_b")]
+        w = [plain_linear(x) and x._parameters["weight"] for x in lin]
+        norm_w = norm._parameters["weight"]
+        convs = mods["conv1d"], mods["conv1d_b"]
+        if (not all(x is not False and x.dtype == torch.float32 for x in w) or norm_w.dtype != torch.float32
+                or not all(type(c) is nn.Conv1d for c in convs) or _hooked(norm, m, *lin[:2])):
             return None
-        return VimBlockWeights(norm.weight, norm.eps, linears[0].weight, linears[1].weight, mixer_direction(fwd),
-                               mixer_direction(bwd))
+        conv, conv_b = convs[0]._parameters, convs[1]._parameters
+        return VimBlockWeights(
+            norm_w, norm.eps, w[0], w[1],
+            MixerDirection(conv["weight"], conv["bias"], w[2], w[3], lin[3]._parameters["bias"], params["A_log"],
+                           params["D"]),
+            MixerDirection(conv_b["weight"], conv_b["bias"], w[4], w[5], lin[5]._parameters["bias"],
+                           params["A_b_log"], params["D_b"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x's type first: FX's Proxy is not a Tensor (and the op's check returns False under other tracers first)
