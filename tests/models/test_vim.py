@@ -207,11 +207,27 @@ def test_bf16_autocast_runs_close_to_fp32():
     torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.1)
 
 
-def test_bf16_autocast_in_inference_mode_casts_each_projection_weight_once():
-    """Under inference_mode (where autocast keeps no cast cache) the mixer's projections reuse one cast of their
-    weight per weight version, with autocast's own values: bitwise the output autocast gives under no_grad."""
+def test_bf16_autocast_inference_keeps_the_fp32_blocks():
+    """Under CPU autocast the blocks run as one fp32 call (faster than their bf16 projections op by op): a block
+    gives bitwise its fp32 output; the patch embedding and the head run under autocast as usual."""
     model = timm.create_model("test_vim").eval()
     x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = model._embed(x)[0]
+        ref = model.blocks[0](tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_block, out = model.blocks[0](tokens), model(x)
+    assert out_block.dtype == torch.float32 and torch.equal(out_block, ref) and out.dtype == torch.bfloat16
+
+
+def test_bf16_autocast_in_inference_mode_casts_each_projection_weight_once():
+    """Under inference_mode (where autocast keeps no cast cache) the mixer's projections reuse one cast of their
+    weight per weight version, with autocast's own values: bitwise the output autocast gives under no_grad. (Blocks
+    run op by op here because a hook watches their in-projections.)"""
+    model = timm.create_model("test_vim").eval()
+    x = torch.randn(2, 3, 64, 64)
+    for block in model.blocks:
+        block.mixer.in_proj.register_forward_hook(lambda *a: None)
     proj = model.blocks[0].mixer.in_proj
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.no_grad():

@@ -124,8 +124,8 @@ def test_applies_only_to_fp32_cpu_inference(monkeypatch):
     with torch.no_grad():
         assert vim_blocks_cpu_applies(x)
         assert not vim_blocks_cpu_applies(x, "chunked")  # blocks pinned to another scan backend
-        assert not vim_blocks_cpu_applies(x.double())
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # the projections then compute in bf16, op by op
-            assert not vim_blocks_cpu_applies(x)
+        assert not vim_blocks_cpu_applies(x.double()) and not vim_blocks_cpu_applies(x.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the blocks keep fp32 under autocast
+            assert vim_blocks_cpu_applies(x) and vim_blocks_cpu_applies(x.bfloat16())
         monkeypatch.setenv("VISIONZOO_BACKEND_RMS_NORM", "reference")  # the norm's C kernel switched off
         assert not vim_blocks_cpu_applies(x)

@@ -129,14 +129,14 @@ def bimamba_inner_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
 
 
 def vim_blocks_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
-    """Whether :func:`vim_blocks_cpu` may run a whole Vim block on ``x``: where :func:`bimamba_inner_cpu_applies`
-    says the mixer may, for fp32 outside autocast (under autocast the projections compute in its dtype, op by
-    op), with torch's BLAS found (:func:`._cpu.torch_blas`) and ``rms_norm``'s ``auto`` choosing its C kernel.
-    The caller checks that its layers are plain fp32 ``nn.Linear`` and carry no hooks (the call skips them)."""
+    """Whether :func:`vim_blocks_cpu` may run whole Vim blocks on ``x``: where :func:`bimamba_inner_cpu_applies`
+    says the mixer may (fp32 CPU inference, also under CPU autocast: the blocks then keep fp32, as the fused mixer
+    does; with its bf16 projections op by op, a Vim-Ti at 224 was slower than fp32 in one call), with torch's
+    MKL found (:func:`._cpu.torch_blas`) and ``rms_norm``'s ``auto`` choosing its C kernel. The caller checks
+    that its layers are plain fp32 ``nn.Linear`` and carry no hooks (the call skips them)."""
     from ..rms_norm import _auto_takes_cpu
 
-    return (x.dtype == torch.float32 and bimamba_inner_cpu_applies(x, backend)
-            and not torch.is_autocast_enabled("cpu") and _auto_takes_cpu() and torch_blas() is not None)
+    return bimamba_inner_cpu_applies(x, backend) and _auto_takes_cpu() and torch_blas() is not None
 
 
 class MambaBranch(NamedTuple):
