@@ -438,7 +438,9 @@ def _find_blas() -> Optional[TorchBlas]:
     out, packed = torch.empty(37, 40), pack_weight(w, 37, blas)
     blas.compute(_CB_ROW_MAJOR, _CB_NO_TRANS, _CB_PACKED, 37, 40, 24, x.data_ptr(), 24, packed.data_ptr(), 24, 0.0,
                  out.data_ptr(), 40)
-    if not torch.equal(out, torch.nn.functional.linear(x, w)):
+    with torch.autocast("cpu", enabled=False):  # the fp32 Linear, whatever context asks first
+        expected = torch.nn.functional.linear(x, w)
+    if not torch.equal(out, expected):
         _logger.info("visionzoo.ops.selective_scan: MKL's packed GEMM is not what torch's Linear computes with; Vim "
                      "blocks run op by op")
         return None
