@@ -10,8 +10,9 @@ over rounds.
   the work of one Vim-Tiny layer; also per (step, 8 channels, state) update.
 * ``conv``: ``vz_causal_conv1d_fwd`` for one direction (384 channels, K 4, SiLU), forward in place and
   reversed, as the fused path runs them.
-* ``mixer python``: one ``bimamba_inner`` call (fused path) with the C kernels replaced by no-ops (the conv and
-  ``vz_mixer_tail``, which holds the x-projections, the scans and the gate): what the layer spends outside them.
+* ``mixer python``: one ``bimamba_inner`` call (fused path) with its C call replaced by a no-op (``vz_mixer``, which
+  holds the convs, the x-projections, the scans and the gate): what the mixer spends outside it. (Models in fp32
+  CPU inference call ``vz_vim_blocks`` instead, once for all blocks: see ``benchmarks/threads_cpu.md``.)
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 
 import visionzoo  # noqa: E402,F401
-from visionzoo.ops import _cpu_build  # noqa: E402
 from visionzoo.ops.causal_conv1d import _cpu as conv_cpu  # noqa: E402
 from visionzoo.ops.selective_scan import MambaBranch, bimamba_inner  # noqa: E402
 from visionzoo.ops.selective_scan import _cpu as scan_cpu  # noqa: E402
@@ -87,14 +87,13 @@ def main():
     branches = (MambaBranch(mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D),
                 MambaBranch(mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log, mixer.D_b))
     xz3 = torch.randn(1, L, dim, generator=g)
-    real, real_tail = _cpu_build.run_jobs, lib.vz_mixer_tail
+    real = lib.vz_mixer
     with torch.no_grad():
-        _cpu_build.run_jobs = lambda fn, jobs, *flags: 0
-        lib.vz_mixer_tail = lambda *a: 0
+        lib.vz_mixer = lambda *a: 0
         try:
             total = best_ms(lambda: bimamba_inner(xz3, *branches), args.rounds, inner)
         finally:
-            _cpu_build.run_jobs, lib.vz_mixer_tail = real, real_tail
+            lib.vz_mixer = real
 
     print(f"torch {torch.__version__}, 1 thread, L={L}, clock=process CPU time, min of {args.rounds} rounds")
     print(f"scan kernel (768 channels = one Vim-Ti layer)   {scan:8.3f} ms  ({scan * 1e6 / updates:.2f} ns per update)")
