@@ -53,6 +53,11 @@ fused C path :func:`bimamba_inner_cpu` (convs, x-projections, both scans with ``
 in place, no autograd; also under CPU autocast, in fp32) when :func:`bimamba_inner_cpu_applies` says so
 and the projections are plain ``nn.Linear`` layers, and the differentiable ops otherwise.
 
+:func:`vim_blocks_cpu` is whole Vim blocks for fp32 CPU inference (RMSNorm, in-projection, the fused mixer,
+out-projection, residual add; any number of layers) in one C call, the projections as MKL's packed GEMM from
+torch's own library (bitwise ``nn.Linear``); :func:`vim_blocks_cpu_applies` says when it may run (Vim's model and
+blocks also check their modules: plain layers, no hooks).
+
 The scan is the custom op ``torch.ops.visionzoo.selective_scan``: it runs on the meta device, works
 under ``torch.compile``, is counted by ``FlopCounterMode`` (mamba-ssm's formula,
 :func:`selective_scan_flops`) and is differentiable (``u, delta, A, B, C, D, z, delta_bias``).
