@@ -35,6 +35,7 @@ from .. import _cpu_build
 from .._cpu_build import NULL_SEQ, f32c, ptr
 from .._cpu_build import seq as _seq
 from .._cpu_build import seq_reversed as _seq_reversed
+from ..causal_conv1d import _cpu as _conv
 from ..causal_conv1d._cpu import ConvArgs
 from ._chunked import LOG2E
 
@@ -309,8 +310,6 @@ def _mixer_jobs(xz: tuple, batch: int, length: int, E: int, ws: tuple, u: Tensor
     output; ``ws``: both directions' fp32 contiguous weights (:class:`MixerDirection` order, alive until the
     call); ``u`` ``(2, batch, L, E)`` and ``x_dbl`` ``(2, batch, L, R + 2N)``: scratch memory. Returns
     ``(convs, x-projections, scans, gate pass or None, independent)``, the keep-alive packed weights last."""
-    from ..causal_conv1d import _cpu as conv
-
     x0, x_sb, x_sl = xz
     N, R = ws[0][5].shape[-1], ws[0][3].shape[-1]
     M = R + 2 * N
@@ -321,7 +320,7 @@ def _mixer_jobs(xz: tuple, batch: int, length: int, E: int, ws: tuple, u: Tensor
     u0, xd0 = u.data_ptr(), x_dbl.data_ptr()
     u_views = [(u0 + 4 * k * batch * length * E, length * E, 1, E) for k in range(2)]
     xd_ptrs = [xd0 + 4 * k * batch * length * M for k in range(2)]
-    convs = [conv.job(batch, E, length, x_view, w[0], w[1], True, u_view)
+    convs = [_conv.job(batch, E, length, x_view, w[0], w[1], True, u_view)
              for x_view, w, u_view in zip((x_fwd, x_rev), ws, u_views)]
     wts = [packed_transpose(w[2]) for w in ws]
     lin = [LinearArgs(batch, length, E, M, u_views[k][0], length * E, E, wt.data_ptr(), wt.shape[1], xd_ptrs[k],
