@@ -93,6 +93,13 @@ def test_the_cached_arguments_follow_the_weights_and_the_input():
 
 
 @needs_kernel
+def test_an_empty_batch_gives_an_empty_output():
+    layers = [make_layer(16, 32, 16, 2, 4, torch.Generator().manual_seed(4))]
+    with torch.no_grad():
+        assert vim_blocks_cpu(torch.randn(0, 7, 16), layers, Owner()).shape == (0, 7, 16)
+
+
+@needs_kernel
 def test_bad_layers_give_one_clear_error():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, 10, 16, generator=g)

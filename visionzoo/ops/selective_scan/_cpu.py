@@ -490,6 +490,8 @@ def vim_blocks_cpu(x: Tensor, layers: Sequence[VimBlockWeights], owner: object) 
     together.
     """
     batch, length, D = x.shape
+    if batch * length == 0:  # nothing to compute (an empty batch)
+        return torch.empty(x.shape, dtype=torch.float32)
     threads = _cpu_build.threads()
     first = layers[0].forward
     E, N, R = first.A_log.shape[0], first.A_log.shape[-1], first.dt_proj_weight.shape[-1]
