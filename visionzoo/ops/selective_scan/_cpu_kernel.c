@@ -447,7 +447,6 @@ static int gate_range(const void *p, int64_t begin, int64_t end) {
  * then, when gate is not NULL, the gate pass over (batch element, block of VZ_GR rows). Every item is computed
  * whole by one thread: the result does not depend on the thread count. Returns 0, or -1 for jobs the kernels do
  * not take. */
-
 int vz_mixer(const vz_conv_args *conv, const vz_linear_args *lin, const vz_scan_args *scan, int64_t njobs,
              int64_t independent, const vz_gate_args *gate, int64_t nthreads)
 {
@@ -472,7 +471,7 @@ int vz_mixer(const vz_conv_args *conv, const vz_linear_args *lin, const vz_scan_
 /* Vim blocks for inference, x <- x + out_proj(mixer(in_proj(rms_norm(x)))) for each layer in turn, in one call:
  * the Python around a block's ~10 op calls cost ~0.4 ms of a Vim-Ti layer's ~1.9 ms at 224x224 inside a model
  * (each call runs cold there: the kernels in between evict the interpreter's data from the caches), and a
- * per-block call still ~0.15 ms. x and out: (rows, dim) contiguous, rows = batch * L. Per layer, the norm writes
+ * per-block call still ~0.18 ms. x and out: (rows, dim) contiguous, rows = batch * L. Per layer, the norm writes
  * h, the in-projection xz (rows, 2E), which the mixer's jobs (conv, lin, scan, gate, built by the caller on xz
  * and its scratch memory) turn into y = xz[:, :E] in place; the out-projection writes proj, and the residual add
  * the next layer's input (tmp or out, alternating so that the last layer writes out). The projections are
