@@ -17,6 +17,8 @@ from visionzoo.ops.selective_scan import (
     selective_scan,
 )
 
+from ._threads import at_thread_counts
+
 needs_kernel = pytest.mark.skipif(not _cpu.is_available("cpu"), reason="no C compiler for the cpu kernels")
 
 
@@ -105,13 +107,8 @@ def test_work_split_across_threads_matches():
     fwd, bwd = (make_direction(40, 16, 3, 4, True, g) for _ in range(2))
     xz = torch.randn(3, 33, 80, generator=g)
     expected = mixer_inner_reference(xz, fwd, bwd)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        with torch.no_grad():
-            out = bimamba_inner_cpu(xz.clone(), fwd, bwd)
-    finally:
-        torch.set_num_threads(threads)
+    with torch.no_grad():
+        out, = at_thread_counts(lambda: bimamba_inner_cpu(xz.clone(), fwd, bwd), (3,))
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -132,18 +129,15 @@ def test_batch_one_thread_count_independent():
     B, C = (torch.randn(1, 2, 16, L, generator=g) for _ in range(2))
     D, bias = torch.randn(2 * E, generator=g), torch.randn(2 * E, generator=g) - 1
     x, w = torch.randn(1, E, L, generator=g), torch.randn(2 * E, 4, generator=g)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            with torch.no_grad():
-                fused = bimamba_inner_cpu(xz.clone(), fwd, bwd)
-                bidir = _cpu.selective_scan_bidirectional_cpu(u, delta, A, B, C, D, z[:, :E], bias, True, "mean")
-                conv = conv_cpu.causal_conv1d_bidirectional_cpu(x, w, D, "silu", torch.empty(1, 2 * E, L))
-            runs.append((fused, *bidir, conv))
-    finally:
-        torch.set_num_threads(threads)
+
+    def run():
+        fused = bimamba_inner_cpu(xz.clone(), fwd, bwd)
+        bidir = _cpu.selective_scan_bidirectional_cpu(u, delta, A, B, C, D, z[:, :E], bias, True, "mean")
+        conv = conv_cpu.causal_conv1d_bidirectional_cpu(x, w, D, "silu", torch.empty(1, 2 * E, L))
+        return (fused, *bidir, conv)
+
+    with torch.no_grad():
+        runs = at_thread_counts(run)
     torch.testing.assert_close(runs[0][0], mixer_inner_reference(xz, fwd, bwd), rtol=1e-4, atol=1e-5)
     for other in runs[1:]:
         for a, b in zip(runs[0], other):

@@ -5,6 +5,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from visionzoo.ops.causal_conv1d import _cpu, causal_conv1d
 
+from ._threads import at_thread_counts
+
 BACKENDS = ["reference", "shifted"] + (["cpu"] if _cpu.load() is not None else [])
 
 
@@ -172,14 +174,8 @@ def test_cpu_backward_kernel_matches_shifted_and_any_thread_count(time_major):
     leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
     ref = torch.autograd.grad(causal_conv1d_shifted(_both_directions(leaves[0]), leaves[1], leaves[2], "silu"),
                               leaves, g)
-    threads = torch.get_num_threads()
-    try:
-        got = []
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            got.append(_cpu.causal_conv1d_cpu_backward(x, w, b, "silu", g, (True, True, True), bidirectional=True))
-    finally:
-        torch.set_num_threads(threads)
+    got = at_thread_counts(
+        lambda: _cpu.causal_conv1d_cpu_backward(x, w, b, "silu", g, (True, True, True), bidirectional=True), (1, 2))
     for a, a2, r in zip(got[0], got[1], ref):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
         assert torch.equal(a, a2)

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from visionzoo.ops import aten_only
 from visionzoo.ops.rms_norm import NORM, _cpu, rms_norm
 
+from ._threads import at_thread_counts
+
 needs_kernel = pytest.mark.skipif(_cpu.load() is None, reason="no C compiler for the cpu kernels")
 
 
@@ -28,15 +30,8 @@ def test_cpu_kernel_matches_the_reference(shape, with_weight):
 def test_cpu_kernel_reads_strided_rows_and_any_thread_count_gives_the_same_bits():
     x = torch.randn(3, 40, 96)[:, ::2, :48]  # neither contiguous nor dense rows
     w = torch.randn(48)
-    threads = torch.get_num_threads()
-    outs = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            with torch.no_grad():
-                outs.append(rms_norm(x, w, 1e-6, backend="cpu"))
-    finally:
-        torch.set_num_threads(threads)
+    with torch.no_grad():
+        outs = at_thread_counts(lambda: rms_norm(x, w, 1e-6, backend="cpu"))
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     torch.testing.assert_close(outs[0], F.rms_norm(x, (48,), w, 1e-6), rtol=1e-6, atol=1e-6)
 

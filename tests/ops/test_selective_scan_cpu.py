@@ -8,6 +8,7 @@ import torch
 from visionzoo.ops import _cpu_build
 from visionzoo.ops.selective_scan import _cpu, _op, selective_scan
 
+from ._threads import at_thread_counts
 from .test_selective_scan import ENV, assert_close, make_inputs, run
 
 needs_kernel = pytest.mark.skipif(_cpu.load() is None, reason="no C compiler on this machine")
@@ -53,14 +54,8 @@ def test_time_major_views_and_threads(monkeypatch):
     assert_close(out_tm, out_r, 2e-6, "time-major")
     out_bl, _, _ = run(bl, "cpu")  # (b, L, d) memory: strided reads, contiguous out
     assert_close(out_bl, out_r, 2e-6, "(b, L, d)")
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 3):
-            torch.set_num_threads(n)
-            out_n, last_n, _ = run(x, "cpu")
-            torch.testing.assert_close(out_n, out_bl.contiguous(), rtol=0, atol=0)
-    finally:
-        torch.set_num_threads(threads)
+    for out_n, last_n, _ in at_thread_counts(lambda: run(x, "cpu"), (1, 3)):
+        torch.testing.assert_close(out_n, out_bl.contiguous(), rtol=0, atol=0)
 
 
 @needs_kernel

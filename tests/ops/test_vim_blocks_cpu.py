@@ -19,6 +19,7 @@ from visionzoo.ops.selective_scan import (
     vim_blocks_cpu_applies,
 )
 
+from ._threads import at_thread_counts
 from .test_bimamba_inner_cpu import make_direction
 
 needs_kernel = pytest.mark.skipif(not _cpu.is_available("cpu") or torch_blas() is None,
@@ -59,15 +60,8 @@ def test_matches_the_blocks_op_by_op(batch, L, D, E, N, R, depth, conv_bias):
     x = torch.randn(batch, L, D, generator=g)
     expected = blocks_op_by_op(x, layers)
     owner = Owner()
-    outs = []
-    for threads in (1, 2, 3):
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.no_grad():
-                outs.append(vim_blocks_cpu(x, layers, owner))
-        finally:
-            torch.set_num_threads(previous)
+    with torch.no_grad():
+        outs = at_thread_counts(lambda: vim_blocks_cpu(x, layers, owner))
     for out in outs:  # the same bits as nn.Linear and the per-op kernels, for any thread count
         assert torch.equal(out, expected)
     # and within 1e-5 of the blocks with torch's own RMSNorm (its sum of squares adds in another order)
