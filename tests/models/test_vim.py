@@ -274,6 +274,37 @@ def test_cpu_inference_path_matches_the_differentiable_one(monkeypatch):
     assert stacks == [1, 1] and len(mixers) == 1 and seen == [1]
 
 
+def test_cpu_training_path_matches_the_ops(monkeypatch):
+    """With autograd on, each CPU mixer trains as one autograd node over the C kernels (bimamba_train_cpu); the
+    model's output and every parameter's gradient match the op-by-op custom ops within fp32 rounding."""
+    from visionzoo.ops import is_available
+    from visionzoo.ops import selective_scan as ss
+
+    if not is_available("selective_scan", "cpu", "cpu"):
+        pytest.skip("no C compiler for the cpu kernels")
+    model = timm.create_model("vim_tiny", depth=2, img_size=(64, 96), num_classes=10).train()
+    _randomise_ssm(model)
+    x, target = torch.randn(3, 3, 64, 96), torch.tensor([1, 4, 7])
+    calls = []
+    real = ss.bimamba_train_cpu
+    monkeypatch.setattr(ss, "bimamba_train_cpu", lambda *a: calls.append(1) or real(*a))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss, grads = step()
+    assert calls == [1, 1]
+    monkeypatch.setattr(ss, "bimamba_train_cpu_applies", lambda x, backend="auto": False)
+    loss_ops, grads_ops = step()
+    assert calls == [1, 1]
+    torch.testing.assert_close(loss, loss_ops, rtol=1e-5, atol=1e-6)
+    for name, g in grads_ops.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=name)
+
+
 def test_one_call_blocks_keep_copies_and_hooks_working():
     """After an inference forward (the blocks' arguments cached for the one-call path) the model still deep-copies
     and pickles, and a global forward hook sees every module called (the one-call paths step aside)."""

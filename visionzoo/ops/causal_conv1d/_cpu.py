@@ -132,17 +132,18 @@ def causal_conv1d_bidirectional_cpu(x: Tensor, weight: Tensor, bias: Optional[Te
 
 
 def causal_conv1d_cpu_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, grad_out: Tensor,
-                               needs, bidirectional: bool = False) -> tuple:
+                               needs, bidirectional: bool = False, dx: Optional[Tensor] = None) -> tuple:
     """``(dx, dweight, dbias)`` of :func:`causal_conv1d_cpu` (or, with ``bidirectional``, of
     :func:`causal_conv1d_bidirectional_cpu`: ``weight`` ``(2E, K)``, ``grad_out`` ``(batch, 2E, L)`` whose second
-    half is in the flipped time order) in one C call; ``dx`` in ``x``'s layout. Entries not in ``needs`` are None.
-    The sums over batch and time of ``dweight`` and ``dbias`` run in one fixed order per channel (bitwise
-    independent of the thread count)."""
+    half is in the flipped time order) in one C call; ``dx`` in ``x``'s layout, or written into the given fp32
+    ``dx`` ``(batch, E, L)`` (any strides). Entries not in ``needs`` are None. The sums over batch and time of
+    ``dweight`` and ``dbias`` run in one fixed order per channel (bitwise independent of the thread count)."""
     lib = _check(x, weight)
     batch, E, length = x.shape
     K = weight.shape[-1]
     w, b, g = f32c(weight.reshape(-1, K)), f32c(bias), grad_out.float()
-    dx = (torch.empty(batch, length, E).transpose(1, 2) if x.stride(1) == 1 else torch.empty(batch, E, length))
+    if dx is None:
+        dx = (torch.empty(batch, length, E).transpose(1, 2) if x.stride(1) == 1 else torch.empty(batch, E, length))
     dw = torch.empty(w.shape, dtype=torch.float32)
     db = torch.empty(w.shape[0], dtype=torch.float32) if bias is not None else None
     jobs = []

@@ -51,7 +51,9 @@ environment variable) until it has been measured on a GPU (``benchmarks/gpu_chec
 x-projections, ``dt_proj`` and scans, and the gate), and chooses itself: for CPU inference it runs the
 fused C path :func:`bimamba_inner_cpu` (convs, x-projections, both scans with ``dt_proj`` folded in, gate;
 in place, no autograd; also under CPU autocast, in fp32) when :func:`bimamba_inner_cpu_applies` says so
-and the projections are plain ``nn.Linear`` layers, and the differentiable ops otherwise.
+and the projections are plain ``nn.Linear`` layers; for fp32 CPU training the same C kernels as one autograd
+node, :func:`bimamba_train_cpu` (:mod:`._cpu_train`: no glue copies between them), when
+:func:`bimamba_train_cpu_applies` says so; and the differentiable ops otherwise.
 
 :func:`vim_blocks_cpu` is whole Vim blocks for fp32 CPU inference (RMSNorm, in-projection, the fused mixer,
 out-projection, residual add; any number of layers) in one C call, the projections as MKL's packed GEMM from
@@ -81,11 +83,14 @@ from .._checks import check_tensors
 from .._dispatch import call, tracing
 from ..causal_conv1d import causal_conv1d_bidirectional
 from ._bidirectional import REDUCTIONS, keep_checkpoints, selective_scan_bidirectional_op
+from . import _cpu_bwd
 from ._cpu import MixerDirection, VimBlockWeights, bimamba_inner_cpu, torch_blas, vim_blocks_cpu
+from ._cpu_train import bimamba_train_cpu
 from ._op import BACKENDS, SCAN, flops as _flops, selective_scan_op
 
 __all__ = ["selective_scan", "selective_scan_bidirectional", "selective_scan_flops", "bimamba_inner", "MambaBranch",
-           "BACKENDS", "MixerDirection", "bimamba_inner_cpu", "bimamba_inner_cpu_applies", "mixer_direction",
+           "BACKENDS", "MixerDirection", "bimamba_inner_cpu", "bimamba_inner_cpu_applies", "bimamba_train_cpu",
+           "bimamba_train_cpu_applies", "mixer_direction",
            "VimBlockWeights", "vim_blocks_cpu", "vim_blocks_cpu_applies", "plain_linear"]
 
 
@@ -104,18 +109,12 @@ class _Fp32(NamedTuple):
 _FUSED_SELECTED: set[tuple] = set()  # (backend, env switches) for which the fused path was selected
 
 
-def bimamba_inner_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
-    """Whether :func:`bimamba_inner_cpu` may run a Vim mixer on ``x`` in place of the differentiable ops.
-
-    It does for inference (autograd off) on plain CPU tensors (not fake or other subclasses), fp32 or
-    produced under CPU autocast (the fused path then runs in fp32: its autocast rule is "keep fp32"),
-    when ``backend`` (the mixer's scan backend) selects ``cpu`` for fp32, and the causal conv's ``auto``
-    does too. It does not while tracing (``torch.jit.trace``, export, ``torch.compile``: those see the
-    custom ops instead, and no ctypes kernel may run) or while ``FlopCounterMode`` counts. Other dispatch
-    modes (e.g. a memory tracker) see its torch ops.
-    """
-    if (torch.is_grad_enabled() or type(x) is not torch.Tensor or x.device.type != "cpu"
-            or not (x.dtype == torch.float32 or torch.is_autocast_enabled("cpu")) or tracing()
+def _cpu_kernels_selected(x: Tensor, backend: str) -> bool:
+    """Whether the fused CPU paths may run on ``x``: a plain CPU tensor (not fake or another subclass), no tracer
+    (``torch.jit.trace``, export, ``torch.compile``: those see the custom ops instead, and no ctypes kernel may
+    run) and no ``FlopCounterMode`` counting (other dispatch modes, e.g. a memory tracker, see their torch ops),
+    and ``backend`` (the mixer's scan backend) selects ``cpu`` for fp32, as the causal conv's ``auto`` does."""
+    if (type(x) is not torch.Tensor or x.device.type != "cpu" or tracing()
             or (torch._C._len_torch_dispatch_stack()
                 and any(isinstance(m, _FLOP_COUNTER_MODES) for m in _get_current_dispatch_mode_stack()))):
         return False
@@ -131,6 +130,25 @@ def bimamba_inner_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
         _FUSED_SELECTED.add(key)
         return True
     return False
+
+
+def bimamba_inner_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
+    """Whether :func:`bimamba_inner_cpu` may run a Vim mixer on ``x`` in place of the differentiable ops.
+
+    It does for inference (autograd off) on fp32 tensors or ones produced under CPU autocast (the fused path then
+    runs in fp32: its autocast rule is "keep fp32"), where :func:`_cpu_kernels_selected` allows the C kernels.
+    """
+    return (not torch.is_grad_enabled() and (x.dtype == torch.float32 or torch.is_autocast_enabled("cpu"))
+            and _cpu_kernels_selected(x, backend))
+
+
+def bimamba_train_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
+    """Whether :func:`bimamba_train_cpu` (one autograd node over the C kernels) may run a Vim mixer on ``x``:
+    with autograd on, for a non-empty contiguous fp32 ``x`` outside autocast, where :func:`_cpu_kernels_selected`
+    allows the C kernels and the backward kernel is built."""
+    return (torch.is_grad_enabled() and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and _cpu_kernels_selected(x, backend) and x.numel() > 0 and x.is_contiguous()
+            and _cpu_bwd.load() is not None)
 
 
 def vim_blocks_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
@@ -181,10 +199,13 @@ def bimamba_inner(xz: Tensor, forward: MambaBranch, backward: MambaBranch, *, ba
         view of ``xz``'s memory (``xz`` is consumed); otherwise a new tensor, differentiable.
     """
     plain = all(plain_linear(m) for m in (forward.x_proj, forward.dt_proj, backward.x_proj, backward.dt_proj))
-    if plain and forward.x_proj.weight.dtype == torch.float32 and bimamba_inner_cpu_applies(xz, backend):
-        # Under CPU autocast too: the fused path calls no op that autocast recasts (only casts, views and
-        # copies around the C calls), so it runs in fp32 without leaving autocast.
-        return bimamba_inner_cpu(xz, mixer_direction(forward), mixer_direction(backward))
+    if plain and forward.x_proj.weight.dtype == torch.float32:
+        if bimamba_inner_cpu_applies(xz, backend):
+            # Under CPU autocast too: the fused path calls no op that autocast recasts (only casts, views and
+            # copies around the C calls), so it runs in fp32 without leaving autocast.
+            return bimamba_inner_cpu(xz, mixer_direction(forward), mixer_direction(backward))
+        if bimamba_train_cpu_applies(xz, backend) and all(type(b.conv1d) is nn.Conv1d for b in (forward, backward)):
+            return bimamba_train_cpu(xz, mixer_direction(forward), mixer_direction(backward))
     # Everything stays time-major, (B, L, channels) in memory, as the Linear layers produce it; the conv
     # and the scan take (B, channels, L) *views* of it, so no transposing copies.
     batch, length, _ = xz.shape

@@ -208,6 +208,7 @@ def selective_scan_bidirectional_cpu(
     delta_softplus: bool,
     reduce: str,
     checkpoints: bool = False,
+    out: Optional[Tensor] = None,
 ):
     """Both directions of a Vim mixer with no flipped copies (the layout of ``reversed_inputs=True``).
 
@@ -222,13 +223,14 @@ def selective_scan_bidirectional_cpu(
     ``last_state`` ``(batch, 2E, N)`` (the backward direction's after its last step, ``t = 0``); with
     ``checkpoints``, also the stacked scan's state checkpoints for :func:`._cpu_bwd.selective_scan_cpu_backward`
     (the stacked scan being the one ``reversed_inputs=True`` describes: the backward half in its reversed order).
+    ``out``: an fp32 buffer of the output's shape (any strides) to write into, instead of a new one.
     """
     batch, dim2, length = u.shape
     E, G2, dstate = dim2 // 2, B.shape[1] // 2, B.shape[2]
     lib = _library_for(dstate)
     u, delta, z = (x.float() if x is not None else None for x in (u, delta, z))  # the kernel reads fp32 only
     A2, D, bias = _per_channel(A, D, delta_bias)
-    out = _output(u, dim2 if reduce == "none" else E)
+    out = _output(u, dim2 if reduce == "none" else E) if out is None else out
     B, C = B.float(), C.float()
     last_states = [torch.empty(batch, E, dstate, dtype=torch.float32) for _ in range(2)]
     scale = 0.5 if reduce == "mean" else 1.0
@@ -409,8 +411,9 @@ _BLAS: list = []  # [TorchBlas or None], found once
 
 
 def torch_blas() -> Optional[TorchBlas]:
-    """MKL's packed GEMM from torch's own CPU library, or None where this torch build has none or it is not what
-    ``F.linear`` computes with (checked once, bitwise, on a small product)."""
+    """MKL's packed GEMM from torch's own CPU library, or None where this torch build has none or it does not give
+    ``F.linear``'s product (checked once on a small product, within fp32 rounding: bitwise on the Xeon this was
+    written on, while on an AMD Zen 5 MKL's packed and unpacked kernels round some shapes differently)."""
     if not _BLAS:
         _BLAS.append(_find_blas())
     return _BLAS[0]
@@ -439,8 +442,8 @@ def _find_blas() -> Optional[TorchBlas]:
                  out.data_ptr(), 40)
     with torch.autocast("cpu", enabled=False):  # the fp32 Linear, whatever context asks first
         expected = torch.nn.functional.linear(x, w)
-    if not torch.equal(out, expected):
-        _logger.info("visionzoo.ops.selective_scan: MKL's packed GEMM is not what torch's Linear computes with; Vim "
+    if not torch.allclose(out, expected, rtol=1e-5, atol=1e-5):
+        _logger.info("visionzoo.ops.selective_scan: MKL's packed GEMM does not give torch's Linear product; Vim "
                      "blocks run op by op")
         return None
     return blas

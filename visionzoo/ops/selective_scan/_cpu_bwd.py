@@ -26,7 +26,6 @@ from ._cpu import _output, _seq, _seq_reversed, checkpoint_shape
 
 OP = "selective_scan_bwd"
 SOURCE = Path(__file__).with_name("_cpu_bwd_kernel.c")
-CB = 8  # channels per block; must equal VZ_CB in the C source
 NMAX = 256  # largest state size; must equal VZ_NMAX
 
 
@@ -53,6 +52,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     fn = lib.vz_selective_scan_bwd
     fn.argtypes = [ctypes.POINTER(BwdArgs), _i64]
     fn.restype = ctypes.c_int
+    lib.vz_scan_bwd_lanes.argtypes = []
+    lib.vz_scan_bwd_lanes.restype = ctypes.c_int
 
 
 def load() -> Optional[ctypes.CDLL]:
@@ -65,12 +66,14 @@ ITEMS = 16  # work items the backward aims for (threads share them out); not tie
 def _splits(batch: int, groups: int, dg: int) -> int:
     """Slices of a group's channel blocks per item (each slice a work item), so that there are about ITEMS.
 
-    An item is one (batch, group) pair, or a slice of its channel blocks: at batch 1 a Vim layer has two
-    pairs, which would leave threads idle. Slices cost one (batch, G, N, L) dB, dC partial sum each, summed
-    in slice order. The count depends on the shapes only, never on the thread count, so the gradients are
-    the same bitwise on any number of threads.
+    An item is one (batch, group) pair, or a slice of its channel blocks (of 16 channels where the kernel is
+    built for AVX-512, else 8: ``vz_scan_bwd_lanes``): at batch 1 a Vim layer has two pairs, which would leave
+    threads idle. Slices cost one (batch, G, N, L) dB, dC partial sum each, summed in slice order. The count
+    depends on the shapes (and the build) only, never on the thread count, so the gradients are the same
+    bitwise on any number of threads.
     """
-    return max(1, min((dg + CB - 1) // CB, -(-ITEMS // (batch * groups))))
+    lanes = _kernel().vz_scan_bwd_lanes()
+    return max(1, min((dg + lanes - 1) // lanes, -(-ITEMS // (batch * groups))))
 
 
 def _kernel() -> ctypes.CDLL:
@@ -210,6 +213,55 @@ def selective_scan_cpu_backward(
     return tuple(g.to(x.dtype) if x is not None else None for g, x in zip(grads, like))
 
 
+def bidirectional_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                           z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                           grad_out: Optional[Tensor], scale: float, grad_last_state: Optional[Tensor],
+                           checkpoints: Optional[Tensor] = None, du: Optional[Tensor] = None,
+                           ddelta: Optional[Tensor] = None, dz: Optional[Tensor] = None) -> tuple:
+    """The body of :func:`_bidirectional_backward_op`. ``du``, ``ddelta`` (fp32 ``(batch, 2E, L)``) and ``dz``
+    (``(batch, E, L)``; any strides): buffers to write those gradients into, instead of new ones in ``u``'s
+    layout."""
+    batch, dim2, length = u.shape
+    E, G2, dstate = dim2 // 2, B.shape[1] // 2, B.shape[2]
+    lib = _kernel()
+    f32 = torch.float32
+    uf, dlf, zf = (x.to(f32) if x is not None else None for x in (u, delta, z))
+    gof = None if grad_out is None else (grad_out.to(f32) * scale if scale != 1.0 else grad_out.to(f32))
+    Bf, Cf, Af = B.to(f32), C.to(f32), A.to(f32).contiguous()
+    Df = D.to(f32).contiguous() if D is not None else None
+    bf = delta_bias.to(f32).contiguous() if delta_bias is not None else None
+    ck = checkpoints if checkpoints is not None and checkpoints.numel() else None
+
+    splits = _splits(batch, G2, E // G2)
+    du = _output(u, dim2) if du is None else du
+    ddelta = _output(u, dim2) if ddelta is None else ddelta
+    dz = [_output(u, E) if dz is None else dz, _output(u, E)] if z is not None else None
+    dBp = torch.empty(splits, batch, 2 * G2, length, dstate, dtype=f32).transpose(3, 4)
+    dCp = torch.empty(splits, batch, 2 * G2, length, dstate, dtype=f32).transpose(3, 4)
+    dAp = [torch.empty(batch, E, dstate, dtype=f32) for _ in range(2)]
+    dDp = [torch.empty(batch, E, dtype=f32) for _ in range(2)] if D is not None else None
+    dbp = [torch.empty(batch, E, dtype=f32) for _ in range(2)] if delta_bias is not None else None
+    for half in range(2):
+        ch, grp = slice(half * E, (half + 1) * E), slice(half * G2, (half + 1) * G2)
+        seq = _seq_reversed if half else _seq  # the original-order tensors, walked in this direction's time
+        glf = grad_last_state[:, ch].to(f32).contiguous() if grad_last_state is not None else None
+        args = BwdArgs(batch, E, length, dstate, G2, splits, *_seq(uf[:, ch]), *_seq(dlf[:, ch]), ptr(Af[ch]),
+                       *_seq(Bf[:, grp]), *_seq(Cf[:, grp]), ptr(Df[ch] if Df is not None else None),
+                       ptr(bf[ch] if bf is not None else None), *seq(zf), int(bool(delta_softplus)), *seq(gof),
+                       ptr(glf), ck.data_ptr() + 4 * E * half if ck is not None else None,
+                       ck.shape[-1] if ck is not None else 0, *_seq(du[:, ch]), *_seq(ddelta[:, ch]),
+                       *seq(dz[half] if dz is not None else None), *_seq(dBp[:, :, grp]), *_seq(dCp[:, :, grp]),
+                       ptr(dAp[half]), ptr(dDp[half] if dDp is not None else None),
+                       ptr(dbp[half] if dbp is not None else None))
+        _call(lib, args)
+
+    def per_channel(parts):
+        return torch.cat([parts[0].sum(0), parts[1].sum(0)]) if parts is not None else _empty()
+
+    return (du, ddelta, per_channel(dAp), _slices_sum(dBp), _slices_sum(dCp), per_channel(dDp),
+            dz[0].add_(dz[1]) if dz is not None else _empty(), per_channel(dbp))
+
+
 @torch.library.custom_op("visionzoo::selective_scan_bidirectional_cpu_backward", mutates_args=())
 def _bidirectional_backward_op(
     u: Tensor,
@@ -236,44 +288,8 @@ def _bidirectional_backward_op(
     ``checkpoints``: the stacked forward's (``selective_scan_bidirectional_cpu(..., checkpoints=True)``), or
     None. Returns the fp32 gradients of ``(u, delta, A, B, C, D, z, delta_bias)`` in the stacked layout
     (empty ``(0,)`` for absent optional inputs)."""
-    batch, dim2, length = u.shape
-    E, G2, dstate = dim2 // 2, B.shape[1] // 2, B.shape[2]
-    lib = _kernel()
-    f32 = torch.float32
-    uf, dlf, zf = (x.to(f32) if x is not None else None for x in (u, delta, z))
-    gof = None if grad_out is None else (grad_out.to(f32) * scale if scale != 1.0 else grad_out.to(f32))
-    Bf, Cf, Af = B.to(f32), C.to(f32), A.to(f32).contiguous()
-    Df = D.to(f32).contiguous() if D is not None else None
-    bf = delta_bias.to(f32).contiguous() if delta_bias is not None else None
-    ck = checkpoints if checkpoints is not None and checkpoints.numel() else None
-
-    splits = _splits(batch, G2, E // G2)
-    du, ddelta = _output(u, dim2), _output(u, dim2)
-    dz = [_output(u, E) for _ in range(2)] if z is not None else None
-    dBp = torch.empty(splits, batch, 2 * G2, length, dstate, dtype=f32).transpose(3, 4)
-    dCp = torch.empty(splits, batch, 2 * G2, length, dstate, dtype=f32).transpose(3, 4)
-    dAp = [torch.empty(batch, E, dstate, dtype=f32) for _ in range(2)]
-    dDp = [torch.empty(batch, E, dtype=f32) for _ in range(2)] if D is not None else None
-    dbp = [torch.empty(batch, E, dtype=f32) for _ in range(2)] if delta_bias is not None else None
-    for half in range(2):
-        ch, grp = slice(half * E, (half + 1) * E), slice(half * G2, (half + 1) * G2)
-        seq = _seq_reversed if half else _seq  # the original-order tensors, walked in this direction's time
-        glf = grad_last_state[:, ch].to(f32).contiguous() if grad_last_state is not None else None
-        args = BwdArgs(batch, E, length, dstate, G2, splits, *_seq(uf[:, ch]), *_seq(dlf[:, ch]), ptr(Af[ch]),
-                       *_seq(Bf[:, grp]), *_seq(Cf[:, grp]), ptr(Df[ch] if Df is not None else None),
-                       ptr(bf[ch] if bf is not None else None), *seq(zf), int(bool(delta_softplus)), *seq(gof),
-                       ptr(glf), ck.data_ptr() + 4 * E * half if ck is not None else None,
-                       ck.shape[-1] if ck is not None else 0, *_seq(du[:, ch]), *_seq(ddelta[:, ch]),
-                       *seq(dz[half] if dz is not None else None), *_seq(dBp[:, :, grp]), *_seq(dCp[:, :, grp]),
-                       ptr(dAp[half]), ptr(dDp[half] if dDp is not None else None),
-                       ptr(dbp[half] if dbp is not None else None))
-        _call(lib, args)
-
-    def per_channel(parts):
-        return torch.cat([parts[0].sum(0), parts[1].sum(0)]) if parts is not None else _empty()
-
-    return (du, ddelta, per_channel(dAp), _slices_sum(dBp), _slices_sum(dCp), per_channel(dDp),
-            dz[0].add_(dz[1]) if dz is not None else _empty(), per_channel(dbp))
+    return bidirectional_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad_out, scale,
+                                  grad_last_state, checkpoints)
 
 
 @_bidirectional_backward_op.register_fake

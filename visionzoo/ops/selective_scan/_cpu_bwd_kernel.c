@@ -1,6 +1,6 @@
 /* Selective-scan backward for the CPU, compiled on first use by visionzoo/ops/selective_scan/_cpu_bwd.py.
  *
- * Plain C called through ctypes, in the style of _cpu_kernel.c (vectors of VZ_CB = 8 channels, exp2 /
+ * Plain C called through ctypes, in the style of _cpu_kernel.c (vectors of VZ_CB = 16 channels with AVX-512, else 8; exp2 /
  * softplus / SiLU from _simd.h, flush-to-zero while it runs). Semantics (the reference backend's):
  *   delta' = softplus(delta + bias)                (softplus optional; bias optional)
  *   h_t    = exp(delta'_t A) h_{t-1} + delta'_t u_t B_t,     h_{-1} = 0
@@ -35,7 +35,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define VZ_CB 8
+#if defined(__AVX512F__)
+#define VZ_CB 16 /* one AVX-512 register (as the forward); must equal vz_scan_bwd_lanes() */
+#else
+#define VZ_CB 8 /* one AVX2 register */
+#endif
 #define VZ_NMAX 256
 #define VZ_BT 32 /* steps per chunk */
 #include "../_simd.h"
@@ -45,17 +49,20 @@
 /* 1 / (1 + e^-x) */
 static inline vf vz_sigmoid(vf x) { return 1.0f / (1.0f + vz_exp2(x * -VZ_LOG2E)); }
 
+typedef float v8 __attribute__((vector_size(32)));  /* 8 lanes, whatever VZ_CB */
+typedef int32_t v8i __attribute__((vector_size(32)));
+
 /* Two-input lane shuffle (GCC >= 12 and Clang have __builtin_shufflevector; older GCC __builtin_shuffle). */
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
 #define VZ_SHUF(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
 #else
-#define VZ_SHUF(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shuffle(a, b, (vi){i0, i1, i2, i3, i4, i5, i6, i7})
+#define VZ_SHUF(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shuffle(a, b, (v8i){i0, i1, i2, i3, i4, i5, i6, i7})
 #endif
 
 /* 8 x 8 transpose in place: r[i][j] <-> r[j][i]. Three rounds of two-input shuffles, each one AVX
  * instruction (unpack, shufps, vperm2f128): pairs of rows interleaved, then pairs of pairs, then halves. */
-static inline void vz_transpose8(vf *r) {
-    vf t[8], u[8];
+static inline void vz_transpose8(v8 *r) {
+    v8 t[8], u[8];
     for (int i = 0; i < 8; i += 2) {
         t[i] = VZ_SHUF(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
         t[i + 1] = VZ_SHUF(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
@@ -71,10 +78,31 @@ static inline void vz_transpose8(vf *r) {
     }
 }
 
+/* Steps t .. t + 7 of the lanes ch[8h .. 8h + 8) (h = 0 .. VZ_CB / 8 - 1) of a step-contiguous block: row c of
+ * each 8 x 8 tile is 8 steps of one channel, transposed into 8 steps of 8 channels, which fill lanes 8h .. 8h + 7
+ * of v[t + i]; and back. */
+static inline void vz_tiles_load(vf *v, const float *base, int64_t sd, const int64_t *ch) {
+    for (int h = 0; h < VZ_CB / 8; ++h) {
+        v8 r[8];
+        for (int c = 0; c < 8; ++c) memcpy(&r[c], base + ch[8 * h + c] * sd, sizeof(v8));
+        vz_transpose8(r);
+        for (int i = 0; i < 8; ++i) memcpy((float *)&v[i] + 8 * h, &r[i], sizeof(v8));
+    }
+}
+
+static inline void vz_tiles_store(const vf *v, float *base, int64_t sd, const int64_t *ch) {
+    for (int h = 0; h < VZ_CB / 8; ++h) {
+        v8 r[8];
+        for (int i = 0; i < 8; ++i) memcpy(&r[i], (const float *)&v[i] + 8 * h, sizeof(v8));
+        vz_transpose8(r);
+        for (int c = 0; c < 8; ++c) memcpy(base + ch[8 * h + c] * sd, &r[c], sizeof(v8));
+    }
+}
+
 /* One chunk of a (batch, dim, L) sequence for a block of channels: v[t] = the lanes ch[0..nc) at steps
  * t < tl, base pointing at the chunk's first step (channel 0); lanes past nc are 0. Channel-contiguous
  * memory (time-major views) is one vector per step; step-contiguous memory ((batch, dim, L) contiguous)
- * goes in 8 x 8 tiles, 8 rows of 8 steps loaded and transposed; anything else lane by lane. */
+ * goes in 8 x 8 tiles (vz_tiles_load); anything else lane by lane. */
 static inline void vz_load_chunk(vf *v, int tl, const float *base, int64_t sd, int64_t sl, const int64_t *ch,
                                  int nc) {
     int t = 0;
@@ -82,12 +110,8 @@ static inline void vz_load_chunk(vf *v, int tl, const float *base, int64_t sd, i
         for (; t < tl; ++t) memcpy(&v[t], base + ch[0] + t * sl, sizeof(vf));
         return;
     }
-    if (nc == VZ_CB && sl == 1) {
-        for (; t + 8 <= tl; t += 8) {
-            for (int c = 0; c < 8; ++c) memcpy(&v[t + c], base + ch[c] * sd + t, sizeof(vf));
-            vz_transpose8(v + t);
-        }
-    }
+    if (nc == VZ_CB && sl == 1)
+        for (; t + 8 <= tl; t += 8) vz_tiles_load(v + t, base + t, sd, ch);
     for (; t < tl; ++t) {
         vf x = {0};
         for (int c = 0; c < nc; ++c) x[c] = base[ch[c] * sd + t * sl];
@@ -95,19 +119,15 @@ static inline void vz_load_chunk(vf *v, int tl, const float *base, int64_t sd, i
     }
 }
 
-/* The inverse: lanes ch[0..nc) of v[t] stored at base + ch[c] * sd + t * sl (v is overwritten). */
-static inline void vz_store_chunk(vf *v, int tl, float *base, int64_t sd, int64_t sl, const int64_t *ch, int nc) {
+/* The inverse: lanes ch[0..nc) of v[t] stored at base + ch[c] * sd + t * sl. */
+static inline void vz_store_chunk(const vf *v, int tl, float *base, int64_t sd, int64_t sl, const int64_t *ch, int nc) {
     int t = 0;
     if (nc == VZ_CB && sd == 1) {
         for (; t < tl; ++t) memcpy(base + ch[0] + t * sl, &v[t], sizeof(vf));
         return;
     }
-    if (nc == VZ_CB && sl == 1) {
-        for (; t + 8 <= tl; t += 8) {
-            vz_transpose8(v + t);
-            for (int c = 0; c < 8; ++c) memcpy(base + ch[c] * sd + t, &v[t + c], sizeof(vf));
-        }
-    }
+    if (nc == VZ_CB && sl == 1)
+        for (; t + 8 <= tl; t += 8) vz_tiles_store(v + t, base + t, sd, ch);
     for (; t < tl; ++t)
         for (int c = 0; c < nc; ++c) base[ch[c] * sd + t * sl] = v[t][c];
 }
@@ -486,6 +506,9 @@ static int bwd_range(const void *p, int64_t item_begin, int64_t item_end)
     free(scratch);
     return 0;
 }
+
+/* The channels per block (vector lanes) this build uses: the Python side cuts work items by blocks. */
+int vz_scan_bwd_lanes(void) { return VZ_CB; }
 
 /* The gradients over nthreads threads (each item, and so each output element, on one thread). Returns 0,
  * -1 when N > VZ_NMAX or dim is not a multiple of groups, -2 when out of memory. */
