@@ -98,6 +98,15 @@ def _call(lib: ctypes.CDLL, args: BwdArgs) -> None:
                            f"dim={args.dim}, groups={args.groups})")
 
 
+def _like(x: Tensor) -> Tensor:
+    """An fp32 ``(batch, C, L)`` buffer with ``x``'s layout: ``(batch, L, C)`` memory where its channels are
+    contiguous, else ``(batch, C, L)``."""
+    batch, channels, length = x.shape
+    if x.stride(1) == 1:
+        return torch.empty(batch, length, channels, dtype=torch.float32).transpose(1, 2)
+    return torch.empty(batch, channels, length, dtype=torch.float32)
+
+
 def _empty() -> Tensor:  # one per absent gradient: an op's outputs may not alias each other
     return torch.empty(0, dtype=torch.float32)
 
@@ -235,7 +244,10 @@ def bidirectional_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     splits = _splits(batch, G2, E // G2)
     du = _output(u, dim2) if du is None else du
     ddelta = _output(u, dim2) if ddelta is None else ddelta
-    dz = [_output(u, E) if dz is None else dz, _output(u, E)] if z is not None else None
+    if z is None:
+        dz = None
+    else:  # the second direction's part is added into the first's: in the same layout
+        dz = [_output(u, E), _output(u, E)] if dz is None else [dz, _like(dz)]
     dBp = torch.empty(splits, batch, 2 * G2, length, dstate, dtype=f32).transpose(3, 4)
     dCp = torch.empty(splits, batch, 2 * G2, length, dstate, dtype=f32).transpose(3, 4)
     dAp = [torch.empty(batch, E, dstate, dtype=f32) for _ in range(2)]

@@ -172,8 +172,9 @@ VZ_INLINE void vz_advance(int w, int tl, int64_t n, vf *h, const vf *a2, const v
     for (int i = 0; i < w; ++i) h[n + i] = hn[i];
 }
 
-/* The chunk's states from its checkpoint h0: hs[t][n] (after step t) and eA[t][n] = exp(delta'_t A_n)
- * stored, C_t . h_t added into yv[t], dC_t += dy_t h_t (lane-wise, into dCacc). */
+/* The chunk's states of states n .. n + w - 1 from the checkpoint h0 (N states): hs[t][i] (after step t) and
+ * eA[t][i] = exp(delta'_t A_{n+i}) stored for these w states only (2 VZ_BT w vectors: they stay in L1 for the walk
+ * that follows), C_t . h_t added into yv[t], dC_t += dy_t h_t (lane-wise, into dCacc, [t][N]). */
 VZ_INLINE void vz_recompute(int w, int tl, int64_t n, int64_t N, const vf *h0, const vf *a2, const vf *dtv,
                             const vf *duv, const int *in_range, const float *Bn, int64_t B_sl, int64_t B_sn,
                             const float *Cn, int64_t C_sl, int64_t C_sn, const vf *dyv, vf *hs, vf *eA, vf *yv,
@@ -185,19 +186,18 @@ VZ_INLINE void vz_recompute(int w, int tl, int64_t n, int64_t N, const vf *h0, c
         vz_decay(w, dtv[t], c, in_range[t], e);
         vf y = yv[t];
         for (int i = 0; i < w; ++i) {
-            const int64_t o = t * N + n + i;
             hn[i] = e[i] * hn[i] + duv[t] * Bn[t * B_sl + i * B_sn];
-            eA[o] = e[i];
-            hs[o] = hn[i];
+            eA[t * w + i] = e[i];
+            hs[t * w + i] = hn[i];
             y += Cn[t * C_sl + i * C_sn] * hn[i];
-            dCacc[o] += dyv[t] * hn[i];
+            dCacc[t * N + n + i] += dyv[t] * hn[i];
         }
         yv[t] = y;
     }
 }
 
-/* The reverse walk: g_t = dy_t C_t + exp(delta'_{t+1} A) g_{t+1} from the adjoint cg carried in, with
- * dB_t += g_t delta'_t u_t (lane-wise, into dBacc), the dA sums, and
+/* The reverse walk of states n .. n + w - 1 over vz_recompute's hs, eA: g_t = dy_t C_t + exp(delta'_{t+1} A) g_{t+1}
+ * from the adjoint cg carried in, with dB_t += g_t delta'_t u_t (lane-wise, into dBacc, [t][N]), the dA sums, and
  * sum_n g_t B_t (into ddu[t]) and sum_n X_t A (into ddt[t]), X_t = g_t h_{t-1} exp(delta'_t A). */
 VZ_INLINE void vz_walk(int w, int tl, int64_t n, int64_t N, const vf *h0, const vf *a, const vf *hs,
                        const vf *eA, const vf *dtv, const vf *duv, const vf *dyv, const float *Bn, int64_t B_sl,
@@ -206,16 +206,15 @@ VZ_INLINE void vz_walk(int w, int tl, int64_t n, int64_t N, const vf *h0, const 
     vf g[VZ_W], da[VZ_W], an[VZ_W];
     for (int i = 0; i < w; ++i) g[i] = cg[n + i], da[i] = dAs[n + i], an[i] = a[n + i];
     for (int t = tl - 1; t >= 0; --t) {
-        const vf *hp = t ? hs + (t - 1) * N : h0;
+        const vf *hp = t ? hs + (t - 1) * w : h0 + n;
         const vf dy = dyv[t], dub = duv[t], dv = dtv[t];
         vf su = {0}, st = {0};
         for (int i = 0; i < w; ++i) {
-            const int64_t o = t * N + n + i;
-            const vf gi = dy * Cn[t * C_sl + i * C_sn] + g[i], e = eA[o];
-            dBacc[o] += gi * dub;
+            const vf gi = dy * Cn[t * C_sl + i * C_sn] + g[i], e = eA[t * w + i];
+            dBacc[t * N + n + i] += gi * dub;
             su += gi * Bn[t * B_sl + i * B_sn];
             g[i] = gi * e;
-            const vf x = g[i] * hp[n + i];
+            const vf x = g[i] * hp[i];
             st += x * an[i];
             da[i] += x * dv;
         }
@@ -316,10 +315,11 @@ static int bwd_range(const void *p, int64_t item_begin, int64_t item_end)
 
     /* Scratch: per block of the slice, the chunk checkpoints (chunks x N; one N for the checkpoint being
      * used when the forward's are given), the adjoint carried into the chunk being walked (N), the dA sums
-     * (N), the dD and d bias sums (1 each); per chunk, the states and exp factors of its steps and the
-     * lane-wise dB, dC sums (VZ_BT x N each). */
+     * (N), the dD and d bias sums (1 each); per chunk, the lane-wise dB, dC sums (VZ_BT x N each), and the states
+     * and exp factors of its steps for one group of VZ_W states (VZ_BT x VZ_W each). */
     const int64_t slots = ckin ? 1 : most * chunks;
-    const size_t nv = (size_t)(slots * N) + (size_t)most * (size_t)(2 * N + 2) + (size_t)(4 * VZ_BT) * (size_t)N;
+    const size_t nv =
+        (size_t)(slots * N) + (size_t)most * (size_t)(2 * N + 2) + (size_t)(2 * VZ_BT) * (size_t)(N + VZ_W);
     vf *scratch = NULL;
     if (posix_memalign((void **)&scratch, 64, nv * sizeof(vf))) return -2;
     vf *ckpt = scratch;                         /* [most][chunks][N], or [N] */
@@ -327,9 +327,9 @@ static int bwd_range(const void *p, int64_t item_begin, int64_t item_end)
     vf *dAacc = carry + most * N;               /* [most][N] */
     vf *dDacc = dAacc + most * N;               /* [most]: dD sums */
     vf *dbacc = dDacc + most;                   /* [most]: d bias sums */
-    vf *hs = dbacc + most;                      /* [VZ_BT][N]: state after step t */
-    vf *eA = hs + VZ_BT * N;                    /* [VZ_BT][N]: exp(delta'_t A) */
-    vf *dBacc = eA + VZ_BT * N;                 /* [VZ_BT][N] */
+    vf *hs = dbacc + most;                      /* [VZ_BT][VZ_W]: state after step t, of one group of states */
+    vf *eA = hs + VZ_BT * VZ_W;                 /* [VZ_BT][VZ_W]: exp(delta'_t A) */
+    vf *dBacc = eA + VZ_BT * VZ_W;              /* [VZ_BT][N] */
     vf *dCacc = dBacc + VZ_BT * N;              /* [VZ_BT][N] */
     vf a[VZ_NMAX], a2[VZ_NMAX];
     const vz_fpmode fpmode = vz_ftz_on();
@@ -440,14 +440,28 @@ static int bwd_range(const void *p, int64_t item_begin, int64_t item_end)
                     in_range[t] = vz_in_range(dtv[t], a2max);
                     yv[t] = (vf){0};
                 }
-                int64_t n = 0;
-                for (; n + VZ_W <= N; n += VZ_W)
-                    vz_recompute(VZ_W, tl, n, N, h0, a2, dtv, duv, in_range, Bq + n * B_sn, B_sl, B_sn,
-                                 Cq + n * C_sn, C_sl, C_sn, dyv, hs, eA, yv, dCacc);
-                for (; n < N; ++n)
-                    vz_recompute(1, tl, n, N, h0, a2, dtv, duv, in_range, Bq + n * B_sn, B_sl, B_sn,
-                                 Cq + n * C_sn, C_sl, C_sn, dyv, hs, eA, yv, dCacc);
-                /* Output stage: dz, dD and the D part of du. */
+                /* Per group of states: recompute its chunk of states (y and dC on the way), then walk it backwards
+                 * while it is in L1 (the groups' sums over n add up in the same order as all-recompute-then-walk). */
+                vf *cg = carry + j * N, *dAs = dAacc + j * N;
+                vf ddu[VZ_BT], ddt[VZ_BT];
+                for (int t = 0; t < tl; ++t) ddu[t] = ddt[t] = (vf){0};
+                for (int64_t n = 0; n < N;) {
+                    const int w = n + VZ_W <= N ? VZ_W : 1;
+                    const float *Bn = Bq + n * B_sn, *Cn = Cq + n * C_sn;
+                    if (w == VZ_W) {
+                        vz_recompute(VZ_W, tl, n, N, h0, a2, dtv, duv, in_range, Bn, B_sl, B_sn, Cn, C_sl, C_sn, dyv,
+                                     hs, eA, yv, dCacc);
+                        vz_walk(VZ_W, tl, n, N, h0, a, hs, eA, dtv, duv, dyv, Bn, B_sl, B_sn, Cn, C_sl, C_sn, cg, dAs,
+                                dBacc, ddu, ddt);
+                    } else {
+                        vz_recompute(1, tl, n, N, h0, a2, dtv, duv, in_range, Bn, B_sl, B_sn, Cn, C_sl, C_sn, dyv, hs,
+                                     eA, yv, dCacc);
+                        vz_walk(1, tl, n, N, h0, a, hs, eA, dtv, duv, dyv, Bn, B_sl, B_sn, Cn, C_sl, C_sn, cg, dAs,
+                                dBacc, ddu, ddt);
+                    }
+                    n += w;
+                }
+                /* Output stage: dz (needs the whole y), dD and the D part of du. */
                 if (z) {
                     for (int t = 0; t < tl; ++t) {
                         const vf zv = zt[t], sg = sgt[t], ypre = yv[t] + dd * uv[t];
@@ -461,16 +475,6 @@ static int bwd_range(const void *p, int64_t item_begin, int64_t item_end)
                     gu[t] = dyv[t] * dd;
                 }
                 dDacc[j] = dDs;
-                /* The reverse walk. */
-                vf *cg = carry + j * N, *dAs = dAacc + j * N;
-                vf ddu[VZ_BT], ddt[VZ_BT];
-                for (int t = 0; t < tl; ++t) ddu[t] = ddt[t] = (vf){0};
-                for (n = 0; n + VZ_W <= N; n += VZ_W)
-                    vz_walk(VZ_W, tl, n, N, h0, a, hs, eA, dtv, duv, dyv, Bq + n * B_sn, B_sl, B_sn, Cq + n * C_sn,
-                            C_sl, C_sn, cg, dAs, dBacc, ddu, ddt);
-                for (; n < N; ++n)
-                    vz_walk(1, tl, n, N, h0, a, hs, eA, dtv, duv, dyv, Bq + n * B_sn, B_sl, B_sn, Cq + n * C_sn,
-                            C_sl, C_sn, cg, dAs, dBacc, ddu, ddt);
                 /* d delta' and the delta' u part of du, then d delta through the softplus. */
                 vf dbs = dbacc[j];
                 for (int t = 0; t < tl; ++t) {
