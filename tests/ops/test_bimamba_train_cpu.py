@@ -111,21 +111,46 @@ def test_applies():
     assert not bimamba_train_cpu_applies(x.transpose(0, 1))  # not contiguous
     assert not bimamba_train_cpu_applies(x[:0])  # empty
     assert not bimamba_train_cpu_applies(x, backend="chunked")
+    assert not bimamba_train_cpu_applies(x.bfloat16())  # a bf16 model, no autocast: the ops
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not bimamba_train_cpu_applies(x)
+        assert bimamba_train_cpu_applies(x) and bimamba_train_cpu_applies(x.bfloat16())  # runs in fp32
+        assert not bimamba_train_cpu_applies(x.double())
     with FlopCounterMode(display=False):
         assert not bimamba_train_cpu_applies(x)  # the counter sees the custom ops
 
 
 @needs_kernel
-def test_other_inputs_take_the_ops():
-    """Where the node does not apply (bf16 autocast, a non-contiguous input) ``bimamba_inner`` still trains."""
+def test_autocast_runs_the_node_in_fp32():
+    """Under CPU autocast (a bf16 in-projection output, backward() called inside autocast too) the node runs in fp32:
+    the output is fp32 and the output and gradients are those of the fp32 node on the same (bf16-valued) input."""
     m = vim_mixer()
-    xz = torch.randn(2, 12, 128)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = bimamba_inner(xz.bfloat16().requires_grad_(), *m.branches())
+    xz = torch.randn(2, 12, 128).bfloat16()
+    branches = m.branches()
+
+    def run(x, autocast):
+        x = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = bimamba_inner(x, *branches)
+            y.backward(torch.ones_like(y))
+        out = [y.detach(), x.grad.float()] + [p.grad.clone() for p in (m.x_proj.weight, m.A_log, m.conv1d.weight)]
+        m.zero_grad(set_to_none=True)
+        return out
+
+    mixed = run(xz, True)
+    assert mixed[0].dtype == torch.float32 and all(t is not None for t in mixed)
+    for a, b in zip(mixed, run(xz.float(), False)):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2 * b.abs().max().item())  # the bf16 input grad
+
+
+@needs_kernel
+def test_other_inputs_take_the_ops():
+    """Where the node does not apply (a bf16 model without autocast, a non-contiguous input) ``bimamba_inner``
+    still trains."""
+    m = vim_mixer().bfloat16()
+    y = bimamba_inner(torch.randn(2, 12, 128).bfloat16().requires_grad_(), *m.branches())
     y.float().sum().backward()
     assert all(p.grad is not None for p in (m.x_proj.weight, m.A_log, m.conv1d.weight))
+    m = vim_mixer()
     x = torch.randn(12, 2, 128).transpose(0, 1).requires_grad_()
     bimamba_inner(x, *m.branches()).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -52,12 +52,12 @@ x-projections, ``dt_proj`` and scans, and the gate), and chooses itself: for CPU
 fused C path :func:`bimamba_inner_cpu` (convs, x-projections, both scans with ``dt_proj`` folded in, gate;
 in place, no autograd; also under CPU autocast, in fp32) when :func:`bimamba_inner_cpu_applies` says so
 and the projections are plain ``nn.Linear`` layers; for fp32 CPU training the same C kernels as one autograd
-node, :func:`bimamba_train_cpu` (:mod:`._cpu_train`: no glue copies between them), when
-:func:`bimamba_train_cpu_applies` says so; and the differentiable ops otherwise.
+node, :func:`bimamba_train_cpu` (:mod:`._cpu_train`: no glue copies between them; in fp32 under CPU autocast too),
+when :func:`bimamba_train_cpu_applies` says so; and the differentiable ops otherwise.
 
 :func:`vim_blocks_cpu` is whole Vim blocks for fp32 CPU inference (RMSNorm, in-projection, the fused mixer,
 out-projection, residual add; any number of layers) in one C call, the projections as MKL's packed GEMM from
-torch's own library (bitwise ``nn.Linear``); :func:`vim_blocks_cpu_applies` says when it may run (Vim's model and
+torch's own library (``nn.Linear``'s product); :func:`vim_blocks_cpu_applies` says when it may run (Vim's model and
 blocks also check their modules: plain layers, no hooks).
 
 The scan is the custom op ``torch.ops.visionzoo.selective_scan``: it runs on the meta device, works
@@ -144,9 +144,11 @@ def bimamba_inner_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
 
 def bimamba_train_cpu_applies(x: Tensor, backend: str = "auto") -> bool:
     """Whether :func:`bimamba_train_cpu` (one autograd node over the C kernels) may run a Vim mixer on ``x``:
-    with autograd on, for a non-empty contiguous fp32 ``x`` outside autocast, where :func:`_cpu_kernels_selected`
-    allows the C kernels and the backward kernel is built."""
-    return (torch.is_grad_enabled() and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    with autograd on, for a non-empty contiguous ``x``, fp32 or produced under CPU autocast (the node then runs in
+    fp32, as the inference path does), where :func:`_cpu_kernels_selected` allows the C kernels and the backward
+    kernel is built."""
+    return (torch.is_grad_enabled() and (x.dtype == torch.float32 or (
+                torch.is_autocast_enabled("cpu") and x.dtype in (torch.bfloat16, torch.float16)))
             and _cpu_kernels_selected(x, backend) and x.numel() > 0 and x.is_contiguous()
             and _cpu_bwd.load() is not None)
 

@@ -481,10 +481,11 @@ _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # owner -> it
 def vim_blocks_cpu(x: Tensor, layers: Sequence[VimBlockWeights], owner: object) -> Tensor:
     """Vim blocks for inference on fp32 CPU tensors, ``x <- x + out_proj(mixer(in_proj(rms_norm(x))))`` for each of
     ``layers`` in turn, in one C call (``vz_vim_blocks``): the RMSNorm kernel, MKL's packed GEMM for the
-    projections (:func:`torch_blas`, torch's own, on weights packed once: the same bits as ``nn.Linear``; the
+    projections (:func:`torch_blas`, torch's own, on weights packed once: ``nn.Linear``'s product, bitwise on the
+    Xeon this was written on, within the last bit on an AMD Zen 5, whose MKL rounds some shapes differently; the
     packed copies take about as much memory as the projection weights), the fused mixer of
-    :func:`bimamba_inner_cpu`, and the
-    residual add. ``x``: ``(batch, L, D)``; returns a new tensor (bitwise what the blocks give op by op).
+    :func:`bimamba_inner_cpu`, and the residual add. ``x``: ``(batch, L, D)``; returns a new tensor (what the
+    blocks give op by op, within that rounding).
 
     ``owner``: what the call's arguments are cached for (the model or block; weakly held, so copies and pickles
     of it carry nothing). The arguments, all but ``x`` and the output (weight pointers, the mixers' jobs on this

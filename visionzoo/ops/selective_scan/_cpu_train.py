@@ -16,10 +16,10 @@ views (the x-projection's input gradient added in place into the scan's ``du``),
 straight into the in-projection output's gradient. Same math, same kernels as the op-by-op path (parity within
 fp32 rounding, tested); nothing of size ``(batch, L, 2E)`` is zero-filled, concatenated or copied.
 
-Taken by :func:`.bimamba_inner` where :func:`bimamba_train_cpu_applies` says so (autograd on, plain fp32 CPU
-tensors, no autocast, no tracer or FLOP counter, the ``cpu`` backends of the scan and the conv selected); the
-op-by-op path (custom ops with their own autograd) serves everything else: other devices and dtypes,
-``torch.compile`` and export, double backward.
+Taken by :func:`.bimamba_inner` where :func:`bimamba_train_cpu_applies` says so (autograd on, plain CPU tensors,
+fp32 or under CPU autocast, which it runs in fp32; no tracer or FLOP counter; the ``cpu`` backends of the scan and
+the conv selected); the op-by-op path (custom ops with their own autograd) serves everything else: other devices
+and dtypes, ``torch.compile`` and export, double backward.
 """
 from __future__ import annotations
 
@@ -81,6 +81,11 @@ class _TrainMixer(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor):
+        with torch.autocast("cpu", enabled=False):  # fp32 products, also when backward() runs under autocast
+            return _TrainMixer._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx, grad_y: Tensor):
         xz, u, delta, x_dbl, A, D, dt_bias, conv_w, conv_b, ck, xw_f, dtw_f, xw_b, dtw_b = ctx.saved_tensors
         batch, length, E2 = xz.shape
         E, N, R = E2 // 2, A.shape[1], dtw_f.shape[1]
@@ -123,6 +128,9 @@ class _TrainMixer(torch.autograd.Function):
 
 
 def bimamba_train_cpu(xz: Tensor, forward: _cpu.MixerDirection, backward: _cpu.MixerDirection) -> Tensor:
-    """The Vim mixer of :func:`.bimamba_inner` for CPU training: ``xz`` ``(batch, L, 2E)`` contiguous fp32 ->
-    ``(batch, L, E)``, differentiable in ``xz`` and every weight of the two directions."""
-    return _TrainMixer.apply(xz, *forward, *backward)
+    """The Vim mixer of :func:`.bimamba_inner` for CPU training: ``xz`` ``(batch, L, 2E)`` contiguous -> ``(batch, L,
+    E)`` fp32, differentiable in ``xz`` and every weight (fp32) of the two directions. Under CPU autocast it runs in
+    fp32 (``xz`` cast, as the inference path does: the scan and conv kernels are fp32, and the op-by-op fallback for
+    bf16 was the ``chunked`` scan, ~2.5x slower than this in fp32); the out-projection after it casts as usual."""
+    with torch.autocast("cpu", enabled=False):
+        return _TrainMixer.apply(xz.float(), *forward, *backward)
