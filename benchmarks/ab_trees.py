@@ -64,7 +64,8 @@ def main() -> None:
             for tree in trees:
                 env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(n))
                 res = subprocess.run([sys.executable, "-c", WORKER, str(n), args.model, str(args.size), str(tree),
-                                      str(args.calls), str(args.train)], env=env, capture_output=True, text=True, cwd="/")
+                                      str(args.calls), str(args.train)], env=env, capture_output=True, text=True,
+                                     cwd="/")
                 if res.returncode:
                     sys.exit(f"ab_trees: {tree}: {res.stderr.strip().splitlines()[-1]}")
                 times.setdefault((str(tree), n), []).append(float(res.stdout.split()[-1]))

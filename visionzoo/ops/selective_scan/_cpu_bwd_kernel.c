@@ -1,7 +1,7 @@
 /* Selective-scan backward for the CPU, compiled on first use by visionzoo/ops/selective_scan/_cpu_bwd.py.
  *
- * Plain C called through ctypes, in the style of _cpu_kernel.c (vectors of VZ_CB = 16 channels with AVX-512, else 8; exp2 /
- * softplus / SiLU from _simd.h, flush-to-zero while it runs). Semantics (the reference backend's):
+ * Plain C called through ctypes, in the style of _cpu_kernel.c (vectors of VZ_CB = 16 channels with AVX-512, else
+ * 8; exp2 / softplus / SiLU from _simd.h, flush-to-zero while it runs). Semantics (the reference backend's):
  *   delta' = softplus(delta + bias)                (softplus optional; bias optional)
  *   h_t    = exp(delta'_t A) h_{t-1} + delta'_t u_t B_t,     h_{-1} = 0
  *   y_t    = C_t . h_t,  out_t = (y_t + D u_t) * silu(z_t)   (D, z optional)
@@ -21,9 +21,9 @@
  * item writes its own slice of the dB, dC partial sums (batch, G, N, L per slice; summed over slices in
  * Python), so no two threads write the same memory. The sequence is cut into chunks of VZ_BT steps: a
  * forward pass per channel block stores the state at the start of every chunk; then the chunks are
- * visited last to first, and within a chunk every channel block of the item in turn recomputes its
- * states (kept for the chunk only, with their exp factors) from its checkpoint, adding up dC on the way,
- * then walks the chunk backwards. dB and dC of the chunk are accumulated lane-wise over the blocks and
+ * visited last to first, and within a chunk every channel block of the item in turn, one group of VZ_W states
+ * at a time, recomputes those states (kept for the chunk only, with their exp factors, small enough for L1)
+ * from its checkpoint, adding up y and dC on the way, then walks the chunk backwards. dB and dC of the chunk are accumulated lane-wise over the blocks and
  * summed across lanes once per chunk. Per-channel sequences are read and written a chunk at a time
  * (vz_load_chunk: one vector per step for time-major memory, 8 x 8 transposed tiles for
  * (batch, dim, L)-contiguous memory). Memory per item: N vectors per (block, chunk) for the checkpoints,

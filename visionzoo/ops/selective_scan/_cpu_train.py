@@ -32,8 +32,6 @@ from torch.autograd.function import once_differentiable
 from ..causal_conv1d import _cpu as _conv_cpu
 from . import _cpu, _cpu_bwd
 
-_F32 = torch.float32
-
 
 def _cat(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
     return None if a is None else torch.cat([a, b])
@@ -42,8 +40,9 @@ def _cat(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
 class _TrainMixer(torch.autograd.Function):
     """``(xz, 7 forward-direction tensors, 7 backward-direction tensors) -> y``; see the module docstring.
 
-    A direction's tensors (:class:`._cpu.MixerDirection`'s order): conv weight ``(E, 1, K)`` or ``(E, K)``, conv bias ``(E,)`` or None, x_proj weight ``(R + 2N, E)``,
-    dt_proj weight ``(E, R)`` and bias ``(E,)``, ``A_log`` ``(E, N)``, ``D`` ``(E,)``."""
+    A direction's tensors (:class:`._cpu.MixerDirection`'s order): conv weight ``(E, 1, K)`` or ``(E, K)``, conv bias
+    ``(E,)`` or None, x_proj weight ``(R + 2N, E)``, dt_proj weight ``(E, R)`` and bias ``(E,)``, ``A_log`` ``(E, N)``,
+    ``D`` ``(E,)``."""
 
     @staticmethod
     def forward(ctx, xz: Tensor, *weights: Optional[Tensor]) -> Tensor:
@@ -122,8 +121,8 @@ class _TrainMixer(torch.autograd.Function):
         grads = []
         for k in range(2):
             ch = slice(k * E, (k + 1) * E)
-            grads += [dconv_w[ch].view(ctx.conv_shape), dconv_b[ch] if dconv_b is not None else None, weight_grads[k][0],
-                      weight_grads[k][1], dbias[ch], dA_log[ch], dD[ch]]
+            grads += [dconv_w[ch].view(ctx.conv_shape), dconv_b[ch] if dconv_b is not None else None,
+                      *weight_grads[k], dbias[ch], dA_log[ch], dD[ch]]
         return (dxz, *grads)
 
 
