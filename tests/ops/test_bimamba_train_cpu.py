@@ -165,3 +165,14 @@ def test_mixer_direction_grads_reach_the_modules():
     for name, p in m.named_parameters():
         if not name.startswith(("in_proj", "out_proj")):
             assert p.grad is not None and p.grad.shape == p.shape, name
+
+
+@needs_kernel
+def test_vmap_takes_the_ops():
+    """Under ``torch.func.vmap`` (wrapped tensors, no data pointer) neither fused CPU path runs: the custom ops'
+    batching fallback gives the mixer per example."""
+    m = vim_mixer()
+    xz = torch.randn(2, 9, 128)
+    with torch.no_grad():
+        y = torch.func.vmap(lambda x: bimamba_inner(x[None], *m.branches())[0])(xz)
+        torch.testing.assert_close(y, bimamba_inner(xz.clone(), *m.branches()), rtol=1e-5, atol=1e-6)

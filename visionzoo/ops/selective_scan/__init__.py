@@ -112,9 +112,12 @@ _FUSED_SELECTED: set[tuple] = set()  # (backend, env switches) for which the fus
 def _cpu_kernels_selected(x: Tensor, backend: str) -> bool:
     """Whether the fused CPU paths may run on ``x``: a plain CPU tensor (not fake or another subclass), no tracer
     (``torch.jit.trace``, export, ``torch.compile``: those see the custom ops instead, and no ctypes kernel may
-    run) and no ``FlopCounterMode`` counting (other dispatch modes, e.g. a memory tracker, see their torch ops),
-    and ``backend`` (the mixer's scan backend) selects ``cpu`` for fp32, as the causal conv's ``auto`` does."""
+    run), no ``torch.func`` transform (``grad``, ``vmap``: their wrapped tensors reach the custom ops unwrapped,
+    and the training node has no functorch rules), no ``FlopCounterMode`` counting (other dispatch modes, e.g. a
+    memory tracker, see their torch ops), and ``backend`` (the mixer's scan backend) selects ``cpu`` for fp32, as
+    the causal conv's ``auto`` does."""
     if (type(x) is not torch.Tensor or x.device.type != "cpu" or tracing()
+            or torch._C._are_functorch_transforms_active()
             or (torch._C._len_torch_dispatch_stack()
                 and any(isinstance(m, _FLOP_COUNTER_MODES) for m in _get_current_dispatch_mode_stack()))):
         return False
