@@ -326,3 +326,33 @@ def test_vim_training_hands_the_forward_checkpoints_to_the_backward(monkeypatch)
         selective_scan_bidirectional(*base[:6], z=base[6], delta_bias=base[7], delta_softplus=True,
                                      reversed_inputs=True, backend="cpu")
     assert not _bidirectional._CHECKPOINTS
+
+
+@needs_kernel
+@pytest.mark.parametrize("forward_checkpoints", [True, False])
+def test_dt_proj_folded_in(forward_checkpoints):
+    """With ``dt_w`` the forward and the backward compute delta = dt_w @ dt (Mamba's dt_proj) inside the kernels
+    from the low-rank factor (batch, 2, R, L): the same results, within rounding, as the kernels given that delta
+    materialised; with or without the forward's checkpoints (the backward's own checkpoint pass folds it too)."""
+    from visionzoo.ops.selective_scan import _cpu
+
+    torch.manual_seed(0)
+    batch, E, L, N, R = 2, 40, 70, 6, 5  # E = 40: 16-lane blocks and a ragged one; R not a multiple of 4
+    u = torch.randn(batch, L, 2 * E).transpose(1, 2)
+    x_dbl = torch.randn(batch, L, 2, R + 2 * N)
+    dt_low, B, C = (x_dbl[..., s].permute(0, 2, 3, 1) for s in (slice(0, R), slice(R, R + N), slice(R + N, None)))
+    dt_w = torch.randn(2 * E, R) * R ** -0.5
+    delta = torch.cat([torch.einsum("er,brl->bel", dt_w[k * E:(k + 1) * E], dt_low[:, k]) for k in range(2)], 1)
+    A = -torch.rand(2 * E, N) - 0.3
+    D, bias, z = torch.randn(2 * E), torch.randn(2 * E) * 0.2 - 1, torch.randn(batch, L, E).transpose(1, 2)
+    gout = torch.randn(batch, E, L)
+
+    def run(d, w):
+        out, last, ck = _cpu.selective_scan_bidirectional_cpu(u, d, A, B, C, D, z, bias, True, "mean",
+                                                              checkpoints=True, dt_w=w)
+        grads = _cpu_bwd.bidirectional_backward(u, d, A, B, C, D, z, bias, True, gout, 0.5, None,
+                                                ck if forward_checkpoints else None, dt_w=w)
+        return (out, last, ck) + tuple(grads)
+
+    for got, want in zip(run(dt_low, dt_w), run(delta, None)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item()))

@@ -209,6 +209,7 @@ def selective_scan_bidirectional_cpu(
     reduce: str,
     checkpoints: bool = False,
     out: Optional[Tensor] = None,
+    dt_w: Optional[Tensor] = None,
 ):
     """Both directions of a Vim mixer with no flipped copies (the layout of ``reversed_inputs=True``).
 
@@ -223,7 +224,9 @@ def selective_scan_bidirectional_cpu(
     ``last_state`` ``(batch, 2E, N)`` (the backward direction's after its last step, ``t = 0``); with
     ``checkpoints``, also the stacked scan's state checkpoints for :func:`._cpu_bwd.selective_scan_cpu_backward`
     (the stacked scan being the one ``reversed_inputs=True`` describes: the backward half in its reversed order).
-    ``out``: an fp32 buffer of the output's shape (any strides) to write into, instead of a new one.
+    ``out``: an fp32 buffer of the output's shape (any strides) to write into, instead of a new one. ``dt_w``:
+    ``(2E, R)``, with ``delta`` then the low-rank factors ``(batch, 2, R, L)`` of the two directions' deltas,
+    ``delta[:, c] = dt_w[c] @ delta_lowrank[:, direction]`` (Mamba's ``dt_proj`` folded into the scan).
     """
     batch, dim2, length = u.shape
     E, G2, dstate = dim2 // 2, B.shape[1] // 2, B.shape[2]
@@ -235,6 +238,8 @@ def selective_scan_bidirectional_cpu(
     last_states = [torch.empty(batch, E, dstate, dtype=torch.float32) for _ in range(2)]
     scale = 0.5 if reduce == "mean" else 1.0
     ck = _checkpoints(batch, dim2, length, dstate) if checkpoints else None
+    rank = 0 if dt_w is None else dt_w.shape[1]
+    dtw = None if dt_w is None else f32c(dt_w)
     jobs = []
     for direction, ch in enumerate((slice(0, E), slice(E, dim2))):
         grp = slice(direction * G2, (direction + 1) * G2)
@@ -243,8 +248,9 @@ def selective_scan_bidirectional_cpu(
         seq = _seq_reversed if backward else _seq
         summed = reduce != "none"  # then the shared gate multiplies the sum, once, in the second job
         zj = z if backward or not summed else None
-        jobs.append(_job(batch, E, length, dstate, G2, _seq(u[:, ch]), _seq(delta[:, ch]), None, 0, ptr(A2[ch]),
-                         False, _seq(B[:, grp]), _seq(C[:, grp]), ptr(D[ch] if D is not None else None),
+        dl = _seq(delta[:, direction] if rank else delta[:, ch])
+        jobs.append(_job(batch, E, length, dstate, G2, _seq(u[:, ch]), dl, ptr(dtw[ch]) if rank else None, rank,
+                         ptr(A2[ch]), False, _seq(B[:, grp]), _seq(C[:, grp]), ptr(D[ch] if D is not None else None),
                          ptr(bias[ch] if bias is not None else None), seq(zj), delta_softplus, seq(o),
                          ptr(last_states[direction]), scale, backward and summed,
                          ck.data_ptr() + 4 * ch.start if checkpoints else None, dim2, backward and summed))

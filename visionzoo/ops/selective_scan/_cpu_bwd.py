@@ -40,7 +40,7 @@ class BwdArgs(ctypes.Structure):
     """The C struct ``vz_scan_bwd_args`` of :file:`_cpu_bwd_kernel.c` (same fields, same order)."""
 
     _fields_ = ([(k, _i64) for k in ("batch", "dim", "length", "dstate", "groups", "splits")]
-                + _fields("u", "u", "bdl") + _fields("delta", "d", "bdl") + [("A", _fp)]
+                + _fields("u", "u", "bdl") + _fields("delta", "d", "bdl") + [("dt_w", _fp), ("rank", _i64), ("A", _fp)]
                 + _fields("B", "B", "bgnl") + _fields("C", "C", "bgnl") + [("D", _fp), ("bias", _fp)]
                 + _fields("z", "z", "bdl") + [("softplus", _i64)] + _fields("dout", "g", "bdl")
                 + [("dlast", _fp), ("ckpt", _fp), ("ck_row", _i64)] + _fields("du", "du", "bdl")
@@ -158,7 +158,8 @@ def _backward_op(
     dDp = torch.empty(batch, dim, dtype=f32) if D is not None else None
     dbp = torch.empty(batch, dim, dtype=f32) if delta_bias is not None else None
     ck = checkpoints if checkpoints is not None and checkpoints.numel() else None
-    args = BwdArgs(batch, dim, length, dstate, groups, splits, *_seq(uf), *_seq(dlf), ptr(Af), *_seq(Bf), *_seq(Cf),
+    args = BwdArgs(batch, dim, length, dstate, groups, splits, *_seq(uf), *_seq(dlf), None, 0, ptr(Af), *_seq(Bf),
+                   *_seq(Cf),
                    ptr(Df), ptr(bf), *_seq(zf), int(bool(delta_softplus)), *_seq(gof), ptr(glf), ptr(ck),
                    ck.shape[-1] if ck is not None else 0, *_seq(du), *_seq(ddelta), *_seq(dz), *_seq(dBp),
                    *_seq(dCp), ptr(dAp), ptr(dDp), ptr(dbp))
@@ -226,10 +227,13 @@ def bidirectional_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
                            z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
                            grad_out: Optional[Tensor], scale: float, grad_last_state: Optional[Tensor],
                            checkpoints: Optional[Tensor] = None, du: Optional[Tensor] = None,
-                           ddelta: Optional[Tensor] = None, dz: Optional[Tensor] = None) -> tuple:
+                           ddelta: Optional[Tensor] = None, dz: Optional[Tensor] = None,
+                           dt_w: Optional[Tensor] = None) -> tuple:
     """The body of :func:`_bidirectional_backward_op`. ``du``, ``ddelta`` (fp32 ``(batch, 2E, L)``) and ``dz``
     (``(batch, E, L)``; any strides): buffers to write those gradients into, instead of new ones in ``u``'s
-    layout."""
+    layout. ``dt_w``: ``(2E, R)`` fp32, with ``delta`` the low-rank factors ``(batch, 2, R, L)`` of the two
+    directions (``dt_proj`` folded in, as :func:`._cpu.selective_scan_bidirectional_cpu` takes them); ``ddelta``
+    is still the gradient of the ``(batch, 2E, L)`` delta."""
     batch, dim2, length = u.shape
     E, G2, dstate = dim2 // 2, B.shape[1] // 2, B.shape[2]
     lib = _kernel()
@@ -240,6 +244,8 @@ def bidirectional_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     Df = D.to(f32).contiguous() if D is not None else None
     bf = delta_bias.to(f32).contiguous() if delta_bias is not None else None
     ck = checkpoints if checkpoints is not None and checkpoints.numel() else None
+    rank = 0 if dt_w is None else dt_w.shape[1]
+    dtw = None if dt_w is None else dt_w.to(f32).contiguous()
 
     splits = _splits(batch, G2, E // G2)
     du = _output(u, dim2) if du is None else du
@@ -257,7 +263,8 @@ def bidirectional_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
         ch, grp = slice(half * E, (half + 1) * E), slice(half * G2, (half + 1) * G2)
         seq = _seq_reversed if half else _seq  # the original-order tensors, walked in this direction's time
         glf = grad_last_state[:, ch].to(f32).contiguous() if grad_last_state is not None else None
-        args = BwdArgs(batch, E, length, dstate, G2, splits, *_seq(uf[:, ch]), *_seq(dlf[:, ch]), ptr(Af[ch]),
+        args = BwdArgs(batch, E, length, dstate, G2, splits, *_seq(uf[:, ch]),
+                       *_seq(dlf[:, half] if rank else dlf[:, ch]), ptr(dtw[ch] if rank else None), rank, ptr(Af[ch]),
                        *_seq(Bf[:, grp]), *_seq(Cf[:, grp]), ptr(Df[ch] if Df is not None else None),
                        ptr(bf[ch] if bf is not None else None), *seq(zf), int(bool(delta_softplus)), *seq(gof),
                        ptr(glf), ck.data_ptr() + 4 * E * half if ck is not None else None,

@@ -41,8 +41,10 @@
 #define VZ_CB 8 /* one AVX2 register */
 #endif
 #define VZ_NMAX 256
+#define VZ_RMAX 256 /* largest dt_proj rank folded in (as the forward's) */
 #define VZ_BT 32 /* steps per chunk */
 #include "../_simd.h"
+#include "_lowrank.h"
 
 #define VZ_LOG2E 1.44269504088896340736f
 
@@ -241,7 +243,28 @@ static inline vf vz_gather(const float *p, const vz_block *k) {
     return v;
 }
 
-/* Strides are in elements. u, delta, z, dout: (batch, dim, L), strides (s_b, s_d, s_l) each; A: (dim, N)
+/* One chunk of delta + bias for a block of channels: loaded (rank 0), or with rank > 0 from the low-rank factor
+ * (base: its first step, sd its rank stride; wdt: the block's dt_w columns), as the forward computed it. */
+static inline void vz_delta_chunk(vf *v, int tl, const float *base, int64_t sd, int64_t sl, const vz_block *k,
+                                  vf bs, const vf *wdt, int64_t rank) {
+    if (rank) {
+        for (int t = 0; t < tl; ++t) v[t] = vz_lowrank_delta(bs, base + t * sl, sd, wdt, rank);
+        return;
+    }
+    vz_load_chunk(v, tl, base, sd, sl, k->ch, k->nc);
+    for (int t = 0; t < tl; ++t) v[t] += bs;
+}
+
+/* The block's dt_w columns, one vector per rank index (lanes past the block repeat its first channel's). */
+static inline void vz_dt_columns(vf *wdt, const float *dt_w, int64_t rank, const vz_block *k) {
+    for (int64_t r = 0; r < rank; ++r)
+        for (int c = 0; c < VZ_CB; ++c) wdt[r][c] = dt_w[k->ch[c] * rank + r];
+}
+
+/* Strides are in elements. u, delta, z, dout: (batch, dim, L), strides (s_b, s_d, s_l) each; with rank > 0,
+ * delta is instead the low-rank factor dt (batch, rank, L) of delta[b, c, t] = sum_r dt_w[c, r] dt[b, r, t]
+ * (d_sd its rank stride; dt_w (dim, rank) contiguous: Mamba's dt_proj folded in, as the forward kernel takes
+ * it), and ddelta is still the gradient of that (batch, dim, L) delta; A: (dim, N)
  * contiguous; B, C: (batch, G, N, L), any strides; D, bias: (dim,) or NULL; z, dout, dlast may be NULL
  * (dout NULL: zero gradient of out; dlast: (batch, dim, N) contiguous). ckpt: NULL, or the forward's state
  * checkpoints (_cpu_kernel.c, same VZ_BT), ckpt[((b * chunks + q) * N + n) * ck_row + c] the state before
@@ -256,6 +279,8 @@ typedef struct {
     int64_t u_sb, u_sd, u_sl;
     const float *delta;
     int64_t d_sb, d_sd, d_sl;
+    const float *dt_w;
+    int64_t rank;
     const float *A;
     const float *B;
     int64_t B_sb, B_sg, B_sn, B_sl;
@@ -290,7 +315,9 @@ static int bwd_range(const void *p, int64_t item_begin, int64_t item_end)
     const int64_t dim = args->dim, length = args->length, dstate = args->dstate, groups = args->groups,
                   splits = args->splits;
     const float *u = args->u, *delta = args->delta, *A = args->A, *B = args->B, *C = args->C, *D = args->D,
-                *bias = args->bias, *z = args->z, *dout = args->dout, *dlast = args->dlast, *ckin = args->ckpt;
+                *bias = args->bias, *z = args->z, *dout = args->dout, *dlast = args->dlast, *ckin = args->ckpt,
+                *dt_w = args->dt_w;
+    const int64_t rank = args->rank;
     const int64_t u_sb = args->u_sb, u_sd = args->u_sd, u_sl = args->u_sl;
     const int64_t d_sb = args->d_sb, d_sd = args->d_sd, d_sl = args->d_sl;
     const int64_t B_sb = args->B_sb, B_sg = args->B_sg, B_sn = args->B_sn, B_sl = args->B_sl;
@@ -331,7 +358,7 @@ static int bwd_range(const void *p, int64_t item_begin, int64_t item_end)
     vf *eA = hs + VZ_BT * VZ_W;                 /* [VZ_BT][VZ_W]: exp(delta'_t A) */
     vf *dBacc = eA + VZ_BT * VZ_W;              /* [VZ_BT][N] */
     vf *dCacc = dBacc + VZ_BT * N;              /* [VZ_BT][N] */
-    vf a[VZ_NMAX], a2[VZ_NMAX];
+    vf a[VZ_NMAX], a2[VZ_NMAX], wdt[VZ_RMAX];
     const vz_fpmode fpmode = vz_ftz_on();
 
     for (int64_t item = item_begin; item < item_end; ++item) {
@@ -347,6 +374,7 @@ static int bwd_range(const void *p, int64_t item_begin, int64_t item_end)
             vz_block k;
             vz_block_at(&k, g * dg + (j0 + j) * VZ_CB, gend);
             const vf bs = bias ? vz_gather(bias, &k) : (vf){0};
+            vz_dt_columns(wdt, dt_w, rank, &k);
             vf h[VZ_NMAX], a2max = {0};
             for (int64_t n = 0; n < N; ++n) {
                 for (int c = 0; c < VZ_CB; ++c) a2[n][c] = A[k.ch[c] * N + n] * VZ_LOG2E;
@@ -365,9 +393,8 @@ static int bwd_range(const void *p, int64_t item_begin, int64_t item_end)
                 const int64_t l0 = q * VZ_BT;
                 const int tl = length - l0 < VZ_BT ? (int)(length - l0) : VZ_BT;
                 vf dtv[VZ_BT], duv[VZ_BT];
-                vz_load_chunk(dtv, tl, db + l0 * d_sl, d_sd, d_sl, k.ch, k.nc);
+                vz_delta_chunk(dtv, tl, db + l0 * d_sl, d_sd, d_sl, &k, bs, wdt, rank);
                 vz_load_chunk(duv, tl, ub + l0 * u_sl, u_sd, u_sl, k.ch, k.nc);
-                for (int t = 0; t < tl; ++t) dtv[t] += bs;
                 if (softplus)
                     for (int t = 0; t < tl; ++t) dtv[t] = vz_softplus(dtv[t]);
                 int in_range[VZ_BT];
@@ -393,6 +420,7 @@ static int bwd_range(const void *p, int64_t item_begin, int64_t item_end)
                 vz_block_at(&k, g * dg + (j0 + j) * VZ_CB, gend);
                 const vf bs = bias ? vz_gather(bias, &k) : (vf){0};
                 const vf dd = D ? vz_gather(D, &k) : (vf){0};
+                vz_dt_columns(wdt, dt_w, rank, &k);
                 vf a2max = {0};
                 for (int64_t n = 0; n < N; ++n) {
                     for (int c = 0; c < VZ_CB; ++c) a[n][c] = A[k.ch[c] * N + n];
@@ -402,8 +430,7 @@ static int bwd_range(const void *p, int64_t item_begin, int64_t item_end)
                 /* Per step: u, delta + bias (pre), delta', delta' u, dout, z, y, and the gradients. */
                 vf uv[VZ_BT], pre[VZ_BT], dtv[VZ_BT], duv[VZ_BT], dyv[VZ_BT], yv[VZ_BT], gu[VZ_BT];
                 vz_load_chunk(uv, tl, ub + l0 * u_sl, u_sd, u_sl, k.ch, k.nc); /* 0 in spare lanes */
-                vz_load_chunk(pre, tl, db + l0 * d_sl, d_sd, d_sl, k.ch, k.nc);
-                for (int t = 0; t < tl; ++t) pre[t] += bs;
+                vz_delta_chunk(pre, tl, db + l0 * d_sl, d_sd, d_sl, &k, bs, wdt, rank);
                 if (gb)
                     vz_load_chunk(dyv, tl, gb + l0 * g_sl, g_sd, g_sl, k.ch, k.nc);
                 else
@@ -515,10 +542,11 @@ static int bwd_range(const void *p, int64_t item_begin, int64_t item_end)
 int vz_scan_bwd_lanes(void) { return VZ_CB; }
 
 /* The gradients over nthreads threads (each item, and so each output element, on one thread). Returns 0,
- * -1 when N > VZ_NMAX or dim is not a multiple of groups, -2 when out of memory. */
+ * -1 when N > VZ_NMAX, rank > VZ_RMAX or dim is not a multiple of groups, -2 when out of memory. */
 int vz_selective_scan_bwd(const vz_scan_bwd_args *args, int64_t nthreads)
 {
-    if (args->dstate > VZ_NMAX || args->dstate < 1 || args->groups < 1 || args->splits < 1 ||
+    if (args->dstate > VZ_NMAX || args->dstate < 1 || args->groups < 1 || args->splits < 1 || args->rank < 0 ||
+        args->rank > VZ_RMAX || (args->rank && !args->dt_w) ||
         args->dim % args->groups || (args->ckpt && args->ck_row < args->dim))
         return -1;
     return vz_parallel(args->batch * args->groups * args->splits, nthreads, bwd_range, args);

@@ -29,6 +29,7 @@
 #define VZ_TT 64 /* steps per tile */
 #define VZ_BT 32 /* steps per checkpoint chunk: must equal VZ_BT in _cpu_bwd_kernel.c, and divide VZ_TT */
 #include "../_simd.h"
+#include "_lowrank.h"
 
 /* One scan (one direction of a Vim mixer): strides are in elements. u, z: (batch, dim, L) with strides
  * (s_b, s_d, s_l) each; out: (batch, dim, L) with strides o_*; A2: (dim, N) = A * log2(e), contiguous, or
@@ -139,18 +140,7 @@ static void scan_item(const vz_scan_args *args, int64_t item)
                 else
                     for (int c = 0; c < VZ_CB; ++c) uv[c] = ub[ch[c] * u_sd + l * u_sl];
                 if (rank) {
-                    /* four partial sums: one chain of rank dependent FMAs per step was the bound */
-                    vf p1 = {0}, p2 = {0}, p3 = {0};
-                    int64_t r = 0;
-                    const float *dl = db + l * d_sl;
-                    for (; r + 3 < rank; r += 4) {
-                        dv += dl[r * d_sd] * wdt[r];
-                        p1 += dl[(r + 1) * d_sd] * wdt[r + 1];
-                        p2 += dl[(r + 2) * d_sd] * wdt[r + 2];
-                        p3 += dl[(r + 3) * d_sd] * wdt[r + 3];
-                    }
-                    for (; r < rank; ++r) dv += dl[r * d_sd] * wdt[r];
-                    dv += (p1 + p2) + p3;
+                    dv = vz_lowrank_delta(bs, db + l * d_sl, d_sd, wdt, rank);
                 } else if (dense) {
                     vf dl;
                     memcpy(&dl, db + d0 + l * d_sl, sizeof dl);
