@@ -77,7 +77,7 @@ def vim_mixer(seed=0, conv_bias=True):
 @pytest.mark.parametrize("conv_bias", [True, False])
 def test_bimamba_inner_takes_it_in_training(monkeypatch, conv_bias):
     """``bimamba_inner`` with autograd on runs the one node (counted), and gives the op-by-op ``cpu`` path's output
-    and gradients (the same kernels and products: within rounding of the products' blocking)."""
+    and gradients (the same kernels and products, dt_proj folded into the scans: within fp32 rounding)."""
     m = vim_mixer(conv_bias=conv_bias)
     xz = torch.randn(2, 45, 128)
     calls = []
@@ -97,8 +97,8 @@ def test_bimamba_inner_takes_it_in_training(monkeypatch, conv_bias):
     monkeypatch.setattr(ss, "bimamba_train_cpu_applies", lambda x, backend="auto": False)
     op_by_op = run()
     assert calls == [1] and len(fused) == len(op_by_op)
-    for a, b in zip(fused, op_by_op):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused, op_by_op):  # delta's dt_proj sum runs in the kernels' order, not MKL's
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * max(1.0, b.abs().max().item()))
 
 
 @needs_kernel
