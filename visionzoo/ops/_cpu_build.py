@@ -148,6 +148,16 @@ def f32c(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 NULL_SEQ = (None, 0, 0, 0)
 
 
+def buffer_like(x: torch.Tensor, channels: Optional[int] = None) -> torch.Tensor:
+    """An fp32 ``(batch, channels, L)`` buffer (``channels`` defaults to ``x``'s) in ``x``'s layout: ``(batch, L,
+    channels)`` memory where ``x``'s channels are contiguous (Vim's time-major views), else contiguous."""
+    batch, dim, length = x.shape
+    channels = dim if channels is None else channels
+    if x.stride(1) == 1:
+        return torch.empty(batch, length, channels, dtype=torch.float32).transpose(1, 2)
+    return torch.empty(batch, channels, length, dtype=torch.float32)
+
+
 def seq(x: Optional[torch.Tensor]) -> tuple:
     """A kernel's strided view of ``x`` (fp32, any strides): ``(pointer, *strides)`` in elements, or a NULL
     ``(batch, dim, L)`` sequence for None."""

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _cpu_build
-from .._cpu_build import f32c, seq, seq_reversed
+from .._cpu_build import buffer_like, f32c, seq, seq_reversed
 
 OP = "causal_conv1d"
 SOURCE = Path(__file__).with_name("_cpu_kernel.c")
@@ -142,8 +142,7 @@ def causal_conv1d_cpu_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor]
     batch, E, length = x.shape
     K = weight.shape[-1]
     w, b, g = f32c(weight.reshape(-1, K)), f32c(bias), grad_out.float()
-    if dx is None:
-        dx = (torch.empty(batch, length, E).transpose(1, 2) if x.stride(1) == 1 else torch.empty(batch, E, length))
+    dx = buffer_like(x) if dx is None else dx
     dw = torch.empty(w.shape, dtype=torch.float32)
     db = torch.empty(w.shape[0], dtype=torch.float32) if bias is not None else None
     jobs = []

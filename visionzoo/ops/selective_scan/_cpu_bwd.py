@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _cpu_build
-from .._cpu_build import ptr
+from .._cpu_build import buffer_like, ptr
 from ._chunked import selective_scan_chunked_backward
 from ._cpu import _output, _seq, _seq_reversed, checkpoint_shape
 
@@ -96,15 +96,6 @@ def _call(lib: ctypes.CDLL, args: BwdArgs) -> None:
     if status:
         raise RuntimeError(f"selective_scan: the 'cpu' backward kernel rejected the inputs (N={args.dstate}, "
                            f"dim={args.dim}, groups={args.groups})")
-
-
-def _like(x: Tensor) -> Tensor:
-    """An fp32 ``(batch, C, L)`` buffer with ``x``'s layout: ``(batch, L, C)`` memory where its channels are
-    contiguous, else ``(batch, C, L)``."""
-    batch, channels, length = x.shape
-    if x.stride(1) == 1:
-        return torch.empty(batch, length, channels, dtype=torch.float32).transpose(1, 2)
-    return torch.empty(batch, channels, length, dtype=torch.float32)
 
 
 def _empty() -> Tensor:  # one per absent gradient: an op's outputs may not alias each other
@@ -253,7 +244,7 @@ def bidirectional_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     if z is None:
         dz = None
     else:  # the second direction's part is added into the first's: in the same layout
-        dz = [_output(u, E), _output(u, E)] if dz is None else [dz, _like(dz)]
+        dz = [_output(u, E), _output(u, E)] if dz is None else [dz, buffer_like(dz)]
     dBp = torch.empty(splits, batch, 2 * G2, length, dstate, dtype=f32).transpose(3, 4)
     dCp = torch.empty(splits, batch, 2 * G2, length, dstate, dtype=f32).transpose(3, 4)
     dAp = [torch.empty(batch, E, dstate, dtype=f32) for _ in range(2)]
